@@ -1,0 +1,279 @@
+"""Spatially-modulated attention against its peers.
+
+Providers, each computing the same function (bias per head and region pair,
+blocked region pairs):
+
+- ``mild-triton``: sma_attention's Triton kernel (GPU);
+- ``mild-torch``: sma_attention's chunked torch backend (CPU);
+- ``sdpa-mask``: F.scaled_dot_product_attention with a prebuilt dense float mask;
+- ``flex``: compiled FlexAttention, the bias as a score_mod and the allow table as a BlockMask;
+- ``xformers``: memory_efficient_attention with a tensor bias, where installed (GPU);
+- ``naive``: the materialised softmax(QK^T * scale + mask) V.
+
+Reports ms, TFLOP/s counted dense (4 B H Nq Nk D) and the speedup of sma_attention
+over each peer; writes benchmarks/results/<device>/attention.json and a plot.
+
+    python -m benchmarks.bench_attention            # CPU: the CPU target shapes; GPU: SD shapes
+    python -m benchmarks.bench_attention --quick    # tiny shapes, a smoke test of the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import multiprocessing
+import resource
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    __package__ = "benchmarks"
+
+from benchmarks.common import Results, device_slug, on_gpu, plot_rows, time_ms  # noqa: E402
+from mild_kernels import region_sort, sma_attention  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads: int
+    tokens: int
+    head_dim: int
+
+
+GPU_SHAPES = [
+    Shape("sd15-512/64x64", 2, 8, 4096, 40),
+    Shape("sd15-512/32x32", 2, 8, 1024, 80),
+    Shape("sd15-512/16x16", 2, 8, 256, 160),
+    Shape("sdxl-1024/64x64", 2, 10, 4096, 64),
+    Shape("sdxl-1024/32x32", 2, 20, 1024, 64),
+    Shape("target/bh32", 4, 8, 4096, 64),
+]
+CPU_SHAPES = [
+    Shape("cpu-target", 1, 8, 4096, 64),
+    Shape("sd15-512/32x32", 1, 8, 1024, 80),
+    Shape("sd15-512/16x16", 1, 8, 256, 160),
+]
+QUICK_SHAPES = [Shape("quick", 1, 2, 256, 40)]
+
+
+@dataclasses.dataclass
+class Problem:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    labels: torch.Tensor
+    bias: torch.Tensor  # (H, R, R)
+    allow: torch.Tensor  # (R, R)
+
+    def dense_mask(self) -> torch.Tensor:
+        """(1, H, N, N) float mask: the bias, -inf at blocked pairs."""
+        lab = self.labels
+        table = self.bias.masked_fill(~self.allow, float("-inf"))
+        return table[:, lab][:, :, lab][None].to(self.q.dtype)
+
+
+def block_region_pairs(regions: int, fraction: float, generator) -> torch.Tensor:
+    """An allow table with about ``fraction`` of the R*R pairs blocked; the diagonal stays allowed."""
+    allow = torch.ones(regions, regions, dtype=torch.bool)
+    off = [(i, j) for i in range(regions) for j in range(regions) if i != j]
+    count = min(len(off), round(fraction * regions * regions))
+    for idx in torch.randperm(len(off), generator=generator)[:count].tolist():
+        allow[off[idx]] = False
+    return allow
+
+
+def make_problem(shape: Shape, regions: int, blocked: float, order: str, dtype, device) -> Problem:
+    gen = torch.Generator().manual_seed(0)
+    B, H, N, D = shape.batch, shape.heads, shape.tokens, shape.head_dim
+    # The background takes about half the tokens; persons share the rest.
+    weights = torch.tensor([float(regions - 1)] + [1.0] * (regions - 1))
+    labels = torch.multinomial(weights / weights.sum(), N, replacement=True, generator=gen)
+    if order == "sorted":
+        labels = labels[region_sort(labels).perm]
+    q, k, v = (torch.randn(B, H, N, D, generator=gen).to(dtype).to(device) for _ in range(3))
+    bias = 0.5 * torch.randn(H, regions, regions, generator=gen)
+    allow = block_region_pairs(regions, blocked, gen)
+    return Problem(q, k, v, labels.to(device), bias.to(device), allow.to(device))
+
+
+def dense_flops(p: Problem) -> float:
+    B, H, N, D = p.q.shape
+    return 4.0 * B * H * N * p.k.shape[2] * D
+
+
+def mild_provider(p: Problem, backend: str):
+    return lambda: sma_attention(p.q, p.k, p.v, p.labels, p.labels, p.bias, p.allow, backend=backend)
+
+
+def sdpa_provider(p: Problem):
+    mask = p.dense_mask()
+    return lambda: F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=mask)
+
+
+def naive_provider(p: Problem):
+    mask = p.dense_mask()
+    scale = p.q.shape[-1] ** -0.5
+
+    def run():
+        scores = (p.q @ p.k.transpose(-1, -2)) * scale + mask
+        return torch.softmax(scores.float(), -1).to(p.q.dtype) @ p.v
+
+    return run
+
+
+_compiled_flex = None
+
+
+def flex_provider(p: Problem):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    labels, bias, allow = p.labels, p.bias.to(p.q.dtype), p.allow
+    N = p.q.shape[2]
+
+    def score_mod(score, b, h, q_idx, k_idx):
+        return score + bias[h, labels[q_idx], labels[k_idx]]
+
+    def mask_mod(b, h, q_idx, k_idx):
+        return allow[labels[q_idx], labels[k_idx]]
+
+    block_mask = create_block_mask(mask_mod, None, None, N, N, device=p.q.device)
+    return lambda: _compiled_flex(p.q, p.k, p.v, score_mod=score_mod, block_mask=block_mask)
+
+
+def xformers_provider(p: Problem):
+    import xformers.ops as xops
+
+    B, H, N, _ = p.q.shape
+    # xformers wants the bias's last dim padded to a multiple of 8, then sliced.
+    padded = torch.empty(B, H, N, math.ceil(N / 8) * 8, dtype=p.q.dtype, device=p.q.device)
+    bias = padded[..., :N]
+    bias.copy_(p.dense_mask().expand(B, H, N, N))
+    q, k, v = (t.transpose(1, 2) for t in (p.q, p.k, p.v))
+    return lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
+def providers(p: Problem, gpu: bool) -> dict:
+    chosen = {"mild-triton": lambda: mild_provider(p, "triton")} if gpu else {"mild-torch": lambda: mild_provider(p, "torch")}
+    chosen.update({"sdpa-mask": lambda: sdpa_provider(p), "flex": lambda: flex_provider(p),
+                   "naive": lambda: naive_provider(p)})
+    if gpu:
+        try:
+            import xformers.ops  # noqa: F401
+
+            chosen["xformers"] = lambda: xformers_provider(p)
+        except ImportError:
+            pass
+    return chosen
+
+
+def _peak_extra_mb(provider_name, shape, regions, blocked, order, dtype_name, queue):
+    p = make_problem(shape, regions, blocked, order, DTYPES[dtype_name], "cpu")
+    fn = providers(p, gpu=False)[provider_name]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def peak_extra_memory_mb(provider_name, shape, regions, blocked, order, dtype_name) -> float:
+    """CPU peak resident memory added by one call (MiB), measured in a fresh process.
+
+    Setup (inputs, a prebuilt mask) happens before the baseline, so only the call counts.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    proc = context.Process(target=_peak_extra_mb, args=(provider_name, shape, regions, blocked, order, dtype_name, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def configurations(args, gpu):
+    if args.quick:
+        return [(s, r, b, "sorted") for s in QUICK_SHAPES for r in (3,) for b in (0.0, 0.5)]
+    shapes = GPU_SHAPES if gpu else CPU_SHAPES
+    configs = []
+    for shape in shapes:
+        for blocked in (0.0, 0.5, 0.8):
+            configs.append((shape, 4, blocked, "sorted"))
+    main = shapes[0]
+    configs += [(main, r, 0.5, "sorted") for r in (2, 6)]
+    configs += [(main, 4, 0.5, "raster")]
+    return configs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, claims nothing")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on the CPU")
+    parser.add_argument("--providers", nargs="*", help="only these providers")
+    parser.add_argument("--repeats", type=int, default=5, help="CPU repeats per timing")
+    parser.add_argument("--out", type=Path, default=None, help="results directory")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    gpu = on_gpu()
+    device = "cuda" if gpu else "cpu"
+    dtype_name = args.dtype or ("bf16" if gpu else "fp32")
+    results = Results("attention")
+    configs = configurations(args, gpu)
+    mild_name = "mild-triton" if gpu else "mild-torch"
+    for shape, regions, blocked, order in tqdm(configs, desc="attention", unit="config"):
+        p = make_problem(shape, regions, blocked, order, DTYPES[dtype_name], device)
+        x = f"{shape.name} R{regions} blk{int(blocked * 100)}% {order}"
+        params = dict(shape=dataclasses.asdict(shape), regions=regions, blocked=blocked, order=order,
+                      dtype=dtype_name, blocked_pairs=int((~p.allow).sum()))
+        times = {}
+        for name, build in providers(p, gpu).items():
+            if args.providers and name not in args.providers:
+                continue
+            try:
+                fn = build()
+                q = time_ms(fn, repeats=1 if args.quick else args.repeats)
+            except Exception as error:  # a peer that cannot run this shape is reported, not fatal
+                tqdm.write(f"{x}: {name} failed: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            times[name] = q
+            results.add(kernel="sma_attention", provider=name, mode="fwd", metric="ms", x=x, quantiles=q, **params)
+            results.add(kernel="sma_attention", provider=name, mode="fwd", metric="tflops", x=x,
+                        quantiles=tuple(dense_flops(p) / (t * 1e-3) / 1e12 for t in reversed(q)), **params)
+        if mild_name in times:
+            for peer, q in times.items():
+                if peer != mild_name:
+                    results.add(kernel="sma_attention", provider=mild_name, mode="fwd", metric=f"speedup_vs_{peer}",
+                                x=x, value=q[1] / times[mild_name][1], **params)
+        line = "  ".join(f"{n}={t[1]:.2f}ms" for n, t in times.items())
+        tqdm.write(f"{x}: {line}")
+
+    if not gpu and not args.quick:
+        shape = CPU_SHAPES[0]
+        mask_mb = shape.batch * shape.heads * shape.tokens ** 2 * DTYPES[dtype_name].itemsize / 2**20
+        for name in (mild_name, "sdpa-mask"):
+            extra = peak_extra_memory_mb(name, shape, 4, 0.5, "sorted", dtype_name)
+            results.add(kernel="sma_attention", provider=name, mode="fwd", metric="peak_extra_mb",
+                        x=f"{shape.name} R4 blk50% sorted", value=extra, dense_mask_mb=mask_mb)
+            tqdm.write(f"peak extra memory of {name}: {extra:.1f} MiB (the dense mask alone is {mask_mb:.0f} MiB)")
+
+    out_dir = args.out or (Path(__file__).resolve().parent / "results" / ("quick" if args.quick else device_slug()))
+    path = results.write(out_dir)
+    plot = plot_rows(results.rows, "ms", out_dir / "attention_ms.png", title=f"sma_attention forward, {dtype_name}",
+                     log=True)
+    print(f"wrote {path}" + (f" and {plot}" if plot else ""))
+    return results
+
+
+if __name__ == "__main__":
+    main()

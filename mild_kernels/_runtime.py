@@ -1,0 +1,105 @@
+"""Where Triton kernels can run, and the one place that launches them.
+
+Every Triton launch in the package goes through :func:`launch`. That gives the
+ahead-of-time compile gate (``tests/test_compile_gate.py``) a way to see exactly
+the kernels, arguments and configs the wrappers would launch, without a GPU:
+inside :func:`record_launches` a launch is recorded instead of run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of ``device`` in this process."""
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return not interpreting()
+    return device.type == "cpu" and (interpreting() or _recorder is not None)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_outputs() -> Iterator[None]:
+    """Fill every kernel output buffer with NaN (or -1 for integers) before the launch.
+
+    Tests use it to catch elements a kernel never writes.
+    """
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. Wrappers allocate every output through this."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    return empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@dataclasses.dataclass
+class RecordedLaunch:
+    kernel: Any
+    grid: tuple
+    kwargs: dict
+    num_warps: int
+    num_stages: int
+
+
+_recorder: list | None = None
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list]:
+    """Record Triton launches instead of running them (for the compile gate)."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, **kwargs) -> None:
+    if _recorder is not None:
+        _recorder.append(RecordedLaunch(kernel, tuple(grid), kwargs, num_warps, num_stages))
+        return
+    if interpreting():
+        # The interpreter ignores these; some Triton versions reject them.
+        kernel[grid](**kwargs)
+    else:
+        kernel[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,200 @@
+"""Ahead-of-time compile gate: every shipped Triton kernel config, for sm_80 and sm_90, no GPU.
+
+Each case drives a public wrapper on tiny CPU tensors inside ``record_launches()``,
+so the gate compiles exactly the kernels, argument types and constexprs the
+wrapper would launch. Each recorded launch is compiled with ``triton.compile`` for
+every target, and the cubin's resource usage is read with the cuobjdump bundled
+with Triton. A kernel fails the gate if it uses local memory or stack (register
+spills) or more shared memory than the target has.
+
+Run as ``python tests/compile_gate.py [--json OUT]``; tests/test_compile_gate.py
+runs it in a subprocess with TRITON_INTERPRET unset, because interpreted kernels
+cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = {"sm_80": 80, "sm_90": 90}
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+TORCH_TO_TRITON = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+# ---------------------------------------------------------------- cases
+# A head dim that pads to each block size, with a tail inside the block.
+GATE_HEAD_DIMS = {16: 16, 32: 24, 64: 40, 128: 80, 256: 160}
+# The kernel variants each config class serves: (soft, region mass, R).
+FORWARD_VARIANT_CASES = {
+    "plain": [(False, False, 4), (False, False, 64)],
+    "narrow": [(False, True, 4), (True, False, 4), (True, True, 4)],
+    "wide": [(False, True, 64), (True, False, 64), (True, True, 64)],
+}
+
+
+def sma_forward_launch(key, soft, mass, R, dtype):
+    """A thunk that drives sma_attention into the kernel variant of one config key."""
+    from mild_kernels import sma_attention
+
+    block_d = key[0]
+
+    def run():
+        q = torch.randn(1, 2, 33, GATE_HEAD_DIMS[block_d]).to(dtype)
+        labels = torch.randint(0, R, (33,))
+        regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
+        sma_attention(q, q, q, regions, regions, torch.randn(R, R), torch.rand(R, R) > 0.5,
+                      return_region_mass=mass, backend="triton")
+
+    return run
+
+
+def sma_forward_cases(configs=None):
+    """(name, thunk) for every shipped forward config and each kernel variant it serves."""
+    from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
+
+    for key in sorted(configs or FORWARD_CONFIGS):
+        block_d, is_fp32, variant = key
+        dtypes = (torch.float32,) if is_fp32 else (torch.float16, torch.bfloat16)
+        for dtype in dtypes:
+            cases = FORWARD_VARIANT_CASES[variant]
+            if dtype == torch.bfloat16:  # codegen as fp16's; compile the heaviest case only
+                cases = cases[-1:]
+            for soft, mass, R in cases:
+                name = (f"sma_fwd[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},R{R},"
+                        f"{'soft' if soft else 'hard'}{',mass' if mass else ''}]")
+                yield name, sma_forward_launch(key, soft, mass, R, dtype)
+
+
+CASES = [sma_forward_cases]
+
+
+# ---------------------------------------------------------------- compiling
+def signature_of(kernel, kwargs):
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        name = param.name
+        value = kwargs[name]
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TORCH_TO_TRITON[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {key.lower(): int(value) for key, value in usage.items()}
+
+
+_JOBS: list = []  # filled before the worker pool forks; kernels do not pickle
+
+
+def compile_one(index):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    name, kernel, kwargs, num_warps, num_stages, arch = _JOBS[index]
+    signature, constexprs, attrs = signature_of(kernel, kwargs)
+    source = ASTSource(kernel, signature, constexprs, attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    usage = resource_usage(compiled.asm["cubin"])
+    usage["shared"] = max(usage.get("shared", 0), compiled.metadata.shared)
+    return {"case": name, "kernel": kernel.__name__, "arch": f"sm_{arch}", "num_warps": num_warps,
+            "num_stages": num_stages, **usage}
+
+
+def collect_jobs(selected=None):
+    from mild_kernels._runtime import record_launches
+
+    jobs = []
+    for cases in CASES:
+        for name, run in cases():
+            if selected and not any(s in name for s in selected):
+                continue
+            with record_launches() as launches:
+                run()
+            assert launches, f"{name}: the wrapper launched no Triton kernel"
+            for launch in launches:
+                kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
+                for arch in TARGETS.values():
+                    jobs.append((name, launch.kernel, kwargs, launch.num_warps, launch.num_stages, arch))
+    return jobs
+
+
+def failures(row) -> list[str]:
+    problems = []
+    if row.get("local", 0) or row.get("stack", 0):
+        problems.append(f"spills: local={row.get('local', 0)} stack={row.get('stack', 0)}")
+    limit = SHARED_LIMIT[int(row["arch"][3:])]
+    if row.get("shared", 0) > limit:
+        problems.append(f"shared memory {row['shared']} > {limit}")
+    return problems
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write one row per compiled kernel here")
+    parser.add_argument("--only", nargs="*", help="substrings of case names to compile")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+
+    _JOBS[:] = collect_jobs(args.only)
+    context = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        rows = list(pool.map(compile_one, range(len(_JOBS))))
+    bad = 0
+    for row in rows:
+        problems = failures(row)
+        bad += bool(problems)
+        print(f"{row['case']:<44} {row['arch']} warps={row['num_warps']} stages={row['num_stages']} "
+              f"reg={row.get('reg')} shared={row.get('shared')} local={row.get('local')} stack={row.get('stack')}"
+              + (f"  FAIL: {'; '.join(problems)}" if problems else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"{len(rows)} kernels compiled, {bad} failed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

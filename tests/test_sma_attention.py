@@ -1,0 +1,309 @@
+"""Parity of sma_attention (both backends) with a float64 evaluation of the reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import assert_close
+from mild_kernels import SMAOutput, region_sort, sma_attention, sma_attention_reference, soft_regions
+from mild_kernels._runtime import poison_outputs
+from mild_kernels.sma.sparsity import tile_sparsity
+from mild_kernels.sma import torch_chunked
+from mild_kernels.sma.torch_chunked import SCORE_BUDGET
+from mild_kernels.sma.triton_forward import forward_config
+
+
+@pytest.fixture(params=["torch", "torch-portable", "triton"])
+def backend(request, monkeypatch):
+    """The backend under test; torch-portable is the torch backend without aten's fused CPU kernel."""
+    if request.param == "torch-portable":
+        monkeypatch.setattr(torch_chunked, "USE_FUSED_CPU", False)
+        return "torch"
+    return request.param
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def random_regions(batch, tokens, num_regions, soft, device):
+    shape = (batch, tokens) if batch else (tokens,)
+    if not soft:
+        return torch.randint(0, num_regions, shape, device=device)
+    # Mostly pure tokens with fractional ones mixed in, as at mask boundaries.
+    logits = 4 * torch.randn(*shape, num_regions, device=device)
+    logits[..., 0] += torch.where(torch.rand(shape, device=device) < 0.5, 0.0, 20.0)
+    return torch.softmax(logits, -1)
+
+
+def make_case(B=2, H=2, Nq=77, Nk=131, D=40, R=5, dtype=torch.float32, soft=False, bias_kind="BHRR",
+              allow_kind="BRR", batched_labels=True, blocked=0.35, device="cpu"):
+    q, k, v = (torch.randn(B, H, n, D, device=device).to(dtype) for n in (Nq, Nk, Nk))
+    labels_batch = B if batched_labels else 0
+    q_regions = random_regions(labels_batch, Nq, R, soft, device)
+    k_regions = random_regions(labels_batch, Nk, R, soft, device)
+    bias = {None: None, "RR": (R, R), "HRR": (H, R, R), "BHRR": (B, H, R, R)}[bias_kind]
+    bias = None if bias is None else 2 * torch.randn(bias, device=device)
+    allow = {None: None, "RR": (R, R), "BRR": (B, R, R)}[allow_kind]
+    allow = None if allow is None else torch.rand(allow, device=device) >= blocked
+    return dict(q=q, k=k, v=v, q_regions=q_regions, k_regions=k_regions, bias=bias, allow=allow)
+
+
+def float64(case):
+    return {name: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for name, t in case.items()}
+
+
+def check_against_reference(case, backend, dtype, factor=1.0):
+    with poison_outputs():
+        got = sma_attention(**case, return_lse=True, return_region_mass=True, backend=backend)
+    out, lse, mass = sma_attention_reference(**float64(case), return_lse=True, return_region_mass=True)
+    assert got.out.dtype == dtype
+    assert_close("out", got.out, out, dtype, factor)
+    assert_close("lse", got.lse, lse, dtype, factor)
+    assert_close("region_mass", got.region_mass, mass, dtype, factor)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_matches_float64_reference(backend, dtype, soft, device):
+    check_against_reference(make_case(dtype=dtype, soft=soft, device=device), backend, dtype)
+
+
+@pytest.mark.parametrize("head_dim", [16, 40, 64, 80, 128, 160, 256])
+def test_every_head_dim(backend, head_dim, device):
+    for dtype in (torch.float16, torch.float32):
+        case = make_case(B=1, H=1, Nq=70, Nk=93, D=head_dim, R=3, dtype=dtype, device=device)
+        check_against_reference(case, backend, dtype)
+
+
+@pytest.mark.parametrize("bias_kind", [None, "RR", "HRR", "BHRR"])
+@pytest.mark.parametrize("allow_kind", [None, "RR", "BRR"])
+def test_table_broadcasting(backend, bias_kind, allow_kind, device):
+    case = make_case(B=2, H=2, Nq=33, Nk=47, D=16, R=4, bias_kind=bias_kind, allow_kind=allow_kind,
+                     batched_labels=bias_kind != "RR", device=device)
+    check_against_reference(case, backend, torch.float32)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_shapes(backend, data, device):
+    draw = data.draw
+    dtype = draw(st.sampled_from(DTYPES))
+    case = make_case(
+        B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)), Nq=draw(st.integers(1, 140)),
+        Nk=draw(st.integers(1, 140)), D=draw(st.sampled_from([16, 24, 40, 48, 64, 80])),
+        R=draw(st.integers(1, 7)), dtype=dtype, soft=draw(st.booleans()),
+        bias_kind=draw(st.sampled_from([None, "HRR", "BHRR"])), allow_kind=draw(st.sampled_from([None, "RR", "BRR"])),
+        batched_labels=draw(st.booleans()), blocked=draw(st.sampled_from([0.0, 0.5, 0.8])), device=device)
+    check_against_reference(case, backend, dtype)
+
+
+def test_many_regions(backend, device):
+    case = make_case(B=1, H=2, Nq=90, Nk=80, D=32, R=64, soft=True, device=device)
+    check_against_reference(case, backend, torch.float32)
+    case = make_case(B=1, H=2, Nq=90, Nk=80, D=32, R=64, soft=False, device=device)
+    check_against_reference(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_fully_blocked_rows(backend, soft, device):
+    case = make_case(B=2, H=2, Nq=50, Nk=70, D=32, R=4, soft=soft, allow_kind="BRR", blocked=0.0, device=device)
+    case["allow"][0, 2, :] = False  # row 0: queries of region 2 see nothing
+    case["allow"][1, :, :] = False  # row 1: nothing is allowed at all
+    with poison_outputs():
+        got = sma_attention(**case, return_lse=True, return_region_mass=True, backend=backend)
+    labels = case["q_regions"].argmax(-1) if soft else case["q_regions"]
+    blocked = torch.zeros(2, 50, dtype=torch.bool, device=device)
+    blocked[0] = labels[0] == 2
+    blocked[1] = True
+    assert blocked[0].any() and not blocked[0].all()
+    rows = blocked[:, None, :].expand(2, 2, 50)
+    for name, t in got._asdict().items():
+        assert not t.isnan().any(), f"{name} has NaN"
+    assert (got.out[rows] == 0).all()
+    assert (got.lse[rows] == float("-inf")).all()
+    assert (got.region_mass[rows] == 0).all()
+    check_against_reference(case, backend, torch.float32)
+
+
+def sorted_region_case(device, block_n):
+    """Region-sorted tokens where every region owns whole key tiles, with block-diagonal allow."""
+    R, tiles_per_region, H, D = 4, 2, 2, 32
+    tokens = R * tiles_per_region * block_n
+    labels = torch.arange(R, device=device).repeat_interleave(tiles_per_region * block_n)
+    q, k, v = (torch.randn(1, H, tokens, D, device=device) for _ in range(3))
+    allow = torch.eye(R, dtype=torch.bool, device=device)
+    allow[0, 1] = allow[1, 0] = True
+    return dict(q=q, k=k, v=v, q_regions=labels, k_regions=labels, bias=torch.randn(H, R, R, device=device),
+                allow=allow)
+
+
+def test_skipped_tiles_are_never_loaded(backend, device):
+    block_n = forward_config(32, torch.float32, False, False, 4).block_n if backend == "triton" else 64
+    case = sorted_region_case(device, block_n)
+    expected = sma_attention_reference(**float64(case))
+    # Keys of region 3 are only visible to region-3 queries; poison them for everyone else:
+    # any load of a skipped tile turns the other rows into NaN.
+    poisoned = dict(case, k=case["k"].clone(), v=case["v"].clone())
+    region3 = case["k_regions"] == 3
+    poisoned["k"][:, :, region3] = float("nan")
+    poisoned["v"][:, :, region3] = float("nan")
+    got = sma_attention(**poisoned, backend=backend)
+    others = case["q_regions"] != 3
+    assert not got[:, :, others].isnan().any(), "a skipped tile was loaded"
+    assert_close("out", got[:, :, others], expected[:, :, others], torch.float32)
+
+
+def test_most_tiles_are_skipped_when_sorted(device):
+    """With sorted tokens and a block-diagonal allow table most tile pairs are skipped."""
+    R, tokens = 6, 6 * 128
+    labels = torch.arange(R, device=device).repeat_interleave(128)[torch.randperm(tokens, device=device)]
+    allow = torch.eye(R, dtype=torch.bool, device=device)
+    raster = tile_sparsity(labels[None], labels[None], allow[None], R, 64, 64)
+    perm = region_sort(labels).perm
+    ordered = tile_sparsity(labels[perm][None], labels[perm][None], allow[None], R, 64, 64)
+    pairs = raster.partial_index.shape[-1] * raster.partial_index.shape[-2]
+    visited_sorted = int(ordered.partial_count.sum() + ordered.full_count.sum())
+    visited_raster = int(raster.partial_count.sum() + raster.full_count.sum())
+    assert visited_raster == pairs  # raster order mixes every label into every tile
+    assert visited_sorted == R * 2 * 2 <= 0.2 * pairs  # each region: its own 2 x 2 tiles
+    assert int(ordered.partial_count.sum()) == 0  # region-pure tiles need no mask
+
+
+def test_region_sort_round_trip(backend, device):
+    """Sorting tokens by region and undoing it leaves the output unchanged."""
+    case = make_case(B=1, H=2, Nq=100, Nk=100, D=32, R=4, bias_kind="HRR", allow_kind="RR", batched_labels=False,
+                     device=device)
+    case["k_regions"] = case["q_regions"]
+    case["k"], case["v"] = case["k"][:, :, :100], case["v"][:, :, :100]
+    plain = sma_attention(**case, backend=backend)
+    perm, inverse = region_sort(case["q_regions"])
+    permuted = dict(case, q=case["q"][:, :, perm], k=case["k"][:, :, perm], v=case["v"][:, :, perm],
+                    q_regions=case["q_regions"][perm], k_regions=case["k_regions"][perm])
+    restored = sma_attention(**permuted, backend=backend)[:, :, inverse]
+    assert_close("out", restored, plain, torch.float32)
+
+
+def test_return_types(device):
+    case = make_case(B=1, H=1, Nq=9, Nk=11, D=16, R=2, device=device)
+    assert isinstance(sma_attention(**case), torch.Tensor)
+    got = sma_attention(**case, return_lse=True)
+    assert isinstance(got, SMAOutput) and got.region_mass is None and got.lse.shape == (1, 1, 9)
+    got = sma_attention(**case, return_region_mass=True)
+    assert got.lse is None and got.region_mass.shape == (1, 1, 9, 2)
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in (result if isinstance(result, (tuple, list)) else [result]):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return result
+
+
+def test_torch_backend_memory_is_bounded():
+    B, H, N, D, R = 2, 4, 1536, 16, 3
+    case = make_case(B=B, H=H, Nq=N, Nk=N, D=D, R=R, device="cpu")
+    with LargestTensor() as probe:
+        sma_attention(**case, return_lse=True, return_region_mass=True, backend="torch")
+    dense = B * H * N * N
+    assert probe.numel <= 2 * SCORE_BUDGET < dense / 4, f"largest temporary {probe.numel} vs dense {dense}"
+
+
+def test_auto_backend_on_cpu_uses_torch():
+    case = make_case(B=1, H=1, Nq=20, Nk=20, D=16, R=2)
+    expected = sma_attention(**case, backend="torch")
+    assert torch.equal(sma_attention(**case), expected)
+
+
+# ---------------------------------------------------------------- bad input
+def bad_inputs():
+    R = 3
+
+    def case(**change):
+        base = make_case(B=2, H=2, Nq=8, Nk=8, D=16, R=R, bias_kind="HRR", allow_kind="RR")
+        base.update(change)
+        return base
+
+    q = torch.randn(2, 2, 8, 16)
+    yield "q", case(q=q[0])
+    yield "k", case(k=torch.randn(2, 3, 8, 16))
+    yield "v", case(v=torch.randn(2, 2, 9, 16))
+    yield "k, v", case(k=torch.randn(2, 2, 8, 16).half())
+    yield "q", case(q=torch.randn(2, 2, 8, 8), k=torch.randn(2, 2, 8, 8), v=torch.randn(2, 2, 8, 8))
+    yield "q", case(q=q.to(torch.int32))
+    yield "q_regions", case(q_regions=torch.tensor([0, 1, 2, 3, 0, 1, 2, 0]))
+    yield "k_regions", case(k_regions=torch.tensor([0, 1, -1, 0, 0, 1, 2, 0]))
+    yield "q_regions", case(q_regions=torch.zeros(7, dtype=torch.long))
+    yield "q_regions", case(q_regions=torch.full((8, R), 0.5))
+    yield "q_regions", case(q_regions=torch.zeros(3, 8, dtype=torch.long))
+    yield "bias", case(bias=torch.randn(4, R, R))
+    yield "bias", case(bias=torch.full((R, R), float("-inf")))
+    yield "bias", case(bias=torch.tensor([[0.0, float("nan"), 0], [0, 0, 0], [0, 0, 0]]))
+    yield "allow", case(allow=torch.ones(R, R))
+    yield "allow", case(allow=torch.ones(R, R + 1, dtype=torch.bool))
+    yield "regions", case(bias=None, allow=None, q_regions=torch.softmax(torch.randn(8, 65), -1),
+                          k_regions=torch.softmax(torch.randn(8, 65), -1))
+    yield "backend", dict(case(), backend="cuda-magic")
+    yield "scale", dict(case(), scale=float("nan"))
+    if torch.cuda.is_available():
+        yield "k", case(k=torch.randn(2, 2, 8, 16, device="cuda"))
+
+
+@pytest.mark.parametrize("expected_name,kwargs", list(bad_inputs()))
+def test_bad_input_raises_value_error(expected_name, kwargs):
+    with pytest.raises(ValueError, match=f"^{expected_name}"):
+        sma_attention(**kwargs)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = make_case(B=1, H=1, Nq=8, Nk=8, D=16, R=2)
+    with pytest.raises(ValueError, match="^backend"):
+        sma_attention(**case, backend="triton")
+
+
+# ---------------------------------------------------------------- regions
+def test_soft_regions_are_area_averages():
+    masks = torch.zeros(2, 8, 12)
+    masks[0, :4, :6] = 1
+    masks[1, 2:8, 3:9] = 1  # overlaps person 0 on a 2x3 patch
+    regions = soft_regions(masks, (4, 6))
+    assert regions.shape == (24, 3)
+    torch.testing.assert_close(regions.sum(-1), torch.ones(24))
+    pixels = torch.stack([1 - masks.clamp(0, 1).sum(0).clamp(max=1)] + [m / masks.sum(0).clamp(min=1) for m in masks])
+    expected = pixels.view(3, 4, 2, 6, 2).mean((2, 4)).flatten(1).T
+    torch.testing.assert_close(regions, expected)
+    assert soft_regions(masks[None], 4).shape == (1, 16, 3)
+
+
+def test_region_sort_is_stable_and_inverts():
+    labels = torch.randint(0, 5, (3, 40))
+    perm, inverse = region_sort(labels)
+    ordered = labels.gather(1, perm)
+    assert (ordered[:, 1:] >= ordered[:, :-1]).all()
+    for row in range(3):
+        for r in range(5):
+            positions = perm[row][ordered[row] == r]
+            assert (positions[1:] > positions[:-1]).all()
+    assert torch.equal(ordered.gather(1, inverse), labels)
+    soft = torch.nn.functional.one_hot(labels, 5).float()
+    assert torch.equal(region_sort(soft).perm, perm)
+
+
+def test_soft_labels_tie_to_lowest_index():
+    regions = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.2, 0.4, 0.4]])
+    q = torch.randn(1, 1, 3, 16)
+    allow = torch.tensor([[True, False, False], [False, True, False], [False, False, True]])
+    got = sma_attention(q, q, q, regions, regions, allow=allow, return_region_mass=True, backend="torch")
+    ref = sma_attention_reference(q, q, q, regions, regions, allow=allow, return_region_mass=True)
+    torch.testing.assert_close(got.region_mass, ref[2])
+    assert math.isfinite(float(got.out.abs().sum()))

@@ -1,0 +1,76 @@
+"""Pick the shipped Triton configs by compiling candidates ahead of time (no GPU).
+
+For every config key, the candidates are tried in order of preference (larger tiles
+first); the first that compiles for sm_80 and sm_90 with no spill in any kernel
+variant it serves is kept. Prints the table to paste into the kernel module.
+
+    python tests/tune_configs.py
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.pop("TRITON_INTERPRET", None)
+
+import compile_gate as gate  # noqa: E402
+from mild_kernels.sma import triton_forward  # noqa: E402
+from mild_kernels.sma.triton_forward import VARIANTS, ForwardConfig  # noqa: E402
+
+CANDIDATES_16BIT = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
+                    (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)]
+CANDIDATES_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]
+
+
+def jobs_for(key, candidate):
+    triton_forward.FORWARD_CONFIGS[key] = ForwardConfig(*candidate)
+    jobs = []
+    for name, run in gate.sma_forward_cases([key]):
+        from mild_kernels._runtime import record_launches
+
+        with record_launches() as launches:
+            run()
+        for launch in launches:
+            for arch in gate.TARGETS.values():
+                jobs.append((name, launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, arch))
+    return jobs
+
+
+def main():
+    keys = [(d, f32, v) for d in gate.GATE_HEAD_DIMS for f32 in (False, True) for v in VARIANTS]
+    position = {key: 0 for key in keys}
+    chosen = {}
+    context = multiprocessing.get_context("fork")
+    while position:
+        batch, owners = [], []
+        for key, index in position.items():
+            candidates = CANDIDATES_FP32 if key[1] else CANDIDATES_16BIT
+            jobs = jobs_for(key, candidates[index])
+            batch += jobs
+            owners += [key] * len(jobs)
+        gate._JOBS[:] = batch
+        with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+            rows = list(pool.map(gate.compile_one, range(len(batch))))
+        failed = {owner for owner, row in zip(owners, rows) if gate.failures(row)}
+        for key in list(position):
+            candidates = CANDIDATES_FP32 if key[1] else CANDIDATES_16BIT
+            if key not in failed:
+                chosen[key] = candidates[position.pop(key)]
+                print(f"{key}: {chosen[key]}", file=sys.stderr, flush=True)
+            elif position[key] + 1 == len(candidates):
+                raise SystemExit(f"{key}: no candidate compiles without spills")
+            else:
+                position[key] += 1
+    print("FORWARD_CONFIGS = {")
+    for key in sorted(chosen):
+        print(f"    {key!r}: ForwardConfig{chosen[key]!r},")
+    print("}")
+
+
+if __name__ == "__main__":
+    main()
