@@ -77,7 +77,7 @@ class Problem:
     def dense_mask(self) -> torch.Tensor:
         """(1, H, N, N) float mask: the bias, -inf at blocked pairs."""
         lab = self.labels
-        table = self.bias.masked_fill(~self.allow, float("-inf"))
+        table = self.bias.detach().masked_fill(~self.allow, float("-inf"))
         return table[:, lab][:, :, lab][None].to(self.q.dtype)
 
 
@@ -111,6 +111,7 @@ def dense_flops(p: Problem) -> float:
 
 
 def mild_provider(p: Problem, backend: str):
+    # In fwd+bwd mode the bias requires grad too: sma_attention returns its gradient.
     return lambda: sma_attention(p.q, p.k, p.v, p.labels, p.labels, p.bias, p.allow, backend=backend)
 
 
@@ -130,6 +131,19 @@ def naive_provider(p: Problem):
     return run
 
 
+def with_backward(forward, p: Problem):
+    """forward() then backward of its output against a fixed random cotangent."""
+    grad = torch.randn_like(p.q)
+    leaves = [p.q, p.k, p.v, p.bias]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        forward().backward(grad)
+
+    return run
+
+
 _compiled_flex = None
 
 
@@ -139,7 +153,7 @@ def flex_provider(p: Problem):
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    labels, bias, allow = p.labels, p.bias.to(p.q.dtype), p.allow
+    labels, bias, allow = p.labels, p.bias.detach().to(p.q.dtype), p.allow
     N = p.q.shape[2]
 
     def score_mod(score, b, h, q_idx, k_idx):
@@ -164,7 +178,7 @@ def xformers_provider(p: Problem):
     return lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
 
-def providers(p: Problem, gpu: bool) -> dict:
+def providers(p: Problem, gpu: bool, backward: bool = False) -> dict:
     chosen = {"mild-triton": lambda: mild_provider(p, "triton")} if gpu else {"mild-torch": lambda: mild_provider(p, "torch")}
     chosen.update({"sdpa-mask": lambda: sdpa_provider(p), "flex": lambda: flex_provider(p),
                    "naive": lambda: naive_provider(p)})
@@ -175,6 +189,10 @@ def providers(p: Problem, gpu: bool) -> dict:
             chosen["xformers"] = lambda: xformers_provider(p)
         except ImportError:
             pass
+    if backward:
+        for t in (p.q, p.k, p.v, p.bias):
+            t.requires_grad_()
+        chosen = {name: (lambda build=build: with_backward(build(), p)) for name, build in chosen.items()}
     return chosen
 
 
@@ -220,6 +238,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--providers", nargs="*", help="only these providers")
     parser.add_argument("--repeats", type=int, default=5, help="CPU repeats per timing")
+    parser.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     args = parser.parse_args(argv)
 
@@ -228,7 +247,10 @@ def main(argv=None):
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
-    results = Results("attention")
+    backward = args.mode == "fwd+bwd"
+    results = Results("attention" if not backward else "attention_fwd_bwd")
+    # FlashAttention's count: the backward does 2.5x the forward's matmul work.
+    flops_factor = 3.5 if backward else 1.0
     configs = configurations(args, gpu)
     mild_name = "mild-triton" if gpu else "mild-torch"
     for shape, regions, blocked, order in tqdm(configs, desc="attention", unit="config"):
@@ -237,7 +259,7 @@ def main(argv=None):
         params = dict(shape=dataclasses.asdict(shape), regions=regions, blocked=blocked, order=order,
                       dtype=dtype_name, blocked_pairs=int((~p.allow).sum()))
         times = {}
-        for name, build in providers(p, gpu).items():
+        for name, build in providers(p, gpu, backward).items():
             if args.providers and name not in args.providers:
                 continue
             try:
@@ -247,18 +269,19 @@ def main(argv=None):
                 tqdm.write(f"{x}: {name} failed: {type(error).__name__}: {str(error)[:200]}")
                 continue
             times[name] = q
-            results.add(kernel="sma_attention", provider=name, mode="fwd", metric="ms", x=x, quantiles=q, **params)
-            results.add(kernel="sma_attention", provider=name, mode="fwd", metric="tflops", x=x,
-                        quantiles=tuple(dense_flops(p) / (t * 1e-3) / 1e12 for t in reversed(q)), **params)
+            results.add(kernel="sma_attention", provider=name, mode=args.mode, metric="ms", x=x, quantiles=q, **params)
+            results.add(kernel="sma_attention", provider=name, mode=args.mode, metric="tflops", x=x,
+                        quantiles=tuple(flops_factor * dense_flops(p) / (t * 1e-3) / 1e12 for t in reversed(q)),
+                        **params)
         if mild_name in times:
             for peer, q in times.items():
                 if peer != mild_name:
-                    results.add(kernel="sma_attention", provider=mild_name, mode="fwd", metric=f"speedup_vs_{peer}",
-                                x=x, value=q[1] / times[mild_name][1], **params)
+                    results.add(kernel="sma_attention", provider=mild_name, mode=args.mode,
+                                metric=f"speedup_vs_{peer}", x=x, value=q[1] / times[mild_name][1], **params)
         line = "  ".join(f"{n}={t[1]:.2f}ms" for n, t in times.items())
         tqdm.write(f"{x}: {line}")
 
-    if not gpu and not args.quick:
+    if not gpu and not args.quick and not backward:
         shape = CPU_SHAPES[0]
         mask_mb = shape.batch * shape.heads * shape.tokens ** 2 * DTYPES[dtype_name].itemsize / 2**20
         for name in (mild_name, "sdpa-mask"):
@@ -269,8 +292,8 @@ def main(argv=None):
 
     out_dir = args.out or (Path(__file__).resolve().parent / "results" / ("quick" if args.quick else device_slug()))
     path = results.write(out_dir)
-    plot = plot_rows(results.rows, "ms", out_dir / "attention_ms.png", title=f"sma_attention forward, {dtype_name}",
-                     log=True)
+    plot = plot_rows(results.rows, "ms", out_dir / f"{results.benchmark}_ms.png",
+                     title=f"sma_attention {args.mode}, {dtype_name}", log=True)
     print(f"wrote {path}" + (f" and {plot}" if plot else ""))
     return results
 

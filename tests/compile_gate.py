@@ -50,40 +50,64 @@ FORWARD_VARIANT_CASES = {
 }
 
 
-def sma_forward_launch(key, soft, mass, R, dtype):
-    """A thunk that drives sma_attention into the kernel variant of one config key."""
-    from mild_kernels import sma_attention
+# Backward variants: (soft, region-mass gradient, R, deterministic).
+BACKWARD_VARIANT_CASES = {
+    "plain": [(False, False, 4, False), (False, False, 4, True), (False, False, 64, False)],
+    "narrow": [(False, True, 4, False), (True, False, 4, False), (True, True, 4, True)],
+    "wide": [(False, True, 64, False), (True, False, 64, False), (True, True, 64, True)],
+}
 
-    block_d = key[0]
+
+def sma_launch(block_d, soft, mass, R, dtype, backward=False, deterministic=False):
+    """A thunk that drives sma_attention into one kernel variant (forward, or backward only)."""
+    from mild_kernels import sma_attention
+    from mild_kernels._runtime import record_launches
 
     def run():
-        q = torch.randn(1, 2, 33, GATE_HEAD_DIMS[block_d]).to(dtype)
+        q = torch.randn(1, 2, 33, GATE_HEAD_DIMS[block_d]).to(dtype).requires_grad_(backward)
         labels = torch.randint(0, R, (33,))
         regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
-        sma_attention(q, q, q, regions, regions, torch.randn(R, R), torch.rand(R, R) > 0.5,
-                      return_region_mass=mass, backend="triton")
+        args = (q, q, q, regions, regions, torch.randn(R, R), torch.rand(R, R) > 0.5)
+        if not backward:
+            sma_attention(*args, return_region_mass=mass, backend="triton")
+            return
+        with record_launches():  # the forward's launches belong to the forward cases
+            res = sma_attention(*args, return_region_mass=True, backend="triton", deterministic=deterministic)
+        loss = res.out.sum() + (res.region_mass.sum() if mass else 0)
+        loss.backward()
 
     return run
+
+
+def _config_cases(table, variant_cases, prefix, backward):
+    for key in sorted(table):
+        block_d, is_fp32, variant = key
+        for dtype in ((torch.float32,) if is_fp32 else (torch.float16, torch.bfloat16)):
+            cases = variant_cases[variant]
+            if dtype == torch.bfloat16:  # codegen as fp16's; compile the heaviest case only
+                cases = cases[-1:]
+            for soft, mass, R, *deterministic in cases:
+                flags = ("soft" if soft else "hard") + (",mass" if mass else "") + (",det" if any(deterministic) else "")
+                name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},R{R},{flags}]"
+                yield name, sma_launch(block_d, soft, mass, R, dtype, backward, any(deterministic))
 
 
 def sma_forward_cases(configs=None):
     """(name, thunk) for every shipped forward config and each kernel variant it serves."""
     from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
 
-    for key in sorted(configs or FORWARD_CONFIGS):
-        block_d, is_fp32, variant = key
-        dtypes = (torch.float32,) if is_fp32 else (torch.float16, torch.bfloat16)
-        for dtype in dtypes:
-            cases = FORWARD_VARIANT_CASES[variant]
-            if dtype == torch.bfloat16:  # codegen as fp16's; compile the heaviest case only
-                cases = cases[-1:]
-            for soft, mass, R in cases:
-                name = (f"sma_fwd[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},R{R},"
-                        f"{'soft' if soft else 'hard'}{',mass' if mass else ''}]")
-                yield name, sma_forward_launch(key, soft, mass, R, dtype)
+    variant_cases = {v: [c + (False,) for c in cases] for v, cases in FORWARD_VARIANT_CASES.items()}
+    yield from _config_cases(configs or FORWARD_CONFIGS, variant_cases, "sma_fwd", backward=False)
 
 
-CASES = [sma_forward_cases]
+def sma_backward_cases(configs=None):
+    """(name, thunk) for every shipped backward config and each kernel variant it serves."""
+    from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS
+
+    yield from _config_cases(configs or BACKWARD_CONFIGS, BACKWARD_VARIANT_CASES, "sma_bwd", backward=True)
+
+
+CASES = [sma_forward_cases, sma_backward_cases]
 
 
 # ---------------------------------------------------------------- compiling
@@ -146,7 +170,7 @@ def compile_one(index):
 def collect_jobs(selected=None):
     from mild_kernels._runtime import record_launches
 
-    jobs = []
+    jobs, seen = [], set()
     for cases in CASES:
         for name, run in cases():
             if selected and not any(s in name for s in selected):
@@ -156,6 +180,11 @@ def collect_jobs(selected=None):
             assert launches, f"{name}: the wrapper launched no Triton kernel"
             for launch in launches:
                 kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
+                signature, constexprs, _ = signature_of(launch.kernel, kwargs)
+                key = (launch.kernel.__name__, repr(signature), repr(constexprs), launch.num_warps, launch.num_stages)
+                if key in seen:
+                    continue
+                seen.add(key)
                 for arch in TARGETS.values():
                     jobs.append((name, launch.kernel, kwargs, launch.num_warps, launch.num_stages, arch))
     return jobs

@@ -30,3 +30,34 @@ def device():
 def _seed(request):
     # A fresh but reproducible seed per test: inputs differ across tests, failures replay.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------- compile gate
+# The ahead-of-time compile gate takes minutes of CPU: start it as soon as the session
+# knows it will run, in a subprocess beside the interpreter tests (see test_compile_gate.py).
+_GATE = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if any(item.nodeid.startswith("tests/test_compile_gate.py") for item in items):
+        import subprocess
+        import sys
+        import tempfile
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        report = Path(tempfile.mkdtemp()) / "compile_gate.json"
+        gate = Path(__file__).with_name("compile_gate.py")
+        _GATE["report"] = report
+        _GATE["proc"] = subprocess.Popen([sys.executable, str(gate), "--json", str(report), "--workers", "1"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def compile_gate_run():
+    """(return code, printed report, rows) of the compile-gate subprocess started at collection."""
+    import json
+
+    proc = _GATE["proc"]
+    output, _ = proc.communicate(timeout=3600)
+    rows = json.loads(_GATE["report"].read_text()) if _GATE["report"].exists() else []
+    return proc.returncode, output, rows

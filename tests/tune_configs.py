@@ -4,7 +4,7 @@ For every config key, the candidates are tried in order of preference (larger ti
 first); the first that compiles for sm_80 and sm_90 with no spill in any kernel
 variant it serves is kept. Prints the table to paste into the kernel module.
 
-    python tests/tune_configs.py
+    python tests/tune_configs.py forward     # or: backward
 """
 
 from __future__ import annotations
@@ -19,20 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.pop("TRITON_INTERPRET", None)
 
 import compile_gate as gate  # noqa: E402
-from mild_kernels.sma import triton_forward  # noqa: E402
-from mild_kernels.sma.triton_forward import VARIANTS, ForwardConfig  # noqa: E402
+from mild_kernels._runtime import record_launches  # noqa: E402
+from mild_kernels.sma import triton_backward, triton_forward  # noqa: E402
+from mild_kernels.sma.triton_forward import VARIANTS  # noqa: E402
+
+# op: (the module's config table, its config class, the gate's cases for one key)
+OPS = {
+    "forward": (triton_forward.FORWARD_CONFIGS, triton_forward.ForwardConfig, gate.sma_forward_cases),
+    "backward": (triton_backward.BACKWARD_CONFIGS, triton_backward.BackwardConfig, gate.sma_backward_cases),
+}
 
 CANDIDATES_16BIT = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
                     (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)]
 CANDIDATES_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]
 
 
-def jobs_for(key, candidate):
-    triton_forward.FORWARD_CONFIGS[key] = ForwardConfig(*candidate)
+def jobs_for(op, key, candidate):
+    table, config_class, cases = OPS[op]
+    table[key] = config_class(*candidate)
     jobs = []
-    for name, run in gate.sma_forward_cases([key]):
-        from mild_kernels._runtime import record_launches
-
+    for name, run in cases([key]):
         with record_launches() as launches:
             run()
         for launch in launches:
@@ -42,6 +48,7 @@ def jobs_for(key, candidate):
 
 
 def main():
+    op = sys.argv[1] if len(sys.argv) > 1 else "forward"
     keys = [(d, f32, v) for d in gate.GATE_HEAD_DIMS for f32 in (False, True) for v in VARIANTS]
     position = {key: 0 for key in keys}
     chosen = {}
@@ -50,7 +57,7 @@ def main():
         batch, owners = [], []
         for key, index in position.items():
             candidates = CANDIDATES_FP32 if key[1] else CANDIDATES_16BIT
-            jobs = jobs_for(key, candidates[index])
+            jobs = jobs_for(op, key, candidates[index])
             batch += jobs
             owners += [key] * len(jobs)
         gate._JOBS[:] = batch
@@ -66,9 +73,10 @@ def main():
                 raise SystemExit(f"{key}: no candidate compiles without spills")
             else:
                 position[key] += 1
-    print("FORWARD_CONFIGS = {")
+    table, config_class, _ = OPS[op]
+    print(f"{op.upper()}_CONFIGS = {{")
     for key in sorted(chosen):
-        print(f"    {key!r}: ForwardConfig{chosen[key]!r},")
+        print(f"    {key!r}: {config_class.__name__}{chosen[key]!r},")
     print("}")
 
 
