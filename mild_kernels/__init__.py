@@ -1,7 +1,8 @@
 """mild-kernels: fused kernels for MILD, region-aware multi-layer diffusion."""
 
-from .sma import RegionSort, SMAOutput, region_sort, sma_attention, sma_attention_reference, soft_regions
+from .sma import (RegionSort, SMAOutput, default_modulation, region_sort, sma_attention, sma_attention_reference,
+                  soft_regions)
 
 __version__ = "0.1.0"
 
-__all__ = ["RegionSort", "SMAOutput", "region_sort", "sma_attention", "sma_attention_reference", "soft_regions"]
+__all__ = ["RegionSort", "SMAOutput", "default_modulation", "region_sort", "sma_attention", "sma_attention_reference", "soft_regions"]

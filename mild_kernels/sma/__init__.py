@@ -1,5 +1,6 @@
 from .interface import SMAOutput, sma_attention
+from .modulation import default_modulation
 from .reference import sma_attention_reference
 from .regions import RegionSort, region_sort, soft_regions
 
-__all__ = ["SMAOutput", "RegionSort", "region_sort", "sma_attention", "sma_attention_reference", "soft_regions"]
+__all__ = ["SMAOutput", "default_modulation", "RegionSort", "region_sort", "sma_attention", "sma_attention_reference", "soft_regions"]
