@@ -1,0 +1,176 @@
+"""SMA attention processors for diffusers UNets, and the region context they read.
+
+``enable_sma(unet)`` installs :class:`SMAAttnProcessor` on every attention module.
+Per-call data arrives the diffusers way, through ``cross_attention_kwargs``::
+
+    unet(x, t, text, cross_attention_kwargs={"region_context": context})
+
+Without a region context the processor is diffusers' own ``AttnProcessor2_0``, so an
+SMA-enabled UNet is the plain UNet until regions are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from mild_kernels import default_modulation, region_sort, sma_attention, soft_regions
+
+from .cag import cross_domain_attention_gap
+
+
+@dataclasses.dataclass
+class RegionContext:
+    """Regions of every UNet batch row, with their SMA tables, cached across denoising steps.
+
+    Args:
+        instance_masks: (I, P, H, W) person masks of each image, in [0, 1], at any resolution.
+        latent_size: (h, w) of the UNet's input latents; attention resolutions are found by
+            halving it (rounding up), as the UNet's strided down-sampling does.
+        row_image: (B,) image index of each UNet batch row (rows = images x layers x CFG halves).
+        bias: per-row bias tables (B, R, R) or (B, H, R, R), or None for the default modulation
+            from ``alpha`` and ``beta``.
+        alpha, beta: default modulation strengths, floats or (B,) per row.
+        allow: (B, R, R) bool, or None for all pairs allowed.
+        domains: per row, the regions of its layer's domain, for CAG (None: no CAG).
+        text_regions: (B, T) hard labels of the text tokens for cross-attention, or None for
+            no modulation of cross-attention.
+        sort_tokens: run self-attention on region-sorted tokens, so that whole tiles are skipped.
+        backend: sma_attention's backend.
+    """
+
+    instance_masks: torch.Tensor
+    latent_size: tuple[int, int]
+    row_image: torch.Tensor
+    bias: torch.Tensor | None = None
+    alpha: float | torch.Tensor = 1.0
+    beta: float | torch.Tensor = 1.0
+    allow: torch.Tensor | None = None
+    domains: list | None = None
+    text_regions: torch.Tensor | None = None
+    sort_tokens: bool = True
+    backend: str = "auto"
+    _regions: dict = dataclasses.field(default_factory=dict, repr=False)
+    _cag: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0]), repr=False)
+
+    @property
+    def num_regions(self) -> int:
+        return self.instance_masks.shape[1] + 1
+
+    def grid(self, tokens: int) -> tuple[int, int]:
+        h, w = self.latent_size
+        while h * w > tokens:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if h * w != tokens:
+            raise ValueError(f"region_context: {tokens} tokens match no resolution of latents {self.latent_size}")
+        return h, w
+
+    def regions_at(self, tokens: int):
+        """(memberships (B, N, R), perm, inverse) at one resolution; perm is None when unsorted."""
+        if tokens not in self._regions:
+            per_image = soft_regions(self.instance_masks.float(), self.grid(tokens))  # (I, N, R)
+            memberships = per_image[self.row_image.to(per_image.device)]
+            perm = inverse = None
+            if self.sort_tokens:
+                perm, inverse = region_sort(memberships)
+                memberships = memberships.gather(1, perm[..., None].expand_as(memberships))
+            self._regions[tokens] = (memberships, perm, inverse)
+        return self._regions[tokens]
+
+    def bias_for(self, heads: int) -> torch.Tensor:
+        if self.bias is not None:
+            table = self.bias
+        else:
+            rows = len(self.row_image)
+            alpha = torch.as_tensor(self.alpha, dtype=torch.float32).expand(rows)
+            beta = torch.as_tensor(self.beta, dtype=torch.float32).expand(rows)
+            table = default_modulation(alpha, beta, self.num_regions)
+        table = table.to(self.instance_masks.device)
+        return table[:, None].expand(-1, heads, -1, -1) if table.dim() == 3 else table
+
+    def record_cag(self, tokens: int, region_mass: torch.Tensor, memberships: torch.Tensor) -> None:
+        gaps = cross_domain_attention_gap(region_mass.float(), memberships, self.domains)
+        for row, gap in enumerate(gaps.tolist()):
+            if not math.isnan(gap):
+                entry = self._cag[(row, self.grid(tokens))]
+                entry[0] += gap
+                entry[1] += 1
+
+    def cag(self) -> dict:
+        """{(row, (h, w)): mean CAG over the attention modules and calls seen so far}."""
+        return {key: total / count for key, (total, count) in self._cag.items()}
+
+
+def _permute_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, N, D) with tokens reordered per batch row by index (B, N)."""
+    return x.gather(2, index[:, None, :, None].expand_as(x))
+
+
+class SMAAttnProcessor:
+    """Spatially-modulated attention for a diffusers ``Attention`` module.
+
+    Self-attention gets the region bias and blocking of the context's rows; cross-attention
+    gets them only when the context gives text-token regions. Region mass, when the context
+    has domains, feeds the CAG records.
+    """
+
+    def __init__(self):
+        self.default = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 region_context: RegionContext | None = None, **kwargs):
+        cross = encoder_hidden_states is not None
+        if (region_context is None or attention_mask is not None or attn.spatial_norm is not None
+                or (cross and region_context.text_regions is None)):
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        ctx = region_context
+        residual = hidden_states
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch, tokens, _ = hidden_states.shape
+        context = hidden_states if not cross else (
+            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        memberships, perm, inverse = ctx.regions_at(tokens)
+        if perm is not None:
+            query = _permute_tokens(query, perm)
+            if not cross:
+                key, value = _permute_tokens(key, perm), _permute_tokens(value, perm)
+        k_regions = ctx.text_regions if cross else memberships
+        want_mass = ctx.domains is not None and not cross
+        result = sma_attention(query, key, value, memberships.to(query.device), k_regions.to(query.device),
+                               ctx.bias_for(attn.heads).to(query.device), ctx.allow, scale=attn.scale,
+                               return_region_mass=want_mass, backend=ctx.backend)
+        out = result.out if want_mass else result
+        if want_mass:
+            ctx.record_cag(tokens, result.region_mass, memberships)
+        if inverse is not None:
+            out = _permute_tokens(out, inverse)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if four_d:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def enable_sma(unet) -> None:
+    """Install SMAAttnProcessor on every attention module of a diffusers UNet."""
+    unet.set_attn_processor(SMAAttnProcessor())

@@ -1,0 +1,129 @@
+"""SMA processors inside real diffusers UNets, and CAG."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from helpers import rel_err
+from mild import RegionContext, cross_domain_attention_gap, enable_sma
+from mild_kernels import sma_attention, sma_attention_reference, soft_regions
+
+TINY = dict(sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+# Stable Diffusion 1.5 inpainting, as its published config (head dims 40/80/160).
+SD15_INPAINT = dict(sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280, 1280),
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                    cross_attention_dim=768, attention_head_dim=8)
+# SDXL inpainting's structure (per-block heads with head dim 64, text_time embedding,
+# several transformer layers) at reduced width and depth, so it runs on a CPU in CI.
+SDXL_LIKE = dict(sample_size=32, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 256),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 2, 2), cross_attention_dim=64,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 64, norm_num_groups=32)
+
+
+def build_unet(config):
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
+
+
+def unet_inputs(unet, batch, size):
+    cfg = unet.config
+    x = torch.randn(batch, cfg.in_channels, size, size)
+    text = torch.randn(batch, 7, cfg.cross_attention_dim)
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.rand(batch, 6) * 512}
+    return x, text, extra
+
+
+def person_masks(images, size):
+    masks = torch.zeros(images, 2, size, size)
+    masks[:, 0, size // 8: size // 2, size // 6: size // 2] = 1
+    masks[:, 1, size // 3: size - size // 8, size // 3: size - size // 5] = 1
+    return masks
+
+
+def run(unet, inputs, context=None):
+    x, text, extra = inputs
+    kwargs = {"region_context": context} if context is not None else None
+    with torch.no_grad():
+        return unet(x, 37, text, cross_attention_kwargs=kwargs, **extra).sample
+
+
+def trivial_context(batch, size):
+    """One region, no bias, nothing blocked: SMA must reduce to plain attention."""
+    return RegionContext(torch.zeros(1, 0, size * 8, size * 8), (size, size), torch.zeros(batch, dtype=torch.long),
+                         bias=torch.zeros(batch, 1, 1), backend="torch")
+
+
+@pytest.mark.parametrize("name,config,size", [("tiny", TINY, 16), ("sd15-inpainting", SD15_INPAINT, 16),
+                                              ("sdxl-like", SDXL_LIKE, 16)])
+def test_sma_processors_match_default_processors(name, config, size):
+    unet = build_unet(config)
+    inputs = unet_inputs(unet, 2, size)
+    expected = run(unet, inputs)
+    enable_sma(unet)
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"SMAAttnProcessor"}
+    assert torch.equal(run(unet, inputs), expected)  # no region context: diffusers' own processor
+    got = run(unet, inputs, trivial_context(2, size))
+    assert rel_err(got, expected) < 1e-5, f"{name}: {rel_err(got, expected):.2e}"
+
+
+def test_region_context_modulates_and_records_cag():
+    unet = build_unet(TINY)
+    enable_sma(unet)
+    inputs = unet_inputs(unet, 2, 16)
+    plain = run(unet, inputs)
+    context = RegionContext(person_masks(1, 128), (16, 16), torch.zeros(2, dtype=torch.long), alpha=2.0, beta=2.0,
+                            domains=[[0], [1]], backend="torch")
+    modulated = run(unet, inputs, context)
+    assert rel_err(modulated, plain) > 1e-3
+    cag = context.cag()
+    assert {key[1] for key in cag} == {(16, 16), (8, 8)}
+    assert all(-1 <= value <= 1 for value in cag.values())
+
+
+def test_token_sorting_does_not_change_the_output():
+    unet = build_unet(TINY)
+    enable_sma(unet)
+    inputs = unet_inputs(unet, 2, 16)
+    outputs = []
+    for sort_tokens in (False, True):
+        allow = torch.ones(2, 3, 3, dtype=torch.bool)
+        allow[:, 1, 2] = allow[:, 2, 1] = False
+        context = RegionContext(person_masks(2, 64), (16, 16), torch.arange(2), alpha=1.0, beta=0.5, allow=allow,
+                                sort_tokens=sort_tokens, backend="torch")
+        outputs.append(run(unet, inputs, context))
+    assert rel_err(outputs[1], outputs[0]) < 1e-5
+
+
+def test_cag_matches_its_definition_on_the_dense_attention():
+    B, H, N, R = 2, 3, 50, 4
+    q, k, v = (torch.randn(B, H, N, 16, dtype=torch.float64) for _ in range(3))
+    masks = (torch.rand(R - 1, 10, 10) > 0.6).double()
+    regions = soft_regions(masks, (5, 10)).double()
+    bias = torch.randn(H, R, R, dtype=torch.float64)
+    res = sma_attention(q, k, v, regions, regions, bias, return_region_mass=True, backend="torch")
+    domains = [[0], [2, 3]]
+    got = cross_domain_attention_gap(res.region_mass, regions, domains)
+    # The definition, from the materialised attention matrix.
+    scores = q @ k.transpose(-1, -2) / 4 + regions @ bias @ regions.T
+    attn = torch.softmax(scores, -1)
+    for row, domain in enumerate(domains):
+        inside = torch.zeros(R, dtype=torch.float64)
+        inside[domain] = 1
+        mass_in = attn[row] @ (regions @ inside)
+        mass_out = attn[row] @ (regions @ (1 - inside))
+        weight = regions @ inside
+        expected = (((mass_in - mass_out) * weight).sum(-1) / weight.sum()).mean()
+        assert abs(got[row].item() - expected.item()) < 1e-10
+    assert (got.abs() <= 1).all()
+    reference_mass = sma_attention_reference(q, k, v, regions, regions, bias, return_region_mass=True)[2]
+    assert rel_err(res.region_mass, reference_mass) < 1e-10
