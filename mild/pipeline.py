@@ -1,0 +1,274 @@
+"""MILDPipeline: multi-layer erasing on diffusers' inpainting components (docs/semantics.md).
+
+One call erases people from one image:
+
+1. ``plan_layers`` builds the background pathway and one pathway per kept person that
+   the erased people touch.
+2. Every denoising step runs all layers and both classifier-free-guidance halves in
+   one batched UNet call: rows differ in LoRA adapter (background / foreground, through
+   mild_kernels' multi-adapter LoRA), SMA region tables (mild_kernels.sma_attention in
+   the attention processors) and prompt embedding; optional HMG residuals join them.
+3. ``FusedStep`` updates every layer's latents in one kernel launch.
+4. The layers are decoded, composited back to front and pasted into the photo through
+   the feathered erased union (``composite_layers``): outside it, every pixel is the input's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from mild_kernels import FusedStep, KnownRegion, apply_multi_lora, composite_layers, set_adapter_ids
+
+from .hmg import HumanMorphologyGuidance, guidance_image
+from .layers import LayerPlan, plan_layers
+from .processors import RegionContext, enable_sma
+from .tiny import tiny_components
+
+NUM_ADAPTERS = 2  # 0: background LoRA, 1: foreground LoRA
+DEFAULT_PROMPTS = {"background": "empty background scene, nothing in front", "person": "a person, complete body"}
+
+
+@dataclasses.dataclass
+class MILDOutput:
+    image: object  # PIL.Image when the input was one, else a (3, H, W) float tensor in [0, 1]
+    layers: torch.Tensor  # (L, 3, H, W) decoded layers in [0, 1], back to front
+    cag: dict  # {layer: {"HxW": CAG}} for the conditional rows, per attention resolution
+    plan: LayerPlan
+
+
+def to_image_tensor(image) -> tuple[torch.Tensor, bool]:
+    """(3, H, W) float32 in [0, 1], and whether the input was a PIL image."""
+    try:
+        from PIL import Image
+    except ImportError:
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255, True
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image: expected an (H, W, 3) array, got shape {image.shape}")
+        return torch.from_numpy(image.astype(np.float32) / (255 if image.dtype == np.uint8 else 1)).permute(2, 0, 1), False
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+        return image.float(), False
+    raise ValueError(f"image: expected a PIL image, an (H, W, 3) array or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def to_masks(instance_masks, size) -> torch.Tensor:
+    """(P, H, W) float32 person masks from a tensor, an array or a list of images/arrays."""
+    if isinstance(instance_masks, (list, tuple)):
+        planes = []
+        for mask in instance_masks:
+            array = np.asarray(mask.convert("L") if hasattr(mask, "convert") else mask, dtype=np.float32)
+            planes.append(torch.from_numpy(array / (255 if array.max() > 1 else 1)))
+        masks = torch.stack(planes) if planes else torch.zeros(0, *size)
+    else:
+        masks = torch.as_tensor(instance_masks, dtype=torch.float32)
+    if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(size):
+        raise ValueError(f"instance_masks: need (P, H, W) masks of the image's size {tuple(size)}, "
+                         f"got {tuple(masks.shape)}")
+    return masks
+
+
+class MILDPipeline(DiffusionPipeline):
+    """Multi-layer person erasing. Build with ``from_pretrained(local_dir)`` or ``tiny()``.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: diffusers inpainting components; the
+            UNet may be a 9-channel inpainting UNet or a 4-channel one (then the fused step
+            applies the known-region blend).
+        hmg: an optional HumanMorphologyGuidance adapter.
+        lora_rank: rank of the background and foreground LoRA adapters put on the UNet's
+            attention projections (B starts at zero: no effect until trained or loaded).
+        backend: kernel backend for every mild_kernels call ("auto", "triton", "torch").
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler, hmg: HumanMorphologyGuidance | None = None,
+                 lora_rank: int = 4, backend: str = "auto"):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.hmg = hmg
+        self.backend = backend
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        enable_sma(unet)
+        apply_multi_lora(unet, NUM_ADAPTERS, lora_rank, backend=backend)
+
+    @classmethod
+    def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, lora_rank: int = 4,
+                        backend: str = "auto", **kwargs) -> "MILDPipeline":
+        """Load real weights from a local diffusers inpainting folder; never downloads.
+
+        ``hmg_weights`` / ``lora_weights``: optional safetensors files for the HMG adapter
+        and for the LoRA adapters (keys as in the UNet's state dict, ``...lora_a`` / ``...lora_b``).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise ValueError(f"path: {path} is not a local model folder (nothing is downloaded)")
+        load = dict(local_files_only=True, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
+        pipe = cls(vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **load),
+                   text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load),
+                   tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+                   unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load),
+                   scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
+                   lora_rank=lora_rank, backend=backend)
+        if lora_weights is not None:
+            from safetensors.torch import load_file
+
+            missing = pipe.unet.load_state_dict(load_file(str(lora_weights)), strict=False)
+            if missing.unexpected_keys:
+                raise ValueError(f"lora_weights: keys not in the UNet: {missing.unexpected_keys[:5]}")
+        if hmg_weights is not None:
+            pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor).load(hmg_weights)
+        return pipe
+
+    @classmethod
+    def tiny(cls, seed: int = 0, in_channels: int = 9, with_hmg: bool = True, backend: str = "auto") -> "MILDPipeline":
+        """A tiny randomly initialised pipeline, built in memory and offline (tests, demos)."""
+        pipe = cls(**tiny_components(in_channels, seed), backend=backend)
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in pipe.unet.named_parameters():
+            if name.endswith("lora_b"):  # random adapters, so that the two pathways differ
+                param.data = 0.02 * torch.randn(param.shape, generator=generator)
+        if with_hmg:
+            pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor)
+        return pipe
+
+    # ------------------------------------------------------------ helpers
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (N, 3, H, W) in [0, 1] -> scaled latents (mean of the posterior)."""
+        vae = self.vae
+        latents = vae.encode((2 * pixels - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return latents * vae.config.scaling_factor
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    def _guidance(self, plan, size, keypoints, parsing, occlusion_order):
+        """(L, C, H, W) HMG images per layer and (L,) on/off weights, or None without HMG inputs."""
+        if self.hmg is None or all(x is None for x in (keypoints, parsing, occlusion_order)):
+            return None
+
+        def pick(values, person):
+            return None if values is None or person == 0 else values[person - 1]
+
+        occlusion_maps = None
+        if occlusion_order is not None:
+            depth = torch.as_tensor(occlusion_order, dtype=torch.float32)
+            occlusion_maps = [plan.layers[0].region_masks[i] * depth[i] for i in range(len(depth))]
+        images = [guidance_image(size, pick(keypoints, layer.person), pick(parsing, layer.person),
+                                 pick(occlusion_maps, layer.person), self.hmg.parsing_classes)
+                  for layer in plan.layers]
+        weights = torch.tensor([0.0 if layer.person == 0 else 1.0 for layer in plan.layers])
+        return torch.stack(images), weights
+
+    # ------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(self, image, instance_masks, erase=None, keypoints=None, parsing=None, occlusion_order=None,
+                 num_inference_steps: int = 30, guidance_scale: float = 7.5, generator: torch.Generator | None = None,
+                 prompts: dict | None = None, negative_prompt: str = "", eta: float = 0.0,
+                 alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None) -> MILDOutput:
+        """Erase people from one image.
+
+        Args:
+            image: PIL image, (H, W, 3) array or (3, H, W) tensor in [0, 1].
+            instance_masks: (P, H, W) person masks, or a list of P mask images.
+            erase: ids of the people to erase, counted from 1 in mask order; None erases all.
+            keypoints: per person, (17, 3) COCO keypoints (x, y, confidence) in pixels.
+            parsing: per person, an (H, W) map of parsing class ids.
+            occlusion_order: per person, a depth (larger is nearer); orders the foreground layers.
+            alpha, beta: the default SMA modulation (same-region boost, cross-region penalty).
+        """
+        pixels, was_pil = to_image_tensor(image)
+        H, W = pixels.shape[1:]
+        masks = to_masks(instance_masks, (H, W))
+        plan = plan_layers(masks, erase, occlusion_order,
+                           dilation=max(2, min(H, W) // 32) if dilation is None else dilation)
+        L = len(plan.layers)
+        device, dtype = self.unet.device, self.unet.dtype
+        factor = self.vae_scale_factor
+        pad_h, pad_w = (-H) % factor, (-W) % factor  # the VAE needs multiples of its factor
+        padded = F.pad(pixels[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
+        latent_size = ((H + pad_h) // factor, (W + pad_w) // factor)
+
+        def pad_mask(m):
+            return F.pad(m, (0, pad_w, 0, pad_h))
+
+        prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
+        cond = self._embed([prompts["background" if layer.person == 0 else "person"] for layer in plan.layers])
+        uncond = self._embed([negative_prompt] * L)
+        text = torch.cat([uncond, cond]).to(dtype)
+
+        inpaint = torch.stack([pad_mask(layer.inpaint) for layer in plan.layers])[:, None]  # (L, 1, H, W)
+        inpaint_latent = F.interpolate(inpaint, size=latent_size, mode="nearest").to(device, dtype)
+        inpainting_unet = self.unet.config.in_channels == 9
+        if inpainting_unet:
+            masked_latents = self._encode_image(padded[None] * (1 - inpaint)).to(dtype)
+        else:
+            known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1), inpaint_latent,
+                                torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
+
+        rows_image = torch.arange(L).repeat(2)
+        context = RegionContext(
+            instance_masks=torch.stack([pad_mask(layer.region_masks) for layer in plan.layers]).to(device),
+            latent_size=latent_size, row_image=rows_image, alpha=alpha, beta=beta,
+            allow=torch.stack([layer.allow for layer in plan.layers]).repeat(2, 1, 1).to(device),
+            domains=[layer.domain for layer in plan.layers] * 2, backend=self.backend)
+        set_adapter_ids(self.unet, [layer.adapter_id for layer in plan.layers] * 2)
+        residuals = None
+        guidance = self._guidance(plan, (H, W), keypoints, parsing, occlusion_order)
+        if guidance is not None:
+            guide, weights = guidance
+            guide = F.pad(guide, (0, pad_w, 0, pad_h)).to(device, dtype)
+            residuals = self.hmg(guide.repeat(2, 1, 1, 1), weights.repeat(2).to(device))
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        fused = FusedStep(self.scheduler, eta=eta, backend=self.backend)
+        latents = torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype)
+        latents = latents * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            if inpainting_unet:
+                model_in = torch.cat([model_in, inpaint_latent.repeat(2, 1, 1, 1), masked_latents.repeat(2, 1, 1, 1)], 1)
+            noise_pred = self.unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
+                                   down_intrablock_additional_residuals=None if residuals is None else
+                                   [r.clone() for r in residuals]).sample
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            step_noise = torch.randn(latents.shape, generator=generator).to(device, dtype) if eta > 0 else None
+            latents = fused.step(noise_uncond, noise_cond, t, latents, guidance_scale, noise=step_noise,
+                                 known_region=None if inpainting_unet else known)
+        set_adapter_ids(self.unet, None)
+
+        layers = self._decode(latents)[..., :H, :W].float().cpu()  # (L, 3, H, W)
+        alphas = torch.stack([layer.alpha for layer in plan.layers])[:, None, None].float()  # (L, 1, 1, H, W)
+        result = composite_layers(layers[:, None], alphas, pixels[None], plan.paste_region[None, None].float(),
+                                  backend=self.backend if self.backend != "triton" else "auto")[0]
+        cag = {}
+        for (row, (h, w)), value in context.cag().items():
+            if row >= L:  # the conditional half
+                cag.setdefault(row - L, {})[f"{h}x{w}"] = value
+        return MILDOutput(self._to_output(result, was_pil), layers, cag, plan)
+
+    @staticmethod
+    def _to_output(result: torch.Tensor, as_pil: bool):
+        if not as_pil:
+            return result
+        from PIL import Image
+
+        return Image.fromarray((result.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
