@@ -2,7 +2,10 @@
 
 from .sma import (RegionSort, SMAOutput, default_modulation, region_sort, sma_attention, sma_attention_reference,
                   soft_regions)
+from .fused_step import FusedStep, KnownRegion
+from .composite import composite_layers
 
 __version__ = "0.1.0"
 
 __all__ = ["RegionSort", "SMAOutput", "default_modulation", "region_sort", "sma_attention", "sma_attention_reference", "soft_regions"]
+__all__ += ["FusedStep", "KnownRegion", "composite_layers"]

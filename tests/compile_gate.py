@@ -107,7 +107,69 @@ def sma_backward_cases(configs=None):
     yield from _config_cases(configs or BACKWARD_CONFIGS, BACKWARD_VARIANT_CASES, "sma_bwd", backward=True)
 
 
+# Fused step and layer composite: each scheduler family's kernel in its heaviest variant
+# per dtype (blend, per-row guidance, noise, second order), plus the other prediction types.
+GATE_STEP_VARIANTS = [
+    # (name, scheduler class name, config, DDIM eta, steps to record, dtypes)
+    ("ddim,eps,clip,noise", "DDIMScheduler", dict(clip_sample=True), 0.5, 1, ("fp32", "fp16", "bf16")),
+    ("ddim,sample", "DDIMScheduler", dict(prediction_type="sample"), 0.0, 1, ("fp32",)),
+    ("ddim,v", "DDIMScheduler", dict(prediction_type="v_prediction", clip_sample=False), 0.0, 1, ("fp32",)),
+    ("euler,eps", "EulerDiscreteScheduler", dict(), 0.0, 1, ("fp32", "fp16", "bf16")),
+    ("euler,v", "EulerDiscreteScheduler", dict(prediction_type="v_prediction"), 0.0, 1, ("fp32",)),
+    ("dpm,eps,1st+2nd", "DPMSolverMultistepScheduler", dict(), 0.0, 2, ("fp32", "fp16", "bf16")),
+    ("dpm,v,1st+2nd", "DPMSolverMultistepScheduler", dict(prediction_type="v_prediction"), 0.0, 2, ("fp32",)),
+    ("flow", "FlowMatchEulerDiscreteScheduler", dict(), 0.0, 1, ("fp32", "fp16", "bf16")),
+]
+TRITON_TO_TORCH = {v: k for k, v in TORCH_TO_TRITON.items()}
+
+
+def fused_step_launch(scheduler_name, config, eta, steps, dtype):
+    """A thunk: ``steps`` fused steps with per-row guidance and the known-region blend."""
+    import diffusers
+
+    from mild_kernels import FusedStep, KnownRegion
+
+    def run():
+        scheduler = getattr(diffusers, scheduler_name)(**config)
+        scheduler.set_timesteps(10)
+        fused = FusedStep(scheduler, eta=eta, backend="triton")
+        x = torch.randn(3, 4, 9, 7).to(dtype)
+        known = KnownRegion(torch.randn_like(x), torch.rand(3, 1, 9, 7).to(dtype), torch.randn_like(x))
+        for t in scheduler.timesteps[:steps]:
+            fused.step(torch.randn_like(x), torch.randn_like(x), t, x, torch.rand(3),
+                       noise=torch.randn_like(x) if eta > 0 else None, known_region=known)
+
+    return run
+
+
+def fused_step_cases():
+    """(name, thunk) for the fused-step kernels: every scheduler family and dtype."""
+    for name, scheduler_name, config, eta, steps, dtypes in GATE_STEP_VARIANTS:
+        for dtype in dtypes:
+            yield (f"fused_step[{name},{dtype}]",
+                   fused_step_launch(scheduler_name, config, eta, steps, TRITON_TO_TORCH[dtype]))
+
+
+def composite_launch(dtype, mask_dtype):
+    from mild_kernels import composite_layers
+
+    def run():
+        composite_layers(torch.randn(3, 2, 3, 9, 7).to(dtype), torch.rand(3, 2, 1, 9, 7).to(mask_dtype),
+                         torch.randn(2, 3, 9, 7).to(dtype), torch.rand(2, 1, 9, 7).to(mask_dtype), backend="triton")
+
+    return run
+
+
+def composite_cases():
+    """(name, thunk) for the composite kernel: each image dtype, with same-dtype and fp32 masks."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for mask_dtype in dict.fromkeys((dtype, torch.float32)):
+            name = f"composite[{TORCH_TO_TRITON[dtype]},mask-{TORCH_TO_TRITON[mask_dtype]}]"
+            yield name, composite_launch(dtype, mask_dtype)
+
+
 CASES = [sma_forward_cases, sma_backward_cases]
+CASES += [fused_step_cases, composite_cases]
 
 
 # ---------------------------------------------------------------- compiling

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 import triton
 import triton.language as tl
 
-from .._runtime import empty_like, launch
+from .._runtime import empty_like, interpreting, launch
+from ..fused_step.triton_step import rounded_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +29,7 @@ COMPOSITE_CONFIG = CompositeConfig(block_p=512, block_c=4, num_warps=4)
 
 @triton.jit
 def _composite_kernel(Layers, Alphas, Original, Region, Out, num_layers, batch, channels, pixels,
-                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                      BF16_BY_HAND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_image = p < pixels
@@ -47,7 +49,7 @@ def _composite_kernel(Layers, Alphas, Original, Region, Out, num_layers, batch, 
                         mask=in_channels & pasted[None, :], other=0.0).to(tl.float32)
             acc = a * v + (1 - a) * acc
         out = r[None, :] * acc + (1 - r[None, :]) * base
-        out = tl.where(pasted[None, :], out.to(Out.dtype.element_ty), original)
+        out = tl.where(pasted[None, :], rounded_like(out, Out, BF16_BY_HAND), original)
         tl.store(Out + image_offs, out, mask=in_channels & in_image[None, :])
 
 
@@ -60,5 +62,5 @@ def triton_composite_layers(layers, alphas, original, region):
     launch(_composite_kernel, (triton.cdiv(pixels, config.block_p), batch), num_warps=config.num_warps,
            num_stages=1, Layers=layers, Alphas=alphas, Original=original, Region=region, Out=out,
            num_layers=num_layers, batch=batch, channels=channels, pixels=pixels,
-           BLOCK_C=config.block_c, BLOCK_P=config.block_p)
+           BF16_BY_HAND=interpreting() and original.dtype == torch.bfloat16, BLOCK_C=config.block_c, BLOCK_P=config.block_p)
     return out

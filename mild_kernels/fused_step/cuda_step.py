@@ -16,6 +16,18 @@ def cuda_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, latent
                     blend: BlendScales | None = None):
     """Same contract as triton_fused_step."""
     library = cuda_lib.library(latents.device)
+    entry, io, step, out, x0 = step_call(coefficients, noise_uncond, noise_cond, latents, guidance_scale, noise,
+                                         previous_x0, known_region, blend)
+    cuda_lib.call(getattr(library, entry), latents.device, io, step)
+    return out, x0
+
+
+def step_call(coefficients: Coefficients, noise_uncond, noise_cond, latents, guidance_scale, noise=None,
+              previous_x0=None, known_region: KnownRegion | None = None, blend: BlendScales | None = None):
+    """(entry point name, MildStepIO, step structure, out, x0) for one call of the C API.
+
+    The structures point into the tensors, which must outlive the call.
+    """
     out = empty_like(latents)
     per_row = isinstance(guidance_scale, torch.Tensor)
     blend = blend or BlendScales(1.0, 0.0)
@@ -37,11 +49,11 @@ def cuda_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, latent
             sqrt_alpha_prev=c.sqrt_alpha_prev, direction=c.direction, noise_std=c.noise_std,
             clip_range=c.clip_range if c.clip_range is not None else 0.0,
             noise=cuda_lib.pointer(noise) if c.noise_std > 0 else None)
-        entry = library.mild_ddim_step
+        entry = "mild_ddim_step"
     elif isinstance(c, EulerCoefficients):
         step = cuda_lib.EulerStep(prediction=c.prediction, sigma_hat=c.sigma_hat, dt=c.dt,
                                   v_out_scale=c.v_out_scale, v_skip_divisor=c.v_skip_divisor)
-        entry = library.mild_euler_step
+        entry = "mild_euler_step"
     elif isinstance(c, DPMSolverCoefficients):
         x0 = empty(latents.shape, dtype=latents.dtype, device=latents.device)
         step = cuda_lib.DPMSolverStep(
@@ -49,11 +61,10 @@ def cuda_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, latent
             x0_alpha=c.x0_alpha, x0_sigma=c.x0_sigma, sample_scale=c.sample_scale, d0_scale=c.d0_scale,
             d1_scale=c.d1_scale, inv_r0=c.inv_r0,
             previous_x0=cuda_lib.pointer(previous_x0) if c.second_order else None, x0_out=x0.data_ptr())
-        entry = library.mild_dpm_solver_step
+        entry = "mild_dpm_solver_step"
     elif isinstance(c, FlowMatchCoefficients):
         step = cuda_lib.FlowMatchStep(dt=c.dt)
-        entry = library.mild_flow_match_step
+        entry = "mild_flow_match_step"
     else:
         raise TypeError(f"unknown coefficients {type(c).__name__}")
-    cuda_lib.call(entry, latents.device, io, step)
-    return out, x0
+    return entry, io, step, out, x0

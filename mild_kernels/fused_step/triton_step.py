@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import empty, empty_like, launch
+from .._runtime import empty, empty_like, interpreting, launch
 from .reference import KnownRegion
 from .schedulers import (EPSILON, FLOW_PREDICTION, BlendScales, Coefficients, DDIMCoefficients, DPMSolverCoefficients,
                          EulerCoefficients, FlowMatchCoefficients)
@@ -33,6 +33,21 @@ STEP_CONFIG = StepConfig(block=1024, num_warps=4)
 
 
 @triton.jit
+def rounded_like(value, Ptr, BF16_BY_HAND: tl.constexpr):
+    """float32 ``value`` rounded to nearest-even in Ptr's element type.
+
+    Triton's CPU interpreter truncates float32 to bfloat16 (a GPU rounds), so under the
+    interpreter bf16 is rounded here by hand, on the bits.
+    """
+    if BF16_BY_HAND:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(Ptr.dtype.element_ty)
+
+
+@triton.jit
 def _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUIDANCE: tl.constexpr):
     """(x, e_u + g (e_c - e_u)) in float32."""
     e_u = tl.load(EU + offs, mask=in_row, other=0.0).to(tl.float32)
@@ -47,7 +62,7 @@ def _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUID
 
 @triton.jit
 def _blend_and_store(Out, value, Known, KnownNoise, Mask, known_scale, noise_scale, row, col, offs, in_row,
-                     mask_row_numel, BLEND: tl.constexpr):
+                     mask_row_numel, BLEND: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     if BLEND:
         known = tl.load(Known + offs, mask=in_row, other=0.0).to(tl.float32)
         known_noise = tl.load(KnownNoise + offs, mask=in_row, other=0.0).to(tl.float32)
@@ -55,7 +70,7 @@ def _blend_and_store(Out, value, Known, KnownNoise, Mask, known_scale, noise_sca
                     other=0.0).to(tl.float32)
         noised = known_scale * known + noise_scale * known_noise
         value = (1 - m) * noised + m * value
-    tl.store(Out + offs, value.to(Out.dtype.element_ty), mask=in_row)
+    tl.store(Out + offs, rounded_like(value, Out, BF16_BY_HAND), mask=in_row)
 
 
 @triton.jit
@@ -72,7 +87,8 @@ def _ddim_step_kernel(EU, EC, X, Guidance, Noise, Out, Known, KnownNoise, Mask,
                       sqrt_alpha, sqrt_beta, sqrt_alpha_prev, direction, noise_std, clip_range,
                       known_scale, noise_scale,
                       PREDICTION: tl.constexpr, CLIP: tl.constexpr, ADD_NOISE: tl.constexpr,
-                      PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BLOCK: tl.constexpr):
+                      PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row, col, offs, in_row = _row_block(row_numel, BLOCK)
     x, e = _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUIDANCE)
     if PREDICTION == 0:  # epsilon
@@ -90,7 +106,7 @@ def _ddim_step_kernel(EU, EC, X, Guidance, Noise, Out, Known, KnownNoise, Mask,
     if ADD_NOISE:
         out = out + noise_std * tl.load(Noise + offs, mask=in_row, other=0.0).to(tl.float32)
     _blend_and_store(Out, out, Known, KnownNoise, Mask, known_scale, noise_scale, row, col, offs, in_row,
-                     mask_row_numel, BLEND)
+                     mask_row_numel, BLEND, BF16_BY_HAND)
 
 
 @triton.jit
@@ -98,7 +114,7 @@ def _euler_step_kernel(EU, EC, X, Guidance, Out, Known, KnownNoise, Mask,
                        row_numel, mask_row_numel, guidance_scale,
                        sigma_hat, dt, v_out_scale, v_skip_divisor, known_scale, noise_scale,
                        PREDICTION: tl.constexpr, PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
     row, col, offs, in_row = _row_block(row_numel, BLOCK)
     x, e = _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUIDANCE)
     if PREDICTION == 0:  # epsilon
@@ -109,7 +125,7 @@ def _euler_step_kernel(EU, EC, X, Guidance, Out, Known, KnownNoise, Mask,
         x0 = e * v_out_scale + tl.math.div_rn(x, v_skip_divisor)
     out = x + tl.math.div_rn(x - x0, sigma_hat) * dt
     _blend_and_store(Out, out, Known, KnownNoise, Mask, known_scale, noise_scale, row, col, offs, in_row,
-                     mask_row_numel, BLEND)
+                     mask_row_numel, BLEND, BF16_BY_HAND)
 
 
 @triton.jit
@@ -118,7 +134,8 @@ def _dpm_solver_step_kernel(EU, EC, X, Guidance, PreviousX0, Out, X0Out, Known, 
                             x0_alpha, x0_sigma, sample_scale, d0_scale, d1_scale, inv_r0,
                             known_scale, noise_scale,
                             PREDICTION: tl.constexpr, SECOND_ORDER: tl.constexpr,
-                            PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BLOCK: tl.constexpr):
+                            PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row, col, offs, in_row = _row_block(row_numel, BLOCK)
     x, e = _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUIDANCE)
     if PREDICTION == 1:  # sample
@@ -128,7 +145,7 @@ def _dpm_solver_step_kernel(EU, EC, X, Guidance, PreviousX0, Out, X0Out, Known, 
     else:  # epsilon, flow_prediction (x0_alpha = 1)
         x0 = tl.math.div_rn(x - x0_sigma * e, x0_alpha)
     # The history holds x0 in the latents' dtype; the update uses exactly what it holds.
-    x0_stored = x0.to(X0Out.dtype.element_ty)
+    x0_stored = rounded_like(x0, X0Out, BF16_BY_HAND)
     tl.store(X0Out + offs, x0_stored, mask=in_row)
     x0 = x0_stored.to(tl.float32)
     out = sample_scale * x - d0_scale * x0
@@ -136,17 +153,18 @@ def _dpm_solver_step_kernel(EU, EC, X, Guidance, PreviousX0, Out, X0Out, Known, 
         previous = tl.load(PreviousX0 + offs, mask=in_row, other=0.0).to(tl.float32)
         out = out + d1_scale * (inv_r0 * (x0 - previous))
     _blend_and_store(Out, out, Known, KnownNoise, Mask, known_scale, noise_scale, row, col, offs, in_row,
-                     mask_row_numel, BLEND)
+                     mask_row_numel, BLEND, BF16_BY_HAND)
 
 
 @triton.jit
 def _flow_match_step_kernel(EU, EC, X, Guidance, Out, Known, KnownNoise, Mask,
                             row_numel, mask_row_numel, guidance_scale, dt, known_scale, noise_scale,
-                            PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BLOCK: tl.constexpr):
+                            PER_ROW_GUIDANCE: tl.constexpr, BLEND: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                            BLOCK: tl.constexpr):
     row, col, offs, in_row = _row_block(row_numel, BLOCK)
     x, e = _guided(EU, EC, X, Guidance, guidance_scale, row, offs, in_row, PER_ROW_GUIDANCE)
     _blend_and_store(Out, x + dt * e, Known, KnownNoise, Mask, known_scale, noise_scale, row, col, offs, in_row,
-                     mask_row_numel, BLEND)
+                     mask_row_numel, BLEND, BF16_BY_HAND)
 
 
 def triton_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, latents, guidance_scale,
@@ -169,7 +187,8 @@ def triton_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, late
         Known=known, KnownNoise=known_noise, Mask=mask,
         row_numel=row_numel, mask_row_numel=mask[0].numel(), guidance_scale=1.0 if per_row else guidance_scale,
         known_scale=blend.known_scale, noise_scale=blend.noise_scale,
-        PER_ROW_GUIDANCE=per_row, BLEND=blending, BLOCK=STEP_CONFIG.block,
+        PER_ROW_GUIDANCE=per_row, BLEND=blending, BF16_BY_HAND=interpreting() and latents.dtype == torch.bfloat16,
+        BLOCK=STEP_CONFIG.block,
     )
     grid = (triton.cdiv(row_numel, STEP_CONFIG.block), rows)
     x0 = None
