@@ -15,6 +15,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",  # Triton's CPU interpreter runs on numpy
     ],
+    entry_points={"console_scripts": ["mild=mild.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],

@@ -50,7 +50,7 @@ def to_image_tensor(image) -> tuple[torch.Tensor, bool]:
     except ImportError:
         Image = None
     if Image is not None and isinstance(image, Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float() / 255, True
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255, True
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image: expected an (H, W, 3) array, got shape {image.shape}")

@@ -1,0 +1,224 @@
+"""The ``mild`` command line.
+
+    mild erase IMAGE --masks m1.png m2.png [--erase 1] -o out.png [--model DIR | --tiny]
+    mild erase --input-dir D --output-dir O [--model DIR | --tiny]     (torchrun-able)
+    mild profile [profiler arguments]                                   (benchmarks/profile_e2e.py)
+
+Dataset layout: every sample is a folder ``D/<name>/`` holding ``image.png`` (or .jpg),
+``mask_1.png``, ``mask_2.png``, ... (persons counted from 1) and optionally
+``erase.json`` (a list of ids). The result goes to ``O/<name>.png``. Under torchrun each
+rank takes every world_size-th sample (gloo on the CPU, nccl on GPUs); outputs are
+written atomically and existing ones are skipped, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import runpy
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, nothing written."""
+
+
+def load_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"cannot read image {path}: {error}") from None
+
+
+def load_mask(path, size):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L"), dtype=np.float32) / 255
+    except (OSError, UnidentifiedImageError) as error:
+        raise CLIError(f"cannot read mask {path}: {error}") from None
+    if mask.shape != size:
+        raise CLIError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}")
+    if not (mask > 0.5).any():
+        raise CLIError(f"mask {path} is empty")
+    return mask
+
+
+def build_pipeline(args):
+    import torch
+
+    from .pipeline import MILDPipeline
+
+    if args.tiny:
+        pipe = MILDPipeline.tiny(seed=args.seed, backend=args.backend)
+    else:
+        if not args.model:
+            raise CLIError("give --model DIR (a local diffusers inpainting folder) or --tiny")
+        pipe = MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_weights=args.lora,
+                                            hmg_weights=args.hmg)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    if device == "cuda" and not args.tiny:
+        pipe.to(torch.float16)
+    return pipe
+
+
+def write_atomically(image, path: Path) -> None:
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format=image_format)
+    os.replace(tmp, path)
+
+
+def load_sample(image_path, mask_paths, erase):
+    """(image, masks, erase), checked before any model is loaded or any file written."""
+    import numpy as np
+
+    if not mask_paths:
+        raise CLIError("give at least one person mask (--masks)")
+    image = load_image(image_path)
+    masks = np.stack([load_mask(p, (image.height, image.width)) for p in mask_paths])
+    if erase is not None and (not erase or min(erase) < 1 or max(erase) > len(mask_paths)):
+        raise CLIError(f"--erase ids must lie in [1, {len(mask_paths)}] (persons counted from 1, in --masks order)")
+    return image, masks, erase
+
+
+def erase_sample(pipe, sample, output: Path, args, progress=True):
+    import torch
+
+    image, masks, erase = sample
+    pipe.set_progress_bar_config(disable=not progress)
+    try:
+        result = pipe(image, masks, erase=erase, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=torch.Generator().manual_seed(args.seed))
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    write_atomically(result.image, output)
+
+
+def dataset_samples(input_dir: Path):
+    for folder in sorted(p for p in input_dir.iterdir() if p.is_dir()):
+        images = [folder / f"image{s}" for s in IMAGE_SUFFIXES if (folder / f"image{s}").exists()]
+        if not images:
+            continue
+        masks = sorted(folder.glob("mask_*.png"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+        erase_file = folder / "erase.json"
+        erase = json.loads(erase_file.read_text()) if erase_file.exists() else None
+        yield folder.name, images[0], masks, erase
+
+
+def distributed_rank():
+    """(rank, world size), joining the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def run_dataset(args):
+    from tqdm import tqdm
+
+    input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
+    if not input_dir.is_dir():
+        raise CLIError(f"--input-dir {input_dir} is not a folder")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_rank()
+    samples = list(dataset_samples(input_dir))[rank::world]
+    todo = [s for s in samples if not (output_dir / f"{s[0]}.png").exists()]
+    pipe = build_pipeline(args) if todo else None
+    failures = 0
+    for name, image, masks, erase in tqdm(todo, desc=f"rank {rank}/{world}", unit="image", position=rank):
+        try:
+            erase_sample(pipe, load_sample(image, masks, erase), output_dir / f"{name}.png", args, progress=False)
+        except CLIError as error:
+            failures += 1
+            print(f"mild: {name}: {error}", file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    print(f"rank {rank}: {len(todo) - failures} written, {len(samples) - len(todo)} already done, {failures} failed")
+    return 1 if failures else 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="mild", description="MILD: erase people from photos, layer by layer.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    erase = commands.add_parser("erase", help="erase people from an image, or from a dataset folder")
+    erase.add_argument("image", nargs="?", help="the photo (single-image mode)")
+    erase.add_argument("--masks", nargs="+", default=[], help="person masks, one image each (person 1, 2, ...)")
+    erase.add_argument("--erase", type=int, nargs="+", help="ids of the people to erase (default: all)")
+    erase.add_argument("-o", "--output", help="output image (single-image mode)")
+    erase.add_argument("--input-dir", help="dataset mode: a folder of sample folders")
+    erase.add_argument("--output-dir", help="dataset mode: where results go")
+    source = erase.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a local diffusers inpainting model folder")
+    source.add_argument("--tiny", action="store_true", help="a tiny random model (demo; no weights needed)")
+    erase.add_argument("--lora", help="safetensors with the background/foreground LoRA adapters")
+    erase.add_argument("--hmg", help="safetensors with the HMG adapter")
+    erase.add_argument("--steps", type=int, default=30)
+    erase.add_argument("--guidance", type=float, default=7.5)
+    erase.add_argument("--seed", type=int, default=0)
+    erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    erase.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    commands.add_parser("profile", help="the end-to-end throughput profiler (benchmarks/profile_e2e.py)",
+                        add_help=False)
+    return parser.parse_known_args(argv)
+
+
+def profiler_path() -> Path:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_e2e.py"
+    if not path.exists():
+        raise CLIError(f"the profiler lives in the source checkout ({path}); run mild from an editable install")
+    return path
+
+
+def main(argv=None) -> int:
+    args, extra = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.command == "profile":
+            sys.argv = [str(profiler_path())] + extra
+            runpy.run_path(str(profiler_path()), run_name="__main__")
+            return 0
+        if extra:
+            raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
+        if args.input_dir or args.output_dir:
+            if not (args.input_dir and args.output_dir) or args.image:
+                raise CLIError("dataset mode takes --input-dir and --output-dir, and no IMAGE")
+            return run_dataset(args)
+        if not args.image or not args.output:
+            raise CLIError("single-image mode takes IMAGE, --masks and -o OUTPUT")
+        output = Path(args.output)
+        if not output.parent.exists():
+            raise CLIError(f"output folder {output.parent} does not exist")
+        sample = load_sample(args.image, args.masks, args.erase)
+        erase_sample(build_pipeline(args), sample, output, args)
+        print(f"wrote {output}")
+        return 0
+    except CLIError as error:
+        print(f"mild: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The MILD pipeline end to end with the tiny model, layer planning, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mild import MILDPipeline, plan_layers, tiny_components
+from mild.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+def scene(size=SIZE, seed=0):
+    """A random photo and two overlapping person masks (person 2 occludes person 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, size, size, generator=gen)
+    masks = torch.zeros(2, size, size)
+    masks[0, size // 8: size * 5 // 8, size // 8: size // 2] = 1
+    masks[1, size // 3: size * 15 // 16, size * 3 // 8: size * 13 // 16] = 1
+    masks[0][masks[1] > 0] = 0  # instance masks show the visible part of each person
+    return image, masks
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return MILDPipeline.tiny(seed=0, backend="auto")
+
+
+def test_tiny_pipeline_erases_and_keeps_outside_pixels(tiny_pipe):
+    image, masks = scene()
+    keypoints = torch.rand(2, 17, 3) * torch.tensor([SIZE, SIZE, 1.0])
+    parsing = torch.randint(0, 20, (2, SIZE, SIZE))
+    out = tiny_pipe(image, masks, erase=[2], keypoints=keypoints, parsing=parsing, occlusion_order=[0, 1],
+                    num_inference_steps=3, generator=torch.Generator().manual_seed(1))
+    plan = out.plan
+    assert [layer.person for layer in plan.layers] == [0, 1]  # background, and person 1 whom person 2 hid
+    assert out.layers.shape == (2, 3, SIZE, SIZE)
+    assert out.image.shape == (3, SIZE, SIZE) and out.image.isfinite().all()
+    outside = plan.paste_region == 0
+    assert outside.any() and (plan.paste_region[masks[1] > 0] == 1).all()
+    assert torch.equal(out.image[:, outside], image[:, outside])
+    assert not torch.equal(out.image[:, masks[1] > 0], image[:, masks[1] > 0])
+    assert set(out.cag) == {0, 1}
+    for per_resolution in out.cag.values():
+        assert set(per_resolution) == {"8x8", "4x4"}
+        assert all(-1 <= v <= 1 for v in per_resolution.values())
+
+
+def test_pil_in_pil_out_and_odd_sizes(tiny_pipe):
+    image, masks = scene(size=50)
+    pil = Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    out = tiny_pipe(pil, [Image.fromarray((m.numpy() * 255).astype(np.uint8)) for m in masks],
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out.image, Image.Image) and out.image.size == (50, 50)
+    before, after = np.asarray(pil), np.asarray(out.image)
+    outside = (out.plan.paste_region == 0).numpy()
+    assert np.array_equal(after[outside], before[outside])
+    assert len(out.plan.layers) == 1  # everyone erased: the background pathway alone
+
+
+def test_pipeline_runs_without_hmg_inputs_and_with_a_four_channel_unet():
+    pipe = MILDPipeline.tiny(seed=3, in_channels=4, with_hmg=False)
+    image, masks = scene()
+    out = pipe(image, masks, erase=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    outside = out.plan.paste_region == 0
+    assert torch.equal(out.image[:, outside], image[:, outside])
+
+
+def test_from_pretrained_loads_a_local_folder(tmp_path):
+    for name, component in tiny_components(seed=5).items():
+        component.save_pretrained(tmp_path / name)
+    pipe = MILDPipeline.from_pretrained(tmp_path)
+    image, masks = scene()
+    out = pipe(image, masks, erase=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.image.shape == image.shape
+    with pytest.raises(ValueError, match="^path"):
+        MILDPipeline.from_pretrained(tmp_path / "missing")
+
+
+def test_plan_layers():
+    _, masks = scene()
+    plan = plan_layers(masks, erase=[2], dilation=2)
+    assert [l.person for l in plan.layers] == [0, 1]
+    background, person = plan.layers
+    assert background.adapter_id == 0 and person.adapter_id == 1 and person.domain == [1]
+    assert (background.inpaint >= plan.erased_union).all()
+    assert not (person.inpaint.bool() & (masks[0] > 0)).any()  # completes what is hidden, not what is seen
+    assert (person.inpaint <= background.inpaint).all()
+    assert not background.allow[0, 1:].any() and person.allow[1, 1] and not person.allow[1, 2]
+    far = torch.zeros_like(masks)
+    far[0, :8, :8] = 1
+    far[1, -8:, -8:] = 1
+    assert [l.person for l in plan_layers(far, erase=[2]).layers] == [0]  # person 1 is untouched
+    with pytest.raises(ValueError, match="^erase"):
+        plan_layers(masks, erase=[3])
+    with pytest.raises(ValueError, match="^instance_masks"):
+        plan_layers(torch.cat([masks, torch.zeros(1, SIZE, SIZE)]))
+
+
+# ---------------------------------------------------------------- CLI
+def write_sample(folder: Path, seed=0, size=48):
+    folder.mkdir(parents=True, exist_ok=True)
+    image, masks = scene(size, seed)
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(folder / "image.png")
+    paths = []
+    for i, mask in enumerate(masks, start=1):
+        paths.append(folder / f"mask_{i}.png")
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(paths[-1])
+    return folder / "image.png", paths
+
+
+def test_cli_erase_single_image(tmp_path):
+    image, masks = write_sample(tmp_path)
+    out = tmp_path / "out.png"
+    assert cli_main(["erase", str(image), "--masks", *map(str, masks), "--erase", "1", "-o", str(out), "--tiny",
+                     "--steps", "2"]) == 0
+    assert Image.open(out).size == Image.open(image).size
+
+
+@pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable"])
+def test_cli_errors_write_nothing(tmp_path, capsys, problem):
+    image, masks = write_sample(tmp_path)
+    if problem == "size":
+        Image.new("L", (10, 10), 255).save(masks[0])
+    elif problem == "empty":
+        Image.new("L", (48, 48), 0).save(masks[1])
+    elif problem == "unreadable":
+        image.write_bytes(b"not an image")
+    erase = ["--erase", "3"] if problem == "erase-id" else []
+    out = tmp_path / "out.png"
+    code = cli_main(["erase", str(image), "--masks", *map(str, masks), *erase, "-o", str(out), "--tiny"])
+    assert code == 2
+    assert "mild: error:" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.png.tmp*"))
+
+
+def test_dataset_mode_under_torchrun_with_two_ranks(tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        write_sample(inputs / f"sample{i}", seed=i)
+    (inputs / "sample2" / "erase.json").write_text(json.dumps([1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "mild.cli", "erase", "--input-dir", str(inputs), "--output-dir", str(outputs), "--tiny",
+               "--steps", "2"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in outputs.iterdir()) == ["sample0.png", "sample1.png", "sample2.png"]
+    assert "rank 0: 2 written" in first.stdout and "rank 1: 1 written" in first.stdout
+    stamps = {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()}
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "0 written" in second.stdout
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()}
