@@ -84,7 +84,7 @@ class MILDPipeline(DiffusionPipeline):
     Args:
         vae, text_encoder, tokenizer, unet, scheduler: diffusers inpainting components; the
             UNet may be a 9-channel inpainting UNet or a 4-channel one (then the fused step
-            applies the known-region blend).
+            applies the known-region blend). Without a text encoder, calls pass prompt embeddings.
         hmg: an optional HumanMorphologyGuidance adapter.
         lora_rank: rank of the background and foreground LoRA adapters put on the UNet's
             attention projections (B starts at zero: no effect until trained or loaded).
@@ -93,7 +93,7 @@ class MILDPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer | None,
                  unet: UNet2DConditionModel, scheduler, hmg: HumanMorphologyGuidance | None = None,
                  lora_rank: int = 4, backend: str = "auto"):
         super().__init__()
@@ -183,7 +183,9 @@ class MILDPipeline(DiffusionPipeline):
     def __call__(self, image, instance_masks, erase=None, keypoints=None, parsing=None, occlusion_order=None,
                  num_inference_steps: int = 30, guidance_scale: float = 7.5, generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", eta: float = 0.0,
-                 alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None) -> MILDOutput:
+                 alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None, prompt_embeds: dict | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 added_cond_kwargs: dict | None = None) -> MILDOutput:
         """Erase people from one image.
 
         Args:
@@ -194,6 +196,11 @@ class MILDPipeline(DiffusionPipeline):
             parsing: per person, an (H, W) map of parsing class ids.
             occlusion_order: per person, a depth (larger is nearer); orders the foreground layers.
             alpha, beta: the default SMA modulation (same-region boost, cross-region penalty).
+            prompts: {"background": ..., "person": ...} prompts of the two pathway kinds.
+            prompt_embeds, negative_prompt_embeds: instead of prompts, {"background": (T, C),
+                "person": (T, C)} and (T, C) text embeddings.
+            added_cond_kwargs: for UNets with added conditioning (SDXL's text_time), one
+                {"text_embeds": (C2,), "time_ids": (6,)} used for every row.
         """
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
@@ -210,19 +217,27 @@ class MILDPipeline(DiffusionPipeline):
         def pad_mask(m):
             return F.pad(m, (0, pad_w, 0, pad_h))
 
-        prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
-        cond = self._embed([prompts["background" if layer.person == 0 else "person"] for layer in plan.layers])
-        uncond = self._embed([negative_prompt] * L)
-        text = torch.cat([uncond, cond]).to(dtype)
+        kinds = ["background" if layer.person == 0 else "person" for layer in plan.layers]
+        with torch.profiler.record_function("mild::encode"):
+            if prompt_embeds is not None:
+                cond = torch.stack([prompt_embeds[kind] for kind in kinds])
+                uncond = negative_prompt_embeds[None].expand_as(cond)
+            else:
+                prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
+                cond, uncond = self._embed([prompts[kind] for kind in kinds]), self._embed([negative_prompt] * L)
+            text = torch.cat([uncond, cond]).to(device, dtype)
+            added = None if added_cond_kwargs is None else {
+                name: value.to(device, dtype)[None].expand(2 * L, *value.shape) for name, value in added_cond_kwargs.items()}
 
         inpaint = torch.stack([pad_mask(layer.inpaint) for layer in plan.layers])[:, None]  # (L, 1, H, W)
         inpaint_latent = F.interpolate(inpaint, size=latent_size, mode="nearest").to(device, dtype)
         inpainting_unet = self.unet.config.in_channels == 9
-        if inpainting_unet:
-            masked_latents = self._encode_image(padded[None] * (1 - inpaint)).to(dtype)
-        else:
-            known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1), inpaint_latent,
-                                torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
+        with torch.profiler.record_function("mild::vae_encode"):
+            if inpainting_unet:
+                masked_latents = self._encode_image(padded[None] * (1 - inpaint)).to(dtype)
+            else:
+                known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1), inpaint_latent,
+                                    torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
 
         rows_image = torch.arange(L).repeat(2)
         context = RegionContext(
@@ -246,19 +261,25 @@ class MILDPipeline(DiffusionPipeline):
             model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
             if inpainting_unet:
                 model_in = torch.cat([model_in, inpaint_latent.repeat(2, 1, 1, 1), masked_latents.repeat(2, 1, 1, 1)], 1)
-            noise_pred = self.unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
-                                   down_intrablock_additional_residuals=None if residuals is None else
-                                   [r.clone() for r in residuals]).sample
+            with torch.profiler.record_function("mild::unet"):
+                noise_pred = self.unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
+                                       added_cond_kwargs=added, down_intrablock_additional_residuals=None
+                                       if residuals is None else [r.clone() for r in residuals]).sample
             noise_uncond, noise_cond = noise_pred.chunk(2)
             step_noise = torch.randn(latents.shape, generator=generator).to(device, dtype) if eta > 0 else None
-            latents = fused.step(noise_uncond, noise_cond, t, latents, guidance_scale, noise=step_noise,
-                                 known_region=None if inpainting_unet else known)
+            with torch.profiler.record_function("mild::step"):
+                latents = fused.step(noise_uncond, noise_cond, t, latents, guidance_scale, noise=step_noise,
+                                     known_region=None if inpainting_unet else known)
         set_adapter_ids(self.unet, None)
 
-        layers = self._decode(latents)[..., :H, :W].float().cpu()  # (L, 3, H, W)
-        alphas = torch.stack([layer.alpha for layer in plan.layers])[:, None, None].float()  # (L, 1, 1, H, W)
-        result = composite_layers(layers[:, None], alphas, pixels[None], plan.paste_region[None, None].float(),
-                                  backend=self.backend if self.backend != "triton" else "auto")[0]
+        with torch.profiler.record_function("mild::vae_decode"):
+            layers = self._decode(latents)[..., :H, :W].float()  # (L, 3, H, W)
+        alphas = torch.stack([layer.alpha for layer in plan.layers])[:, None, None].float().to(layers.device)
+        with torch.profiler.record_function("mild::composite"):
+            result = composite_layers(layers[:, None], alphas, pixels[None].to(layers.device),
+                                      plan.paste_region[None, None].float().to(layers.device),
+                                      backend=self.backend)[0].cpu()
+        layers = layers.cpu()
         cag = {}
         for (row, (h, w)), value in context.cag().items():
             if row >= L:  # the conditional half
