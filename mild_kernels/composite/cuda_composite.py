@@ -20,6 +20,7 @@ def composite_call(layers, alphas, original, region):
     num_layers, batch, channels = layers.shape[:3]
     io = cuda_lib.CompositeIO(
         layers=layers.data_ptr(), alphas=alphas.data_ptr(), original=original.data_ptr(), region=region.data_ptr(),
-        out=out.data_ptr(), num_layers=num_layers, batch=batch, channels=channels, pixels=original[0, 0].numel(),
+        out=out.data_ptr(), num_layers=num_layers, batch=batch, channels=channels,
+        pixels=original.shape[2] * original.shape[3],
         dtype=cuda_lib.DTYPE_CODES[original.dtype], mask_dtype=cuda_lib.DTYPE_CODES[region.dtype])
     return io, out

@@ -56,11 +56,12 @@ def _composite_kernel(Layers, Alphas, Original, Region, Out, num_layers, batch, 
 def triton_composite_layers(layers, alphas, original, region):
     """Contiguous inputs of the checked shapes; same contract as composite_layers_reference."""
     num_layers, batch, channels = layers.shape[:3]
-    pixels = original[0, 0].numel()
+    pixels = original.shape[2] * original.shape[3]
     out = empty_like(original)
     config = COMPOSITE_CONFIG
-    launch(_composite_kernel, (triton.cdiv(pixels, config.block_p), batch), num_warps=config.num_warps,
+    launch(_composite_kernel, (-(-pixels // config.block_p), batch), num_warps=config.num_warps,
            num_stages=1, Layers=layers, Alphas=alphas, Original=original, Region=region, Out=out,
            num_layers=num_layers, batch=batch, channels=channels, pixels=pixels,
-           BF16_BY_HAND=interpreting() and original.dtype == torch.bfloat16, BLOCK_C=config.block_c, BLOCK_P=config.block_p)
+           BF16_BY_HAND=interpreting() and original.dtype == torch.bfloat16,
+           BLOCK_C=config.block_c, BLOCK_P=config.block_p)
     return out

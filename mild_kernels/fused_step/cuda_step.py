@@ -38,7 +38,8 @@ def step_call(coefficients: Coefficients, noise_uncond, noise_cond, latents, gui
         guidance_scale=1.0 if per_row else guidance_scale, out=out.data_ptr(),
         known=cuda_lib.pointer(known), known_noise=cuda_lib.pointer(known_noise), known_mask=cuda_lib.pointer(mask),
         known_scale=blend.known_scale, noise_scale=blend.noise_scale,
-        rows=latents.shape[0], row_numel=latents[0].numel(), mask_row_numel=mask[0].numel() if mask is not None else 0,
+        rows=latents.shape[0], row_numel=latents.numel() // latents.shape[0],
+        mask_row_numel=mask.numel() // mask.shape[0] if mask is not None else 0,
         dtype=cuda_lib.DTYPE_CODES[latents.dtype],
     )
     x0 = None

@@ -102,8 +102,11 @@ class FusedStep:
                     f"{tuple(guidance_scale.shape)}")
             require(not guidance_scale.dtype.is_complex and guidance_scale.dtype != torch.bool,
                     f"guidance_scale: dtype {guidance_scale.dtype} is not a real number type")
-            guidance_scale = guidance_scale.to(device=latents.device, dtype=torch.float32).reshape(-1)
-            guidance_scale = guidance_scale.expand(rows).contiguous()
+            ready = (guidance_scale.dtype == torch.float32 and guidance_scale.device == latents.device
+                     and guidance_scale.shape == (rows,) and guidance_scale.is_contiguous())
+            if not ready:
+                guidance_scale = guidance_scale.to(device=latents.device, dtype=torch.float32).reshape(-1)
+                guidance_scale = guidance_scale.expand(rows).contiguous()
         else:
             require(isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool),
                     f"guidance_scale: expected a float or a tensor, got {type(guidance_scale).__name__}")

@@ -162,18 +162,38 @@ def _prediction(scheduler, allowed) -> int:
 
 
 class Planner:
-    uses_noise_for_eta = False
+    """Plans one scheduler's steps. A step's coefficients depend only on the schedule and the
+    step's position in it, so each is computed once per ``set_timesteps`` and then reused."""
+
+    # The scheduler attributes set_timesteps replaces; a new object drops the cached plans.
+    schedule_attributes = ("timesteps", "sigmas")
 
     def __init__(self, scheduler):
         self.scheduler = scheduler
         self.host = _HostCopies()
+        self._schedule: tuple = ()
+        self._plans: dict = {}
 
     @staticmethod
     def check_config(scheduler) -> None:
         raise NotImplementedError
 
-    def plan(self, timestep, eta: float) -> StepPlan:
+    def key(self, timestep, eta: float) -> tuple:
+        """What this step's plan depends on besides the schedule (checks the scheduler's state)."""
         raise NotImplementedError
+
+    def compute(self, *key) -> StepPlan:
+        raise NotImplementedError
+
+    def plan(self, timestep, eta: float) -> StepPlan:
+        key = self.key(timestep, eta)
+        schedule = tuple(getattr(self.scheduler, name) for name in self.schedule_attributes)
+        if len(schedule) != len(self._schedule) or any(a is not b for a, b in zip(schedule, self._schedule)):
+            self._schedule, self._plans = schedule, {}
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.compute(*key)
+        return plan
 
     def commit(self, plan: StepPlan, x0: torch.Tensor | None) -> None:
         """Advance the scheduler's state as its step() does."""
@@ -207,7 +227,7 @@ class Planner:
 
 
 class DDIMPlanner(Planner):
-    uses_noise_for_eta = True
+    schedule_attributes = ("timesteps",)
 
     @staticmethod
     def check_config(scheduler) -> None:
@@ -216,12 +236,14 @@ class DDIMPlanner(Planner):
                 f"scheduler: DDIMScheduler with thresholding=True (a per-sample quantile) is not supported. "
                 f"{SUPPORTED}")
 
-    def plan(self, timestep, eta: float) -> StepPlan:
+    def key(self, timestep, eta: float) -> tuple:
+        require(self.scheduler.num_inference_steps is not None, "scheduler: call set_timesteps() before stepping")
+        require(eta >= 0, f"eta: must be >= 0, got {eta}")
+        return int(timestep), float(eta)
+
+    def compute(self, t: int, eta: float) -> StepPlan:
         scheduler = self.scheduler
         config = scheduler.config
-        require(scheduler.num_inference_steps is not None, "scheduler: call set_timesteps() before stepping")
-        require(eta >= 0, f"eta: must be >= 0, got {eta}")
-        t = int(timestep)
         alphas_cumprod = self.host.get(scheduler, "alphas_cumprod")
         require(0 <= t < len(alphas_cumprod), f"timestep: {t} is outside [0, {len(alphas_cumprod)})")
         final = scheduler.final_alpha_cumprod.cpu()
@@ -262,9 +284,11 @@ class EulerPlanner(Planner):
     def check_config(scheduler) -> None:
         _prediction(scheduler, ("epsilon", "sample", "original_sample", "v_prediction"))
 
-    def plan(self, timestep, eta: float) -> StepPlan:
+    def key(self, timestep, eta: float) -> tuple:
+        return (self._current_index(timestep),)
+
+    def compute(self, index: int) -> StepPlan:
         scheduler = self.scheduler
-        index = self._current_index(timestep)
         sigmas = self.host.get(scheduler, "sigmas")
         # EulerDiscreteScheduler.step with s_churn = 0: gamma = 0.
         sigma = sigmas[index]
@@ -301,10 +325,12 @@ class DPMSolverPlanner(Planner):
             refuse(f"variance_type={config.variance_type!r}")
         _prediction(scheduler, ("epsilon", "sample", "v_prediction", "flow_prediction"))
 
-    def plan(self, timestep, eta: float) -> StepPlan:
+    def key(self, timestep, eta: float) -> tuple:
+        return self._current_index(timestep), self.scheduler.lower_order_nums < 1
+
+    def compute(self, index: int, no_history: bool) -> StepPlan:
         scheduler = self.scheduler
         config = scheduler.config
-        index = self._current_index(timestep)
         steps = len(scheduler.timesteps)
         sigmas = self.host.get(scheduler, "sigmas")
         to_alpha_sigma = scheduler._sigma_to_alpha_sigma_t
@@ -312,7 +338,7 @@ class DPMSolverPlanner(Planner):
         # DPMSolverMultistepScheduler.step's choice of order.
         lower_order_final = (index == steps - 1) and (
             config.euler_at_final or (config.lower_order_final and steps < 15) or config.final_sigmas_type == "zero")
-        second_order = not (config.solver_order == 1 or scheduler.lower_order_nums < 1 or lower_order_final)
+        second_order = not (config.solver_order == 1 or no_history or lower_order_final)
 
         # convert_model_output
         prediction = _PREDICTIONS[config.prediction_type]
@@ -360,9 +386,11 @@ class FlowMatchPlanner(Planner):
                 f"scheduler: FlowMatchEulerDiscreteScheduler with stochastic_sampling=True is not supported. "
                 f"{SUPPORTED}")
 
-    def plan(self, timestep, eta: float) -> StepPlan:
+    def key(self, timestep, eta: float) -> tuple:
+        return (self._current_index(timestep),)
+
+    def compute(self, index: int) -> StepPlan:
         scheduler = self.scheduler
-        index = self._current_index(timestep)
         sigmas = self.host.get(scheduler, "sigmas")
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         blend = CLEAN

@@ -176,7 +176,7 @@ def triton_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, late
     contiguous float32 (rows,) tensor on the latents' device.
     """
     rows = latents.shape[0]
-    row_numel = latents[0].numel()
+    row_numel = latents.numel() // latents.shape[0]
     out = empty_like(latents)
     per_row = isinstance(guidance_scale, torch.Tensor)
     blending = known_region is not None
@@ -185,12 +185,13 @@ def triton_fused_step(coefficients: Coefficients, noise_uncond, noise_cond, late
     common = dict(
         EU=noise_uncond, EC=noise_cond, X=latents, Guidance=guidance_scale if per_row else latents, Out=out,
         Known=known, KnownNoise=known_noise, Mask=mask,
-        row_numel=row_numel, mask_row_numel=mask[0].numel(), guidance_scale=1.0 if per_row else guidance_scale,
+        row_numel=row_numel, mask_row_numel=mask.numel() // mask.shape[0],
+        guidance_scale=1.0 if per_row else guidance_scale,
         known_scale=blend.known_scale, noise_scale=blend.noise_scale,
         PER_ROW_GUIDANCE=per_row, BLEND=blending, BF16_BY_HAND=interpreting() and latents.dtype == torch.bfloat16,
         BLOCK=STEP_CONFIG.block,
     )
-    grid = (triton.cdiv(row_numel, STEP_CONFIG.block), rows)
+    grid = (-(-row_numel // STEP_CONFIG.block), rows)
     x0 = None
     c = coefficients
     if isinstance(c, DDIMCoefficients):
