@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from mild_kernels import FusedStep, KnownRegion, apply_multi_lora, composite_layers, set_adapter_ids
+from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, composite_layers, set_adapter_ids
 
 from .hmg import HumanMorphologyGuidance, guidance_image
 from .layers import LayerPlan, plan_layers
@@ -102,7 +102,8 @@ class MILDPipeline(DiffusionPipeline):
         self.backend = backend
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         enable_sma(unet)
-        apply_multi_lora(unet, NUM_ADAPTERS, lora_rank, backend=backend)
+        if not any(isinstance(m, MultiLoRALinear) for m in unet.modules()):  # a UNet shared by pipelines
+            apply_multi_lora(unet, NUM_ADAPTERS, lora_rank, backend=backend)
 
     @classmethod
     def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, lora_rank: int = 4,
