@@ -256,23 +256,23 @@ def main(argv=None):
         if provider == "baseline":
             pipe = baseline_pipeline(arch, parts)
 
-            def run():
+            def run(steps):
                 run_baseline(pipe, arch, parts, image, masks, steps, device, dtype)
         else:
             pipe = mild_pipeline(parts, args.backend, plain_attention=provider == "mild-plain-attn")
             inputs = mild_inputs(parts, device, dtype)
 
-            def run():
+            def run(steps):
                 pipe(image, masks, erase=[1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                      **inputs)
-        run()  # warm-up: compilation, caches, autotuning
+        run(min(steps, 2))  # warm-up: compilation, caches, autotuning
         sync(device)
         reset_peak(device)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
         trace = out_dir / f"trace_{arch}_L{L}_{provider}.json"
         with torch.profiler.profile(activities=activities) as prof:
             start = time.perf_counter()
-            run()
+            run(steps)
             sync(device)
             seconds = time.perf_counter() - start
         prof.export_chrome_trace(str(trace))
