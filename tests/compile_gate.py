@@ -107,6 +107,42 @@ def sma_backward_cases(configs=None):
     yield from _config_cases(configs or BACKWARD_CONFIGS, BACKWARD_VARIANT_CASES, "sma_bwd", backward=True)
 
 
+# Multi-adapter LoRA: K = N landing in each output-width class, rows aligned to 16 elements as
+# at SD widths; rank = padded rank - 3 (a tail, and the unaligned rank stride of the worst case).
+GATE_LORA_WIDTHS = {64: 80, 128: 128}
+
+
+def multi_lora_launch(dtype, rank, width):
+    """A thunk: one training step of multi_lora_linear, so the forward (bias, per-adapter
+    scales, shrink stored: the variant with the most live state), the dx launch and both
+    adapter-gradient launches are all recorded."""
+    from mild_kernels import multi_lora_linear
+
+    def run():
+        x = torch.randn(2, 37, width).to(dtype).requires_grad_()
+        weight, bias = torch.randn(width, width).to(dtype), torch.randn(width).to(dtype)
+        lora_a = torch.randn(3, rank, width).to(dtype).requires_grad_()
+        lora_b = torch.randn(3, width, rank).to(dtype).requires_grad_()
+        y = multi_lora_linear(x, weight, bias, lora_a, lora_b, torch.tensor([2, -1]), torch.rand(3),
+                              backend="triton")
+        y.sum().backward()
+
+    return run
+
+
+def multi_lora_cases():
+    """(name, thunk) for every shipped multi-LoRA GEMM and gradient config."""
+    from mild_kernels.multi_lora.triton_kernels import GEMM_CONFIGS
+
+    for is_fp32, block_r, width_class in sorted(GEMM_CONFIGS):
+        dtypes = (torch.float32,) if is_fp32 else (torch.float16, torch.bfloat16)
+        for dtype in dtypes:
+            if dtype == torch.bfloat16 and block_r != 64:  # codegen as fp16's; compile the heaviest rank only
+                continue
+            name = f"multi_lora[{TORCH_TO_TRITON[dtype]},r{block_r},n{width_class}]"
+            yield name, multi_lora_launch(dtype, block_r - 3, GATE_LORA_WIDTHS[width_class])
+
+
 # Fused step and layer composite: each scheduler family's kernel in its heaviest variant
 # per dtype (blend, per-row guidance, noise, second order), plus the other prediction types.
 GATE_STEP_VARIANTS = [
@@ -169,6 +205,7 @@ def composite_cases():
 
 
 CASES = [sma_forward_cases, sma_backward_cases]
+CASES.append(multi_lora_cases)
 CASES += [fused_step_cases, composite_cases]
 
 

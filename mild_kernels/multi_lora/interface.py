@@ -1,0 +1,109 @@
+"""The public ``multi_lora_linear``: argument checks and backend choice."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
+from .._runtime import triton_available, triton_runs_on
+from .op import multi_lora_forward
+from .triton_kernels import MAX_RANK
+
+BACKENDS = ("auto", "triton", "torch")
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend):
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    check_tensor("x", x, ndims=(2, 3), dtypes=dtypes)
+    check_tensor("weight", weight, ndims=(2,))
+    check_tensor("lora_a", lora_a, ndims=(3,))
+    check_tensor("lora_b", lora_b, ndims=(3,))
+    check_tensor("adapter_ids", adapter_ids, ndims=(1,), dtypes=INTEGER_DTYPES)
+    named = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        named["bias"] = check_tensor("bias", bias, ndims=(1,))
+    for name, t in named.items():
+        require(t.dtype == x.dtype, f"{name}: dtype {t.dtype} must match x's dtype {x.dtype}")
+    in_features = x.shape[-1]
+    out_features = weight.shape[0]
+    num_adapters, rank = lora_a.shape[:2]
+    require(weight.shape[1] == in_features,
+            f"weight: shape {tuple(weight.shape)} must be (out_features, {in_features}), x's last dim being "
+            f"{in_features}")
+    require(bias is None or tuple(bias.shape) == (out_features,),
+            f"bias: shape {tuple(bias.shape) if bias is not None else None} must be ({out_features},)")
+    require(num_adapters >= 1 and rank >= 1, f"lora_a: shape {tuple(lora_a.shape)} needs at least one adapter "
+                                             "and rank >= 1")
+    require(lora_a.shape[2] == in_features,
+            f"lora_a: shape {tuple(lora_a.shape)} must be (adapters, rank, {in_features}), x's last dim being "
+            f"{in_features}")
+    require(lora_b.shape[0] == num_adapters,
+            f"lora_b: holds {lora_b.shape[0]} adapters but lora_a holds {num_adapters}")
+    require(lora_b.shape[2] == rank, f"lora_b: rank {lora_b.shape[2]} (its last dim) must equal lora_a's rank {rank}")
+    require(lora_b.shape[1] == out_features,
+            f"lora_b: shape {tuple(lora_b.shape)} must be (adapters, {out_features}, rank), weight having "
+            f"{out_features} output features")
+    require(adapter_ids.shape[0] == x.shape[0],
+            f"adapter_ids: length {adapter_ids.shape[0]} must equal x's rows {x.shape[0]} (one id per row)")
+    if isinstance(scaling, torch.Tensor):
+        check_tensor("scaling", scaling, ndims=(1,))
+        require(scaling.is_floating_point(), f"scaling: must be a float tensor, got {scaling.dtype}")
+        require(scaling.shape[0] == num_adapters,
+                f"scaling: shape {tuple(scaling.shape)} must be ({num_adapters},), one scale per adapter")
+    else:
+        require(isinstance(scaling, (int, float)) and not isinstance(scaling, bool),
+                f"scaling: expected a float or a ({num_adapters},) tensor, got {type(scaling).__name__}")
+    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids,
+                      scaling=scaling if isinstance(scaling, torch.Tensor) else None)
+
+
+def choose_backend(backend: str, device: torch.device, rank: int) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() and rank <= MAX_RANK else "torch"
+    if backend == "triton":
+        require(triton_available(), "backend: 'triton' needs the triton package")
+        require(triton_runs_on(device),
+                f"backend: 'triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got {device}")
+        require(rank <= MAX_RANK, f"lora_a: rank {rank} exceeds the triton backend's maximum {MAX_RANK}; use "
+                                  "backend='torch'")
+    return backend
+
+
+def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0, backend="auto"):
+    """A linear layer whose rows each use their own LoRA adapter (docs/semantics.md).
+
+    ``y[i] = x[i] W^T + bias + scaling[id_i] (x[i] A[id_i]^T) B[id_i]^T``; id -1 means no adapter.
+
+    Args:
+        x: (rows, tokens, in) or (rows, in); fp16, bf16 or fp32 (float64 on the torch backend).
+        weight: (out, in) and bias: (out,) or None: the base layer, in x's dtype.
+        lora_a: (adapters, rank, in); lora_b: (adapters, out, rank); x's dtype.
+        adapter_ids: (rows,) integers in [-1, adapters): each row's adapter.
+        scaling: a float, or an (adapters,) float tensor with one scale per adapter.
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; rank <= 64), "torch" (rows
+            grouped by adapter, any device) or "auto".
+
+    Differentiable in x, lora_a and lora_b (and in weight and bias, should they require
+    grad; scaling gets no gradient). Registered as ``torch.ops.mild_kernels.multi_lora_forward``,
+    so torch.compile traces it whole.
+
+    Returns:
+        (rows, tokens, out) or (rows, out), in x's dtype.
+    """
+    require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
+    _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend)
+    chosen = choose_backend(backend, x.device, lora_a.shape[1])
+    if isinstance(scaling, torch.Tensor):
+        scale, scales = 1.0, scaling.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
+    else:
+        scale, scales = float(scaling), None
+    if adapter_ids.dtype not in (torch.int32, torch.int64):
+        adapter_ids = adapter_ids.long()
+    x3 = x if x.dim() == 3 else x[:, None]
+    save_shrink = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
+    bias = bias.contiguous() if bias is not None else None
+    y, _ = multi_lora_forward(x3, weight, bias, lora_a, lora_b, adapter_ids.contiguous(), scale, scales, chosen,
+                              save_shrink)
+    return y if x.dim() == 3 else y[:, 0]
