@@ -9,7 +9,7 @@ import compile_gate
 from helpers import assert_close
 from mild_kernels import MultiLoRALinear, apply_multi_lora, multi_lora_linear, set_adapter_ids
 from mild_kernels._runtime import poison_outputs, record_launches
-from mild_kernels.multi_lora import multi_lora_linear_reference, triton_kernels
+from mild_kernels.multi_lora import interface, multi_lora_linear_reference, triton_kernels
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -169,7 +169,7 @@ def test_bad_inputs_raise_value_errors_that_name_the_argument(name, backend):
 def test_bad_backend_and_rank_beyond_the_triton_kernels():
     with pytest.raises(ValueError, match="^backend:"):
         multi_lora_linear(**make_case(), backend="cuda")
-    case = make_case(rank=triton_kernels.MAX_RANK + 1)
+    case = make_case(rank=interface.MAX_RANK + 1)
     with pytest.raises(ValueError, match="^lora_a:"):
         multi_lora_linear(**case, backend="triton")
 

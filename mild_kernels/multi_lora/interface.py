@@ -7,10 +7,14 @@ import torch
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
 from .._runtime import triton_available, triton_runs_on
 from .op import multi_lora_forward
-from .triton_kernels import MAX_RANK
 
 BACKENDS = ("auto", "triton", "torch")
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+# The triton kernels keep the shrink tile (BLOCK_M x rank, fp32) in registers: at rank 128
+# every candidate config spilled on sm_80 or sm_90 (tests/compile_gate.py), so larger ranks
+# take the torch backend. They index with int32 offsets.
+MAX_RANK = 64
+MAX_ELEMENTS = 2**31 - 1
 
 
 def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend):
@@ -58,15 +62,19 @@ def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend
                       scaling=scaling if isinstance(scaling, torch.Tensor) else None)
 
 
-def choose_backend(backend: str, device: torch.device, rank: int) -> str:
+def choose_backend(backend: str, x: torch.Tensor, rank: int, out_features: int) -> str:
+    elements = x.numel() // max(1, x.shape[-1]) * max(x.shape[-1], out_features)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() and rank <= MAX_RANK else "torch"
+        fits = rank <= MAX_RANK and elements <= MAX_ELEMENTS
+        return "triton" if x.device.type == "cuda" and triton_available() and fits else "torch"
     if backend == "triton":
         require(triton_available(), "backend: 'triton' needs the triton package")
-        require(triton_runs_on(device),
-                f"backend: 'triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got {device}")
+        require(triton_runs_on(x.device),
+                f"backend: 'triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got {x.device}")
         require(rank <= MAX_RANK, f"lora_a: rank {rank} exceeds the triton backend's maximum {MAX_RANK}; use "
                                   "backend='torch'")
+        require(elements <= MAX_ELEMENTS, f"x: {elements} elements in x or the output exceed the triton backend's "
+                                          f"int32 indexing ({MAX_ELEMENTS}); use backend='torch'")
     return backend
 
 
@@ -93,7 +101,7 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0,
     """
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
     _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend)
-    chosen = choose_backend(backend, x.device, lora_a.shape[1])
+    chosen = choose_backend(backend, x, lora_a.shape[1], weight.shape[0])
     if isinstance(scaling, torch.Tensor):
         scale, scales = 1.0, scaling.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     else:

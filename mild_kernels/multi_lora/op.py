@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import require
-from .torch_grouped import multi_lora_backward_torch, multi_lora_forward_torch
+from .torch_backend import multi_lora_backward_torch, multi_lora_forward_torch
 
 NO_TENSOR = torch.empty(0)  # stands for an absent optional output
 

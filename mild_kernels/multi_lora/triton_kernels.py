@@ -1,23 +1,27 @@
 """Triton kernels of the multi-adapter LoRA linear layer.
 
-One fused kernel computes ``x W^T + bias + s[id] (x A[id]^T) B[id]^T``:
+``_multi_lora_kernel`` computes ``x W^T + bias + s[id] (x A[id]^T) B[id]^T`` in one pass:
 
 - A program owns a tile of ``BLOCK_M`` flattened token rows and a group of
   ``group_n`` consecutive output tiles of ``BLOCK_N`` columns.
-- In the first output tile of its group, the K loop that computes ``x W^T`` also
-  computes the shrink ``x A[id]^T``, from the same loaded x tile: the shrink costs no
-  extra reads of x. The shrink (BLOCK_M x rank, fp32) stays in registers, and each
-  output tile of the group adds its expand ``s (x A^T) B^T`` before the single store.
-  Grouping output tiles amortises the shrink: its cost is ``rank / (group_n *
-  BLOCK_N)`` of the base GEMM instead of ``rank / BLOCK_N``.
-- A row tile whose rows use several adapters (a tile that straddles two batch rows,
-  or 2-D inputs with mixed ids) handles its first adapter as above and each further
-  adapter with its own shrink loop, masked to that adapter's rows. Tiles whose rows
-  all have id -1 run the plain GEMM.
+- In the first output tile of its group, the K loop of ``x W^T`` also computes the
+  shrink ``x A[id]^T`` from the same x loads: the shrink reads nothing extra. It is
+  scaled, cast to the operand dtype once, and kept in registers; every output tile of
+  the group adds its expand ``(s x A^T) B^T`` to the accumulator before its single
+  store. The output is written once, never read back. Grouping output tiles amortises
+  the shrink to ``rank / (group_n * BLOCK_N)`` of the base GEMM's work instead of
+  ``rank / BLOCK_N``; ``output_group_size`` picks the group from a wave model.
+- Each row tile applies the adapter of its first row that has one. Row tiles whose
+  rows all have id -1 run the plain GEMM.
+- ``_multi_lora_fixup_kernel`` adds the terms of a row tile's further adapters. It is
+  launched only when a tile can straddle a change of adapter (3-D inputs whose token
+  count is not a multiple of BLOCK_M, or 2-D inputs), and its programs for single-
+  adapter tiles exit after loading the ids. Keeping it apart keeps the main kernel's
+  registers to one adapter's state (it spilled with the multi-adapter loop inside).
 
-The same kernel computes the input gradient ``dx = dy W + s (dy B[id]) A[id]``, with
-W, A and B read through transposed strides; it can store the shrink of each row
-(``x A^T`` forward, ``dy B`` backward) for the weight gradients.
+The same kernel computes the input gradient ``dx = dy W + s (dy B[id]) A[id]`` with
+W^T, B^T and A^T as its operands, storing the shrink ``dy B`` of each row; the forward
+stores ``x A^T`` when a backward pass will need it.
 
 ``_lora_grad_kernel`` computes the adapter gradients as per-adapter reductions over
 rows, ``out[a] = s_a sum over rows m with id a of U[m]^T V[m]``: ``dA = s g^T x``
@@ -29,8 +33,6 @@ order: no atomics, so gradients are bitwise repeatable.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -39,9 +41,6 @@ from .._runtime import empty, interpreting, launch, next_power_of_2
 
 NO_ADAPTER = tl.constexpr(1 << 30)  # larger than any adapter id; marks "no adapter" in reductions
 
-# The shrink tile (BLOCK_M x rank, fp32) lives in registers; at rank 128 every candidate
-# config spilled on sm_80 or sm_90 (tests/compile_gate.py), so larger ranks use the torch backend.
-MAX_RANK = 64
 NOMINAL_SM_COUNT = 132  # an H100; used to size grids when no GPU is present (CPU interpreter, compile gate)
 
 
@@ -372,7 +371,7 @@ def output_group_size(m_tiles: int, n_tiles: int, block_n: int, block_r: int, sm
 
 
 def fused_lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias, lora_a: torch.Tensor, lora_b: torch.Tensor, ids,
-                    tokens: int, scale: float, scales, store_shrink: bool, group_n: Optional[int] = None):
+                    tokens: int, scale: float, scales, store_shrink: bool):
     """Launch the fused kernel: y = x2 W^T + bias + s[id] (x2 A[id]^T) B[id]^T.
 
     x2 (M, K), weight (N, K), lora_a (n, r, K), lora_b (n, N, r), each with a contiguous last
@@ -388,8 +387,7 @@ def fused_lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias, lora_a: torch.
     config = gemm_config(x2.dtype, rank, N)
     block_r = padded_rank(rank)
     m_tiles, n_tiles = triton.cdiv(M, config.block_m), triton.cdiv(N, config.block_n)
-    if group_n is None:
-        group_n = output_group_size(m_tiles, n_tiles, config.block_n, block_r, sm_count(x2.device))
+    group_n = output_group_size(m_tiles, n_tiles, config.block_n, block_r, sm_count(x2.device))
     num_n_groups = triton.cdiv(n_tiles, group_n)
     launch(
         _multi_lora_kernel, (m_tiles * num_n_groups,), num_warps=config.num_warps, num_stages=config.num_stages,
