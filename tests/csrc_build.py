@@ -7,6 +7,7 @@ kernels' arithmetic are tested on machines without a GPU.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import os
@@ -41,7 +42,9 @@ def host_harness() -> ctypes.CDLL:
     nvcc = find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: the host harness of csrc/ needs it to build")
-    out = Path(tempfile.mkdtemp(prefix="mild_csrc_host_")) / "libmild_host_harness.so"
+    build_dir = tempfile.mkdtemp(prefix="mild_csrc_host_")
+    atexit.register(shutil.rmtree, build_dir, ignore_errors=True)
+    out = Path(build_dir) / "libmild_host_harness.so"
     command = [nvcc, "-O2", "-std=c++17", "--fmad=false", "-Xcompiler", "-fPIC,-Wall,-Wno-unknown-pragmas",
                "-Werror", "all-warnings", "-I", str(ROOT / "csrc"), "-shared", "-o", str(out), str(HARNESS)]
     result = subprocess.run(command, capture_output=True, text=True)

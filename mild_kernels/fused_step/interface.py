@@ -112,19 +112,17 @@ class FusedStep:
                     f"guidance_scale: expected a float or a tensor, got {type(guidance_scale).__name__}")
             guidance_scale = float(guidance_scale)
 
-        uses_noise = isinstance(self.planner, DDIMPlanner) and eta > 0
-        if uses_noise:
+        takes_noise = isinstance(self.planner, DDIMPlanner)
+        require(takes_noise or noise is None,
+                f"noise: {type(self.scheduler).__name__}'s step takes no noise in the supported configuration")
+        if takes_noise and eta > 0:
             require(noise is not None, "noise: DDIM with eta > 0 needs the variance noise (shaped like the "
                                        "latents); FusedStep draws none itself")
-        elif noise is not None:
-            require(isinstance(self.planner, DDIMPlanner),
-                    f"noise: {type(self.scheduler).__name__}'s step takes no noise in the supported configuration")
-        if uses_noise:
             self._check_like("noise", noise, latents)
             check_same_device(latents=latents, noise=noise)
             noise = noise.contiguous()
         else:
-            noise = None
+            noise = None  # DDIM with eta 0 ignores it, as DDIMScheduler.step does
 
         if known_region is not None:
             known_region = self._check_known_region(known_region, latents)
