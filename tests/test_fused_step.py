@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 from diffusers.utils import logging as diffusers_logging
@@ -141,6 +143,43 @@ def test_odd_shapes_and_rows_longer_than_a_block(shape, impl):
         x_theirs = theirs.step(guided_of(e_u, e_c, torch.full((shape[0],), 7.5)), t, x_theirs).prev_sample
         x_ours = fused.step(e_u, e_c, t, x_ours, 7.5)
         assert_close(f"{shape} t={int(t)}", x_ours, x_theirs, torch.float32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_random_shapes_against_float64(data):
+    """Triton kernels on drawn shapes, schedulers, positions in the run, dtypes and blends."""
+    draw = data.draw
+    name = draw(st.sampled_from(list(CONFIGS)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    rows = draw(st.integers(1, 5))
+    shape = (rows,) + tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
+    scheduler, eta = make_scheduler(name)
+    steps_before = draw(st.integers(0, len(scheduler.timesteps) - 1))
+    device = DEVICE
+    x = torch.randn(shape, device=device).to(dtype)
+    warmup = FusedStep(scheduler, eta=eta, backend="torch")
+    for t in scheduler.timesteps[:steps_before]:
+        noise = torch.randn(shape, device=device).to(dtype) if eta > 0 else None
+        x = warmup.step(torch.randn_like(x), torch.randn_like(x), t, x, 4.0, noise=noise)
+    t = scheduler.timesteps[steps_before]
+    e_u, e_c, noise = (torch.randn(shape, device=device).to(dtype) for _ in range(3))
+    g = per_row_guidance(rows, device) if draw(st.booleans()) else 6.5
+    known = None
+    if draw(st.booleans()):
+        mask = torch.rand((rows, 1) + shape[2:], device=device).to(dtype)
+        known = KnownRegion(torch.randn_like(x), mask, torch.randn_like(x))
+    noise = noise if eta > 0 else None
+
+    def as64(v):
+        return v.double() if isinstance(v, torch.Tensor) else v
+
+    truth = FusedStep(copy.deepcopy(scheduler), eta=eta, backend="torch").step(
+        *(as64(v) for v in (e_u, e_c, t, x, g)), noise=as64(noise),
+        known_region=None if known is None else KnownRegion(*(v.double() for v in known)))
+    out = FusedStep(scheduler, eta=eta, backend="triton").step(
+        e_u, e_c, t, x, g, noise=noise, known_region=known)
+    assert_close(f"{name} {shape} step {steps_before}", out, truth, dtype)
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++2m", "flow-match"])
