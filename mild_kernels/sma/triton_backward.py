@@ -28,17 +28,17 @@ import triton.language as tl
 
 from .._runtime import empty, interpreting, launch
 from .sparsity import tile_sparsity
-from .triton_forward import (LOG2E, _dot_fp32, _load_tile, config_variant, pad_head_dim, padded_head_dim,
-                             padded_regions)
+from .triton_forward import (LOG2E, _dot_fp32, _load_tile, config_variant, kernel_precision, pad_head_dim,
+                             padded_head_dim, padded_regions)
 
 
 @triton.jit
 def _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R,
-                 MASKED: tl.constexpr, SOFT: tl.constexpr, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, SOFT: tl.constexpr, PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores of one (query tile, key tile) pair in log2 units, -inf at blocked pairs."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if SOFT:
-        s += _dot_fp32(mq, tl.trans(kw), IEEE)
+        s += _dot_fp32(mq, tl.trans(kw), PRECISION)
     else:
         s += tl.load(bias_base + (lq * R)[:, None] + lk[None, :])
     if MASKED:
@@ -55,8 +55,8 @@ def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
                         tile_index, tile_count, offs_n, Nq, Nk, R, qk_scale, scale,
                         MASKED: tl.constexpr, SOFT: tl.constexpr, MASS_GRAD: tl.constexpr,
                         ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    DOT_PRECISION: tl.constexpr = "ieee" if IEEE else "tf32"
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     offs_tile = tl.arange(0, BLOCK_M)
@@ -85,7 +85,7 @@ def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
                          mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
         else:
             mq = (lq[:, None] == offs_r[None, :]).to(tl.float32)
-        s = _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R, MASKED, SOFT, IEEE, DOT_PRECISION)
+        s = _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R, MASKED, SOFT, PRECISION, DOT_PRECISION)
         if MASKED:
             s = tl.where(in_m[:, None] & in_n[None, :], s, float("-inf"))
         # Rows with every key blocked have lse = -inf: shift by +inf so that P = 0.
@@ -97,11 +97,11 @@ def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
         if MASS_GRAD:
             dmass = tl.load(DMass + (stats_base + offs_m[:, None]) * R + offs_r[None, :],
                             mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
-            dp += _dot_fp32(dmass, tl.trans(k_mass), IEEE)
+            dp += _dot_fp32(dmass, tl.trans(k_mass), PRECISION)
         ds = p * (dp - delta[:, None])
         ds_mm = ds.to(k.dtype)
         dk = tl.dot(tl.trans(ds_mm), q.to(k.dtype), dk, input_precision=DOT_PRECISION)
-        dw += _dot_fp32(tl.trans(mq), _dot_fp32(ds, k_mass, IEEE), IEEE)
+        dw += _dot_fp32(tl.trans(mq), _dot_fp32(ds, k_mass, PRECISION), PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(ds_mm, k, input_precision=DOT_PRECISION) * scale
             dq_ptrs = DQ + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
@@ -122,8 +122,8 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
                          MASS_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
-                         IEEE: tl.constexpr):
-    DOT_PRECISION: tl.constexpr = "ieee" if IEEE else "tf32"
+                         PRECISION: tl.constexpr):
+    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -149,7 +149,7 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
         # kw = Mk W^T, so that the bias of a query tile is Mq kw^T.
         w_t = tl.load(bias_base + offs_r[None, :] * R + offs_r[:, None], mask=in_r[:, None] & in_r[None, :],
                       other=0.0)
-        kw = _dot_fp32(mk, w_t, IEEE)
+        kw = _dot_fp32(mk, w_t, PRECISION)
         k_mass = mk
     else:
         mk = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
@@ -173,14 +173,14 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
         stride_qn, stride_don, stride_dqn,
         PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_n),
         offs_n, Nq, Nk, R, qk_scale, scale,
-        True, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, IEEE)
+        True, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION)
     dk, dv, dw = _sma_bwd_dkdv_tiles(
         dk, dv, dw, k, v, lk, mk, kw, k_mass, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
         stride_qn, stride_don, stride_dqn,
         FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_n),
         offs_n, Nq, Nk, R, qk_scale, scale,
-        False, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, IEEE)
+        False, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION)
 
     store_mask = in_n[:, None] & (offs_d[None, :] < HEAD_DIM)
     kv_offsets = pid_bh * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -196,8 +196,8 @@ def _sma_bwd_dq_tiles(dq, q, do, lq, q_bits, lse_log2, delta, mq, dmass, bias_ba
                       tile_index, tile_count, Nk, R, qk_scale,
                       MASKED: tl.constexpr, SOFT: tl.constexpr, MASS_GRAD: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    DOT_PRECISION: tl.constexpr = "ieee" if IEEE else "tf32"
+                      BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     offs_tile = tl.arange(0, BLOCK_N)
@@ -220,13 +220,13 @@ def _sma_bwd_dq_tiles(dq, q, do, lq, q_bits, lse_log2, delta, mq, dmass, bias_ba
                          mask=in_n[:, None] & (offs_r[None, :] < R), other=0.0)
         else:
             mk = (lk[:, None] == offs_r[None, :]).to(tl.float32)
-        s = _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, mk, qk_scale, R, MASKED, SOFT, IEEE, DOT_PRECISION)
+        s = _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, mk, qk_scale, R, MASKED, SOFT, PRECISION, DOT_PRECISION)
         if MASKED:
             s = tl.where(in_n[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse_log2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if MASS_GRAD:
-            dp += _dot_fp32(dmass, tl.trans(mk), IEEE)
+            dp += _dot_fp32(dmass, tl.trans(mk), PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
@@ -243,7 +243,7 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ,
                        H, Nq, Nk, R, num_k_tiles, qk_scale, scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
-                       MASS_GRAD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       MASS_GRAD: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -270,7 +270,7 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ,
         mq = tl.load(QMem + b * stride_qmem_b + offs_m[:, None] * R + offs_r[None, :],
                      mask=in_m[:, None] & in_r[None, :], other=0.0)
         w = tl.load(bias_base + offs_r[:, None] * R + offs_r[None, :], mask=in_r[:, None] & in_r[None, :], other=0.0)
-        qw = _dot_fp32(mq, w, IEEE)
+        qw = _dot_fp32(mq, w, PRECISION)
     else:
         qw = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if MASS_GRAD:
@@ -288,12 +288,12 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ,
     dq = _sma_bwd_dq_tiles(dq, q, do, lq, q_bits, lse_log2, delta, qw, dmass, bias_base,
                            k_base, v_base, klab_base, kmem_base, stride_kn, stride_vn,
                            PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_m),
-                           Nk, R, qk_scale, True, SOFT, MASS_GRAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+                           Nk, R, qk_scale, True, SOFT, MASS_GRAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
     dq = _sma_bwd_dq_tiles(dq, q, do, lq, q_bits, lse_log2, delta, qw, dmass, bias_base,
                            k_base, v_base, klab_base, kmem_base, stride_kn, stride_vn,
                            FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_m),
                            Nk, R, qk_scale, False, SOFT, MASS_GRAD, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST,
-                           IEEE)
+                           PRECISION)
     dq_ptrs = DQ + pid_bh * Nq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -304,6 +304,7 @@ class BackwardConfig:
     block_n: int  # key tile
     num_warps: int
     num_stages: int
+    fp32_precision: str = "ieee"  # as ForwardConfig's
 
 
 # Per (padded head dim, fp32 inputs, variant), as FORWARD_CONFIGS; tests/tune_configs.py.
@@ -360,7 +361,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
         H=H, Nq=Nq, Nk=Nk, R=R, scale=scale,
         HEAD_DIM=Dp, BLOCK_D=padded_head_dim(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_R=padded_regions(R), SOFT=soft, MASS_GRAD=grad_mass is not None,
-        UPCAST=interpreting() and q.dtype != torch.float32, IEEE=q.dtype == torch.float32 or interpreting(),
+        UPCAST=interpreting() and q.dtype != torch.float32, PRECISION=kernel_precision(q.dtype, config),
     )
     dq_buffer = dq_accum if dq_accum is not None else dk  # unused when deterministic
     launch(_sma_bwd_dkdv_kernel, (num_k_tiles, B * H), num_warps=config.num_warps, num_stages=config.num_stages,

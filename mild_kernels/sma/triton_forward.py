@@ -45,16 +45,16 @@ def _load_tile(ptrs, offs_n, offs_d, n_limit, CHECK_N: tl.constexpr, CHECK_D: tl
 
 
 @triton.jit
-def _dot_fp32(a, b, IEEE: tl.constexpr):
+def _dot_fp32(a, b, PRECISION: tl.constexpr):
     """An fp32 x fp32 dot near fp32 accuracy.
 
-    fp32 inputs use "ieee" (every dot of that kernel is exact). For 16-bit inputs each
-    operand is split into bf16 high and low halves and three bf16 tensor-core dots are
-    summed: about 16 mantissa bits, far below the inputs' own rounding, at a fraction of
-    the registers that tf32x3 takes.
+    PRECISION "ieee" and "tf32x3" (fp32 inputs: the kernel's other dots use the same) go to
+    tl.dot. "split" (16-bit inputs) splits each operand into bf16 high and low halves and
+    sums three bf16 tensor-core dots: about 16 mantissa bits, far below the inputs' own
+    rounding, at a fraction of the registers that tf32x3 takes.
     """
-    if IEEE:
-        out = tl.dot(a, b, input_precision="ieee")
+    if PRECISION != "split":
+        out = tl.dot(a, b, input_precision=PRECISION)
     else:
         a_hi = a.to(tl.bfloat16)
         a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
@@ -74,9 +74,9 @@ def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
                    stride_kn, stride_vn, Nk, R, qk_scale,
                    MASKED: tl.constexpr, SOFT: tl.constexpr, RETURN_MASS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax accumulation over a list of key tiles."""
-    DOT_PRECISION: tl.constexpr = "ieee" if IEEE else "tf32"  # "tf32" is moot for 16-bit operands
+    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     offs_tile = tl.arange(0, BLOCK_N)
@@ -97,7 +97,7 @@ def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
             if MASKED:
                 mem_mask = mem_mask & in_n[:, None]
             mk = tl.load(kmem_base + offs_n[:, None] * R + offs_r[None, :], mask=mem_mask, other=0.0)
-            s += _dot_fp32(qw, tl.trans(mk), IEEE)
+            s += _dot_fp32(qw, tl.trans(mk), PRECISION)
         else:
             s += tl.load(bias_base + bias_rows[:, None] + lk[None, :])
         if MASKED:
@@ -145,7 +145,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
                     H, Nq, Nk, R, num_k_tiles, qk_scale,
                     HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
-                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -168,7 +168,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
         mq = tl.load(QMem + b * stride_qmem_b + offs_m[:, None] * R + offs_r[None, :],
                      mask=in_m[:, None] & in_r[None, :], other=0.0)
         w = tl.load(bias_base + offs_r[:, None] * R + offs_r[None, :], mask=in_r[:, None] & in_r[None, :], other=0.0)
-        qw = _dot_fp32(mq, w, IEEE)
+        qw = _dot_fp32(mq, w, PRECISION)
     else:
         qw = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
@@ -186,12 +186,12 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
         acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
         PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_m),
         stride_kn, stride_vn, Nk, R, qk_scale,
-        True, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+        True, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
     acc, m_i, l_i, mass_acc = _sma_fwd_tiles(
         acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
         FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_m),
         stride_kn, stride_vn, Nk, R, qk_scale,
-        False, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, IEEE)
+        False, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
 
     # Rows with every key blocked have l = 0 and acc = 0: they give O = 0 and lse = -inf.
     blocked = l_i == 0.0
@@ -212,6 +212,14 @@ class ForwardConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    fp32_precision: str = "ieee"  # fp32 inputs: "ieee" (FMA) or "tf32x3" (tensor cores, ~fp32 accurate)
+
+
+def kernel_precision(dtype: torch.dtype, config) -> str:
+    """The kernels' PRECISION: the interpreter computes in fp32 and ignores precision."""
+    if interpreting():
+        return "ieee"
+    return config.fp32_precision if dtype == torch.float32 else "split"
 
 
 # The shipped configs, per (padded head dim, fp32 inputs, variant). tests/tune_configs.py
@@ -226,7 +234,7 @@ def config_variant(soft: bool, mass: bool, num_regions: int) -> str:
     """plain: hard labels, no region mass; narrow/wide: soft or mass, with R <= 16 / R > 16."""
     if not (soft or mass):
         return "plain"
-    return "narrow" if padded_regions(num_regions) <= 16 else "wide"
+    return "narrow" if num_regions <= 16 else "wide"
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -234,7 +242,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def padded_regions(num_regions: int) -> int:
-    return max(16, next_power_of_2(num_regions))
+    return max(32, next_power_of_2(num_regions))
 
 
 def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
@@ -300,6 +308,6 @@ def sma_forward_triton(q, k, v, q_regions, k_regions, bias_log2, allow_bits, spa
         HEAD_DIM=q.shape[-1], OUT_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_R=padded_regions(R), SOFT=soft, RETURN_MASS=return_mass,
         UPCAST=interpreting() and q.dtype != torch.float32,
-        IEEE=q.dtype == torch.float32 or interpreting(),
+        PRECISION=kernel_precision(q.dtype, config),
     )
     return out, lse, (mass if return_mass else None)
