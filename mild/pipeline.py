@@ -237,7 +237,7 @@ class MILDPipeline(DiffusionPipeline):
             if inpainting_unet:
                 masked_latents = self._encode_image(padded[None] * (1 - inpaint)).to(dtype)
             else:
-                known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1), inpaint_latent,
+                known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
                                     torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
 
         rows_image = torch.arange(L).repeat(2)
