@@ -160,3 +160,21 @@ def test_dataset_mode_under_torchrun_with_two_ranks(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 written" in second.stdout
     assert stamps == {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()}
+
+
+def test_hmg_adapter_round_trips_through_safetensors(tmp_path):
+    from mild import HumanMorphologyGuidance, guidance_image
+
+    unet = tiny_components()["unet"]
+    hmg = HumanMorphologyGuidance.for_unet(unet)
+    keypoints = torch.rand(17, 3) * torch.tensor([SIZE, SIZE, 1.0])
+    guide = guidance_image((SIZE, SIZE), keypoints, torch.randint(0, 20, (SIZE, SIZE)), torch.rand(SIZE, SIZE))
+    residuals = hmg(guide[None].repeat(2, 1, 1, 1), torch.tensor([1.0, 0.0]))
+    assert [r.shape[1] for r in residuals] == list(unet.config.block_out_channels)
+    assert residuals[0][0].abs().sum() > 0 and (residuals[0][1] == 0).all()  # weight 0 turns a row off
+    hmg.save(tmp_path / "hmg.safetensors")
+    loaded = HumanMorphologyGuidance.for_unet(unet).load(tmp_path / "hmg.safetensors")
+    for a, b in zip(residuals, loaded(guide[None].repeat(2, 1, 1, 1), torch.tensor([1.0, 0.0]))):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="^keypoints"):
+        guidance_image((SIZE, SIZE), torch.rand(5, 3))
