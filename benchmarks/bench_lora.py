@@ -53,8 +53,8 @@ class Shape:
 
 
 # SD 1.5 at 512 px: 4096 tokens at 320 channels, with the wider projections of the deeper blocks
-# at the same token count so every width is measured at the spec's shape; rows = 2 layers x CFG.
-SD_WIDTHS = [(320, 320), (640, 640), (1280, 1280), (320, 1280)]
+# at the same token count so every width is measured at the shape; rows = 2 layers x CFG.
+SD_WIDTHS = [(320, 320), (640, 640), (1280, 1280)]
 RANKS = [4, 16, 64]
 GPU_SHAPES = [Shape(4, 4096, i, o, r) for i, o in SD_WIDTHS for r in RANKS]
 CPU_SHAPES = [Shape(4, 1024, i, o, r) for i, o in SD_WIDTHS[:2] for r in RANKS]

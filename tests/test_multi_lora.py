@@ -126,9 +126,11 @@ def test_drawn_shapes(rows, tokens, in_features, out_features, rank, adapters, b
 
 # ---------------------------------------------------------------- bad inputs
 def broken(**changes):
-    def build():
-        case = make_case()
-        case.update({name: (change(case) if callable(change) else change) for name, change in changes.items()})
+    def build(device):
+        case = make_case(device=device)
+        for name, change in changes.items():
+            case[name] = change(case) if callable(change) else change.to(device) if isinstance(change, torch.Tensor) \
+                else change
         return case
 
     return build
@@ -160,23 +162,30 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_inputs_raise_value_errors_that_name_the_argument(name, backend):
+def test_bad_inputs_raise_value_errors_that_name_the_argument(name, backend, device):
     build, argument = BAD_INPUTS[name]
     with pytest.raises(ValueError, match=f"^{argument}:"):
-        multi_lora_linear(**build(), backend=backend)
+        multi_lora_linear(**build(device), backend=backend)
 
 
-def test_bad_backend_and_rank_beyond_the_triton_kernels():
+def test_bad_backend_and_rank_beyond_the_triton_kernels(device):
     with pytest.raises(ValueError, match="^backend:"):
-        multi_lora_linear(**make_case(), backend="cuda")
-    case = make_case(rank=interface.MAX_RANK + 1)
+        multi_lora_linear(**make_case(device=device), backend="cuda")
+    case = make_case(rank=interface.MAX_RANK + 1, device=device)
     with pytest.raises(ValueError, match="^lora_a:"):
         multi_lora_linear(**case, backend="triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ids_changed_in_place_are_checked_again(backend):
-    case = make_case()
+def test_ids_as_a_list(backend, device):
+    case = make_case(device=device)
+    as_list = dict(case, adapter_ids=case["adapter_ids"].tolist())
+    torch.testing.assert_close(multi_lora_linear(**as_list, backend=backend), multi_lora_linear(**case, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ids_changed_in_place_are_checked_again(backend, device):
+    case = make_case(device=device)
     multi_lora_linear(**case, backend=backend)
     case["adapter_ids"][0] = 3
     with pytest.raises(ValueError, match="^adapter_ids:"):

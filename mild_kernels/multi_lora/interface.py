@@ -58,8 +58,10 @@ def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend
     else:
         require(isinstance(scaling, (int, float)) and not isinstance(scaling, bool),
                 f"scaling: expected a float or a ({num_adapters},) tensor, got {type(scaling).__name__}")
-    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, adapter_ids=adapter_ids,
+    check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                       scaling=scaling if isinstance(scaling, torch.Tensor) else None)
+    require(adapter_ids.device == x.device or adapter_ids.device.type == "cpu",
+            f"adapter_ids: is on {adapter_ids.device}; it must be on x's device {x.device} or on the CPU")
 
 
 def choose_backend(backend: str, x: torch.Tensor, rank: int, out_features: int) -> str:
@@ -87,10 +89,12 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0,
         x: (rows, tokens, in) or (rows, in); fp16, bf16 or fp32 (float64 on the torch backend).
         weight: (out, in) and bias: (out,) or None: the base layer, in x's dtype.
         lora_a: (adapters, rank, in); lora_b: (adapters, out, rank); x's dtype.
-        adapter_ids: (rows,) integers in [-1, adapters): each row's adapter.
+        adapter_ids: (rows,) integers in [-1, adapters): each row's adapter; a tensor on x's
+            device or on the CPU (checked there without waiting for the GPU), or a list.
         scaling: a float, or an (adapters,) float tensor with one scale per adapter.
-        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; rank <= 64), "torch" (rows
-            grouped by adapter, any device) or "auto".
+        backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1; rank <= 64: one fused kernel),
+            "torch" (batched matmuls over rows, any device) or "auto" (triton on CUDA when it
+            applies, else torch).
 
     Differentiable in x, lora_a and lora_b (and in weight and bias, should they require
     grad; scaling gets no gradient). Registered as ``torch.ops.mild_kernels.multi_lora_forward``,
@@ -100,6 +104,8 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0,
         (rows, tokens, out) or (rows, out), in x's dtype.
     """
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(adapter_ids, (list, tuple)):
+        adapter_ids = torch.tensor(adapter_ids, dtype=torch.long)
     _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend)
     chosen = choose_backend(backend, x, lora_a.shape[1], weight.shape[0])
     if isinstance(scaling, torch.Tensor):

@@ -22,7 +22,7 @@ NO_TENSOR = torch.empty(0)  # stands for an absent optional output
 # Id tensors already found in range: {id(tensor): (weakref, version, lowest id, highest id)}.
 # Reading a CUDA tensor's range waits for the GPU; the module path sets ids once for
 # every projection of a UNet call, so each tensor is read at most once while unchanged.
-_checked_ids: dict[int, tuple] = {}
+_known_id_ranges: dict[int, tuple] = {}
 
 
 def remember_id_range(ids: Tensor, low: int, high: int) -> None:
@@ -30,11 +30,11 @@ def remember_id_range(ids: Tensor, low: int, high: int) -> None:
     if ids.is_inference():  # inference tensors keep no version counter
         return
     key = id(ids)
-    _checked_ids[key] = (weakref.ref(ids, lambda _: _checked_ids.pop(key, None)), ids._version, low, high)
+    _known_id_ranges[key] = (weakref.ref(ids, lambda _: _known_id_ranges.pop(key, None)), ids._version, low, high)
 
 
 def _id_range(ids: Tensor) -> tuple[int, int]:
-    entry = _checked_ids.get(id(ids))
+    entry = _known_id_ranges.get(id(ids))
     if entry is not None and entry[0]() is ids and entry[1] == ids._version:
         return entry[2], entry[3]
     low, high = (int(v) for v in torch.aminmax(ids.long()))
@@ -42,13 +42,19 @@ def _id_range(ids: Tensor) -> tuple[int, int]:
     return low, high
 
 
-def check_adapter_ids(ids: Tensor, num_adapters: int) -> None:
-    if ids.numel() == 0:
-        return
-    low, high = _id_range(ids)
-    require(low >= -1 and high < num_adapters,
-            f"adapter_ids: ids must lie in [-1, {num_adapters - 1}] for {num_adapters} adapters (-1 means no "
-            f"adapter); got values from {low} to {high}")
+def checked_ids(ids: Tensor, num_adapters: int, device: torch.device) -> Tensor:
+    """``ids`` on ``device``, after checking their range (on the host when they come from the CPU)."""
+    if ids.numel():
+        low, high = _id_range(ids)
+        require(low >= -1 and high < num_adapters,
+                f"adapter_ids: ids must lie in [-1, {num_adapters - 1}] for {num_adapters} adapters (-1 means no "
+                f"adapter); got values from {low} to {high}")
+    if ids.device == device:
+        return ids
+    moved = ids.to(device, non_blocking=True)
+    if ids.numel():
+        remember_id_range(moved, low, high)
+    return moved
 
 
 @torch.library.custom_op("mild_kernels::multi_lora_forward", mutates_args=())
@@ -60,7 +66,7 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     x is (rows, T, K). The triton backend stores the shrink when ``save_shrink``, for the
     backward pass; the torch backend recomputes it there.
     """
-    check_adapter_ids(adapter_ids, lora_a.shape[0])
+    adapter_ids = checked_ids(adapter_ids, lora_a.shape[0], x.device)
     rows, tokens, K = x.shape
     if backend == "torch":
         return multi_lora_forward_torch(x, weight, bias, lora_a, lora_b, adapter_ids, scale, scales), \
@@ -88,6 +94,7 @@ def multi_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tenso
                         adapter_ids: Tensor, scale: float, scales: Optional[Tensor], shrink: Tensor,
                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB) for x (rows, T, K) and grad_y (rows, T, N)."""
+    adapter_ids = checked_ids(adapter_ids, lora_a.shape[0], x.device)
     if backend == "torch":
         return multi_lora_backward_torch(grad_y, x, weight, lora_a, lora_b, adapter_ids, scale, scales)
     from .triton_kernels import multi_lora_backward_triton
