@@ -54,7 +54,7 @@ def _dot_fp32(a, b, PRECISION: tl.constexpr):
     rounding, at a fraction of the registers that tf32x3 takes.
     """
     if PRECISION != "split":
-        out = tl.dot(a, b, input_precision=PRECISION)
+        out = tl.dot(a, b, input_precision="ieee")  # K = R is small: exact FMA beats tf32x3's registers
     else:
         a_hi = a.to(tl.bfloat16)
         a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
@@ -71,11 +71,16 @@ def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
                    q, qw, q_bits, bias_base, bias_rows,
                    k_base, v_base, klab_base, kmem_base,
                    tile_index, tile_count,
-                   stride_kn, stride_vn, Nk, R, qk_scale,
+                   stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
                    MASKED: tl.constexpr, SOFT: tl.constexpr, RETURN_MASS: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax accumulation over a list of key tiles."""
+                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   RELOAD_Q: tl.constexpr):
+    """Online-softmax accumulation over a list of key tiles.
+
+    RELOAD_Q reads the query tile again for every key tile (from L1/L2) instead of holding
+    it in registers: fp32 at D = 256 otherwise spills.
+    """
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -91,6 +96,11 @@ def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
             lk = tl.load(klab_base + offs_n)
         if UPCAST:
             k = k.to(tl.float32)
+        if RELOAD_Q:
+            q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, offs_d, Nq, True,
+                           BLOCK_D != HEAD_DIM, HEAD_DIM)
+            if UPCAST:
+                q = q.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if SOFT:
             mem_mask = offs_r[None, :] < R
@@ -126,7 +136,10 @@ def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
                 k_mass = mk.to(p_mm.dtype)
             else:
                 k_mass = (lk[:, None] == offs_r[None, :]).to(p_mm.dtype)
-            mass_acc = tl.dot(p_mm, k_mass, mass_acc * alpha_mass, input_precision=DOT_PRECISION)
+            if PRECISION == "split":
+                mass_acc = tl.dot(p_mm, k_mass, mass_acc * alpha_mass)
+            else:
+                mass_acc = mass_acc * alpha_mass + _dot_fp32(p_mm, k_mass, PRECISION)
         m_i = m_new
     return acc, m_i, l_i, mass_acc
 
@@ -145,7 +158,8 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
                     H, Nq, Nk, R, num_k_tiles, qk_scale,
                     HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
-                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    RELOAD_Q: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -155,10 +169,14 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
     offs_r = tl.arange(0, BLOCK_R)
     in_m = offs_m < Nq
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, offs_d, Nq, True, BLOCK_D != HEAD_DIM, HEAD_DIM)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    if RELOAD_Q:
+        q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # stands in: the tile loops load it
+    else:
+        q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, offs_d, Nq, True,
+                       BLOCK_D != HEAD_DIM, HEAD_DIM)
+        if UPCAST:
+            q = q.to(tl.float32)
     lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
     q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
     bias_base = Bias + b * stride_bias_b + h * stride_bias_h
@@ -185,13 +203,13 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
     acc, m_i, l_i, mass_acc = _sma_fwd_tiles(
         acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
         PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_m),
-        stride_kn, stride_vn, Nk, R, qk_scale,
-        True, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
+        stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
+        True, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION, RELOAD_Q)
     acc, m_i, l_i, mass_acc = _sma_fwd_tiles(
         acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
         FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_m),
-        stride_kn, stride_vn, Nk, R, qk_scale,
-        False, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION)
+        stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
+        False, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION, RELOAD_Q)
 
     # Rows with every key blocked have l = 0 and acc = 0: they give O = 0 and lse = -inf.
     blocked = l_i == 0.0
@@ -213,6 +231,7 @@ class ForwardConfig:
     num_warps: int
     num_stages: int
     fp32_precision: str = "ieee"  # fp32 inputs: "ieee" (FMA) or "tf32x3" (tensor cores, ~fp32 accurate)
+    reload_q: bool = False  # read the query tile per key tile instead of holding it in registers
 
 
 def kernel_precision(dtype: torch.dtype, config) -> str:
@@ -222,10 +241,29 @@ def kernel_precision(dtype: torch.dtype, config) -> str:
     return config.fp32_precision if dtype == torch.float32 else "split"
 
 
-# The shipped configs, per (padded head dim, fp32 inputs, variant). tests/tune_configs.py
+# The shipped configs, per (head-dim class, fp32 inputs, variant). tests/tune_configs.py
 # picks for each key the first of its candidates that compiles for sm_80 and sm_90 with
 # no spills; tests/test_compile_gate.py holds every entry to that.
-FORWARD_CONFIGS = {(d, f32, v): ForwardConfig(*((32, 32, 4, 2) if f32 else (64, 64, 4, 2))) for d in (16, 32, 64, 128, 256) for f32 in (False, True) for v in ('plain', 'narrow', 'wide')}  # PROVISIONAL
+FORWARD_CONFIGS = {
+    (64, False, "plain"): ForwardConfig(128, 64, 8, 2),
+    (64, False, "narrow"): ForwardConfig(128, 64, 8, 2),
+    (64, False, "wide"): ForwardConfig(64, 32, 4, 2),
+    (64, True, "plain"): ForwardConfig(32, 32, 4, 2),
+    (64, True, "narrow"): ForwardConfig(16, 16, 4, 1, "tf32x3"),
+    (64, True, "wide"): ForwardConfig(16, 32, 4, 1, "tf32x3"),
+    (128, False, "plain"): ForwardConfig(64, 32, 4, 2),
+    (128, False, "narrow"): ForwardConfig(64, 32, 4, 2),
+    (128, False, "wide"): ForwardConfig(16, 32, 4, 1),
+    (128, True, "plain"): ForwardConfig(16, 32, 4, 1, "tf32x3"),
+    (128, True, "narrow"): ForwardConfig(16, 16, 8, 1),
+    (128, True, "wide"): ForwardConfig(16, 16, 8, 1),
+    (256, False, "plain"): ForwardConfig(32, 32, 4, 2),
+    (256, False, "narrow"): ForwardConfig(16, 32, 4, 1),
+    (256, False, "wide"): ForwardConfig(16, 32, 4, 1),
+    (256, True, "plain"): ForwardConfig(16, 16, 8, 1, "tf32x3"),
+    (256, True, "narrow"): ForwardConfig(16, 16, 8, 2, "ieee", reload_q=True),
+    (256, True, "wide"): ForwardConfig(16, 16, 8, 2, "ieee", reload_q=True),
+}
 
 VARIANTS = ("plain", "narrow", "wide")
 
@@ -239,6 +277,12 @@ def config_variant(soft: bool, mass: bool, num_regions: int) -> str:
 
 def padded_head_dim(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
+
+
+def head_dim_class(head_dim: int) -> int:
+    """Config tables key head dims by 64 (any D <= 64), 128 and 256: a config that compiles
+    without spills at the class's largest D holds for the smaller ones."""
+    return max(64, padded_head_dim(head_dim))
 
 
 def padded_regions(num_regions: int) -> int:
@@ -257,7 +301,7 @@ def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, num_regions: int) -> ForwardConfig:
-    key = (padded_head_dim(head_dim), dtype == torch.float32, config_variant(soft, mass, num_regions))
+    key = (head_dim_class(head_dim), dtype == torch.float32, config_variant(soft, mass, num_regions))
     return FORWARD_CONFIGS[key]
 
 
@@ -308,6 +352,6 @@ def sma_forward_triton(q, k, v, q_regions, k_regions, bias_log2, allow_bits, spa
         HEAD_DIM=q.shape[-1], OUT_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_R=padded_regions(R), SOFT=soft, RETURN_MASS=return_mass,
         UPCAST=interpreting() and q.dtype != torch.float32,
-        PRECISION=kernel_precision(q.dtype, config),
+        PRECISION=kernel_precision(q.dtype, config), RELOAD_Q=config.reload_q,
     )
     return out, lse, (mass if return_mass else None)
