@@ -34,11 +34,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "benchmarks"
 
-from benchmarks.common import Results, device_slug, on_gpu, plot_rows, time_ms  # noqa: E402
+from benchmarks.common import DTYPES, Results, device_slug, on_gpu, plot_rows, time_ms  # noqa: E402
 from mild_kernels import region_sort, sma_attention  # noqa: E402
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 @dataclasses.dataclass(frozen=True)
 class Shape:

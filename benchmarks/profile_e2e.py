@@ -24,7 +24,6 @@ breakdown. Rows go to benchmarks/results/<device>/e2e.json in the shared schema.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import sys
 import time
@@ -38,26 +37,13 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS, Results, device_slug, on_gpu, plot_rows  # noqa: E402
 from mild import MILDPipeline, RegionContext  # noqa: E402
+from mild.architectures import SD15_INPAINT_UNET, SD_VAE, SDXL_INPAINT_UNET  # noqa: E402
 from mild.layers import plan_layers  # noqa: E402
 from mild.tiny import TEXT_DIM, tiny_components  # noqa: E402
 
-SD15_UNET = dict(sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280),
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                 cross_attention_dim=768, attention_head_dim=8)
-SDXL_UNET = dict(sample_size=128, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4)
 ARCHS = {
-    "sd15": dict(resolution=512, unet=SD15_UNET, vae=SD_VAE, text=(77, 768), pooled=None),
-    "sdxl": dict(resolution=1024, unet=SDXL_UNET, vae=SD_VAE, text=(77, 2048), pooled=1280),
+    "sd15": dict(resolution=512, unet=SD15_INPAINT_UNET, vae=SD_VAE, text=(77, 768), pooled=None),
+    "sdxl": dict(resolution=1024, unet=SDXL_INPAINT_UNET, vae=SD_VAE, text=(77, 2048), pooled=1280),
 }
 STAGES = {"unet": "mild::unet", "attention": "mild_kernels::sma_forward", "lora": "mild_kernels::multi_lora_forward",
           "step": "mild::step", "vae": ("mild::vae_encode", "mild::vae_decode"), "composite": "mild::composite"}

@@ -26,6 +26,17 @@ def device():
     return DEVICE
 
 
+@pytest.fixture(params=["torch", "torch-portable", "triton"])
+def backend(request, monkeypatch):
+    """The SMA backend under test; torch-portable is the torch backend without aten's fused CPU kernel."""
+    if request.param == "torch-portable":
+        from mild_kernels.sma import torch_chunked
+
+        monkeypatch.setattr(torch_chunked, "USE_FUSED_CPU", False)
+        return "torch"
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # A fresh but reproducible seed per test: inputs differ across tests, failures replay.

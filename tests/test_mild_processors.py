@@ -6,17 +6,12 @@ from diffusers import UNet2DConditionModel
 
 from helpers import rel_err
 from mild import RegionContext, cross_domain_attention_gap, enable_sma
+from mild.architectures import SD15_INPAINT_UNET
 from mild_kernels import sma_attention, sma_attention_reference, soft_regions
 
 TINY = dict(sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
-# Stable Diffusion 1.5 inpainting, as its published config (head dims 40/80/160).
-SD15_INPAINT = dict(sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
-                    block_out_channels=(320, 640, 1280, 1280),
-                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                    cross_attention_dim=768, attention_head_dim=8)
 # SDXL inpainting's structure (per-block heads with head dim 64, text_time embedding,
 # several transformer layers) at reduced width and depth, so it runs on a CPU in CI.
 SDXL_LIKE = dict(sample_size=32, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 256),
@@ -63,7 +58,7 @@ def trivial_context(batch, size):
                          bias=torch.zeros(batch, 1, 1), backend="torch")
 
 
-@pytest.mark.parametrize("name,config,size", [("tiny", TINY, 16), ("sd15-inpainting", SD15_INPAINT, 16),
+@pytest.mark.parametrize("name,config,size", [("tiny", TINY, 16), ("sd15-inpainting", SD15_INPAINT_UNET, 16),
                                               ("sdxl-like", SDXL_LIKE, 16)])
 def test_sma_processors_match_default_processors(name, config, size):
     unet = build_unet(config)

@@ -12,18 +12,9 @@ from helpers import assert_close
 from mild_kernels import SMAOutput, region_sort, sma_attention, sma_attention_reference, soft_regions
 from mild_kernels._runtime import poison_outputs
 from mild_kernels.sma.sparsity import tile_sparsity
-from mild_kernels.sma import torch_chunked
 from mild_kernels.sma.torch_chunked import SCORE_BUDGET
 from mild_kernels.sma.triton_forward import forward_config
 
-
-@pytest.fixture(params=["torch", "torch-portable", "triton"])
-def backend(request, monkeypatch):
-    """The backend under test; torch-portable is the torch backend without aten's fused CPU kernel."""
-    if request.param == "torch-portable":
-        monkeypatch.setattr(torch_chunked, "USE_FUSED_CPU", False)
-        return "torch"
-    return request.param
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

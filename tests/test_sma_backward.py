@@ -3,20 +3,11 @@
 import pytest
 import torch
 
-from helpers import TOLERANCE, rel_err
+from helpers import rel_err
 from mild_kernels import sma_attention, sma_attention_reference
-from mild_kernels.sma import torch_chunked
 from test_sma_attention import make_case
 
 GRAD_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-9}
-
-
-@pytest.fixture(params=["torch", "torch-portable", "triton"])
-def backend(request, monkeypatch):
-    if request.param == "torch-portable":
-        monkeypatch.setattr(torch_chunked, "USE_FUSED_CPU", False)
-        return "torch"
-    return request.param
 
 
 def with_grads(case, dtype=None):
