@@ -250,7 +250,7 @@ FORWARD_CONFIGS = {
     (64, False, "wide"): ForwardConfig(64, 32, 4, 2),
     (64, True, "plain"): ForwardConfig(32, 32, 4, 2),
     (64, True, "narrow"): ForwardConfig(16, 16, 4, 1, "tf32x3"),
-    (64, True, "wide"): ForwardConfig(16, 32, 4, 1, "tf32x3"),
+    (64, True, "wide"): ForwardConfig(32, 32, 8, 2),
     (128, False, "plain"): ForwardConfig(64, 32, 4, 2),
     (128, False, "narrow"): ForwardConfig(64, 32, 4, 2),
     (128, False, "wide"): ForwardConfig(16, 32, 4, 1),
