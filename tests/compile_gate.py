@@ -78,8 +78,8 @@ def sma_launch(block_d, soft, mass, R, dtype, backward=False, deterministic=Fals
             sma_attention(*args, return_region_mass=mass, backend="triton")
             return
         with record_launches():  # the forward's launches belong to the forward cases
-            res = sma_attention(*args, return_region_mass=True, backend="triton", deterministic=deterministic)
-        loss = res.out.sum() + (res.region_mass.sum() if mass else 0)
+            res = sma_attention(*args, return_region_mass=mass, backend="triton", deterministic=deterministic)
+        loss = (res.out.sum() + res.region_mass.sum()) if mass else res.sum()
         loss.backward()
 
     run.kernels = kernels

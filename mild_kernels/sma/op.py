@@ -112,6 +112,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, q_labels, k_labels, q_mem, k_mem, bias, allow, out, lse,
                           mass if return_mass else None)
     ctx.scale, ctx.num_regions, ctx.backend, ctx.deterministic = scale, num_regions, backend, deterministic
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
 def _backward(ctx, grad_out, grad_lse, grad_mass):
