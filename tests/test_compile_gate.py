@@ -1,4 +1,5 @@
-"""Every shipped Triton config compiles for sm_80 and sm_90 with no spills (no GPU needed).
+"""Every shipped Triton config compiles for sm_80 and sm_90 with no spills beyond its known
+budget (compile_gate.KNOWN_SPILLS, a few backward configs; zero for the rest), no GPU needed.
 
 The compile itself runs in a subprocess that tests/conftest.py starts at collection
 time, so it overlaps the interpreter tests; see tests/compile_gate.py.
@@ -9,7 +10,7 @@ from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS
 from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
 
 
-def test_every_shipped_config_compiles_without_spills(compile_gate_run):
+def test_every_shipped_config_compiles_within_its_spill_budget(compile_gate_run):
     returncode, output, rows = compile_gate_run
     print(output)
     failed = [line for line in output.splitlines() if "FAIL" in line]
@@ -28,3 +29,16 @@ def test_gate_covers_every_config_table_entry(compile_gate_run):
             dtype = "fp32" if is_fp32 else "fp16"
             assert any(name.startswith(f"{prefix}[d{block_d},{dtype},{variant},") for name in compiled), \
                 f"{prefix} config {(block_d, is_fp32, variant)} was not compiled"
+
+
+def test_known_spills_are_current(compile_gate_run):
+    """A KNOWN_SPILLS entry names a shipped backward config that still spills: fixed ones leave the list."""
+    _, _, rows = compile_gate_run
+    worst = {}
+    for row in rows:
+        key = compile_gate.config_key(row["case"])
+        worst[key] = max(worst.get(key, 0), row.get("local", 0) + row.get("stack", 0))
+    for key in compile_gate.KNOWN_SPILLS:
+        prefix, block_d, dtype, variant = key
+        assert prefix == "sma_bwd" and (block_d, dtype == "fp32", variant) in BACKWARD_CONFIGS, key
+        assert worst.get(key, 0) > 0, f"{key} no longer spills: remove it from KNOWN_SPILLS"

@@ -2,7 +2,8 @@
 
 For every config key, the candidates are tried in order of preference (larger tiles
 first); the first that compiles for sm_80 and sm_90 with no spill in any kernel
-variant it serves is kept. Prints the table to paste into the kernel module.
+variant it serves is kept, and keys with none are named (see compile_gate.KNOWN_SPILLS).
+Prints the table to paste into the kernel module. The lists hold every shipped config.
 
     python tests/tune_configs.py forward     # or: backward
 """
@@ -29,9 +30,21 @@ OPS = {
     "backward": (triton_backward.BACKWARD_CONFIGS, triton_backward.BackwardConfig, gate.sma_backward_cases),
 }
 
-CANDIDATES_16BIT = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                    (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)]
-CANDIDATES_FP32 = [(64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)]
+# Per op: candidates for 16-bit and for fp32 inputs, most preferred first. A fifth field is the
+# fp32 dot precision (see ForwardConfig), a sixth the config's reload flag (reload_q forward,
+# reload_kv backward).
+CANDIDATES = {
+    "forward": ([(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
+                 (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+                [(64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1, "tf32x3"),
+                 (16, 16, 4, 1, "tf32x3"), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 2, "ieee", True)]),
+    # dK/dV keeps a key tile (block_n) resident and walks query tiles (block_m). The sixth field
+    # (reload_kv) rereads the key and value tiles per query tile.
+    "backward": ([(32, 64, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (16, 32, 4, 1, "ieee", True),
+                  (16, 16, 4, 1, "ieee", True), (16, 16, 8, 1, "ieee", True)],
+                 [(16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 1, "ieee", True),
+                  (16, 16, 8, 1, "tf32x3", True), (16, 16, 4, 1, "ieee", True)]),
+}
 
 
 def jobs_for(op, key, candidate):
@@ -56,7 +69,7 @@ def main():
     while position:
         batch, owners = [], []
         for key, index in position.items():
-            candidates = CANDIDATES_FP32 if key[1] else CANDIDATES_16BIT
+            candidates = CANDIDATES[op][key[1]]
             jobs = jobs_for(op, key, candidates[index])
             batch += jobs
             owners += [key] * len(jobs)
@@ -65,12 +78,13 @@ def main():
             rows = list(pool.map(gate.compile_one, range(len(batch))))
         failed = {owner for owner, row in zip(owners, rows) if gate.failures(row)}
         for key in list(position):
-            candidates = CANDIDATES_FP32 if key[1] else CANDIDATES_16BIT
+            candidates = CANDIDATES[op][key[1]]
             if key not in failed:
                 chosen[key] = candidates[position.pop(key)]
                 print(f"{key}: {chosen[key]}", file=sys.stderr, flush=True)
             elif position[key] + 1 == len(candidates):
-                raise SystemExit(f"{key}: no candidate compiles without spills")
+                position.pop(key)
+                print(f"{key}: NONE (no candidate compiles without spills)", file=sys.stderr, flush=True)
             else:
                 position[key] += 1
     table, config_class, _ = OPS[op]

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from .._runtime import empty, interpreting, launch
 from .sparsity import tile_sparsity
-from .triton_forward import (LOG2E, _dot_fp32, _load_tile, config_variant, kernel_precision, pad_head_dim,
-                             padded_head_dim, padded_regions)
+from .triton_forward import (LOG2E, _dot_fp32, _dot_onehot, _load_tile, config_variant, head_dim_class, kernel_precision,
+                             pad_head_dim, padded_head_dim, padded_regions)
 
 
 @triton.jit
@@ -48,14 +48,40 @@ def _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R,
 
 
 @triton.jit
-def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
+def _one_hot(labels, offs_r, PRECISION: tl.constexpr):
+    """(len, BLOCK_R) one-hot rows; bf16 (exact) for _dot_onehot's split dots, which halves their registers."""
+    if PRECISION == "split":
+        out = (labels[:, None] == offs_r[None, :]).to(tl.bfloat16)
+    else:
+        out = (labels[:, None] == offs_r[None, :]).to(tl.float32)
+    return out
+
+
+@triton.jit
+def _load_key_tile(base, offs_n, offs_d, stride_n, Nk, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    tile = _load_tile(base + offs_n[:, None] * stride_n + offs_d[None, :], offs_n, offs_d, Nk, True,
+                      BLOCK_D != HEAD_DIM, HEAD_DIM)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn,
                         Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
                         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
                         stride_qn, stride_don, stride_dqn,
                         tile_index, tile_count, offs_n, Nq, Nk, R, qk_scale, scale,
                         MASKED: tl.constexpr, SOFT: tl.constexpr, MASS_GRAD: tl.constexpr,
                         ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        RELOAD_KV: tl.constexpr):
+    """Accumulates one key tile's dK, dV and dW partials over the query tiles of one list.
+
+    RELOAD_KV reads the key and value tiles again for every query tile (from L1/L2)
+    instead of holding them in registers across the loop: the price of wide head dims.
+    """
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     offs_d = tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
@@ -63,6 +89,12 @@ def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
     in_n = offs_n < Nk
     for j in range(tile_count):
         offs_m = tl.load(tile_index + j) * BLOCK_M + offs_tile
+        if RELOAD_KV:
+            kt = _load_key_tile(k_base, offs_n, offs_d, stride_kn, Nk, HEAD_DIM, BLOCK_D, UPCAST)
+            vt = _load_key_tile(v_base, offs_n, offs_d, stride_vn, Nk, HEAD_DIM, BLOCK_D, UPCAST)
+        else:
+            kt = k
+            vt = v
         in_m = offs_m < Nq
         q = _load_tile(Q + q_row_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, offs_d, Nq,
                        MASKED, BLOCK_D != HEAD_DIM, HEAD_DIM)
@@ -84,26 +116,32 @@ def _sma_bwd_dkdv_tiles(dk, dv, dw, k, v, lk, mk, kw, k_mass,
             mq = tl.load(qmem_base + offs_m[:, None] * R + offs_r[None, :],
                          mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
         else:
-            mq = (lq[:, None] == offs_r[None, :]).to(tl.float32)
-        s = _tile_scores(q, k, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R, MASKED, SOFT, PRECISION, DOT_PRECISION)
+            mq = _one_hot(lq, offs_r, PRECISION)
+        s = _tile_scores(q, kt, lq, lk, q_bits, bias_base, mq, kw, qk_scale, R, MASKED, SOFT, PRECISION, DOT_PRECISION)
         if MASKED:
             s = tl.where(in_m[:, None] & in_n[None, :], s, float("-inf"))
         # Rows with every key blocked have lse = -inf: shift by +inf so that P = 0.
         lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         p = tl.math.exp2(s - lse_log2[:, None])
-        p_mm = p.to(k.dtype)
-        dv = tl.dot(tl.trans(p_mm), do.to(k.dtype), dv, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        p_mm = p.to(kt.dtype)
+        dv = tl.dot(tl.trans(p_mm), do.to(kt.dtype), dv, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(vt), input_precision=DOT_PRECISION)
         if MASS_GRAD:
             dmass = tl.load(DMass + (stats_base + offs_m[:, None]) * R + offs_r[None, :],
                             mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
-            dp += _dot_fp32(dmass, tl.trans(k_mass), PRECISION)
+            if SOFT:
+                dp += _dot_fp32(dmass, tl.trans(k_mass), PRECISION)
+            else:
+                dp += _dot_onehot(dmass, tl.trans(k_mass), False, PRECISION)
         ds = p * (dp - delta[:, None])
-        ds_mm = ds.to(k.dtype)
-        dk = tl.dot(tl.trans(ds_mm), q.to(k.dtype), dk, input_precision=DOT_PRECISION)
-        dw += _dot_fp32(tl.trans(mq), _dot_fp32(ds, k_mass, PRECISION), PRECISION)
+        ds_mm = ds.to(kt.dtype)
+        dk = tl.dot(tl.trans(ds_mm), q.to(kt.dtype), dk, input_precision=DOT_PRECISION)
+        if SOFT:
+            dw += _dot_fp32(tl.trans(mq), _dot_fp32(ds, k_mass, PRECISION), PRECISION)
+        else:
+            dw += _dot_onehot(tl.trans(mq), _dot_onehot(ds, k_mass, False, PRECISION), True, PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(ds_mm, k, input_precision=DOT_PRECISION) * scale
+            dq = tl.dot(ds_mm, kt, input_precision=DOT_PRECISION) * scale
             dq_ptrs = DQ + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq, mask=in_m[:, None] & (offs_d[None, :] < HEAD_DIM))
     return dk, dv, dw
@@ -122,8 +160,7 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
                          MASS_GRAD: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
+                         PRECISION: tl.constexpr, RELOAD_KV: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -134,13 +171,11 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
     in_n = offs_n < Nk
     in_r = offs_r < R
 
-    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, offs_d, Nk, True, BLOCK_D != HEAD_DIM, HEAD_DIM)
-    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   offs_n, offs_d, Nk, True, BLOCK_D != HEAD_DIM, HEAD_DIM)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    # Unused (and not loaded: dead code) when RELOAD_KV.
+    k = _load_key_tile(k_base, offs_n, offs_d, stride_kn, Nk, HEAD_DIM, BLOCK_D, UPCAST)
+    v = _load_key_tile(v_base, offs_n, offs_d, stride_vn, Nk, HEAD_DIM, BLOCK_D, UPCAST)
     lk = tl.load(KLabels + b * stride_klab_b + offs_n, mask=in_n, other=0)
     bias_base = Bias + b * stride_bias_b + h * stride_bias_h
     if SOFT:
@@ -154,7 +189,7 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
     else:
         mk = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         kw = mk
-        k_mass = (lk[:, None] == offs_r[None, :]).to(tl.float32)
+        k_mass = _one_hot(lk, offs_r, PRECISION)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -168,19 +203,19 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
     row = pid_n * num_q_tiles
     # DO shares Q's strides (the wrapper makes both contiguous).
     dk, dv, dw = _sma_bwd_dkdv_tiles(
-        dk, dv, dw, k, v, lk, mk, kw, k_mass, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
+        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
         stride_qn, stride_don, stride_dqn,
         PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_n),
         offs_n, Nq, Nk, R, qk_scale, scale,
-        True, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION)
+        True, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION, RELOAD_KV)
     dk, dv, dw = _sma_bwd_dkdv_tiles(
-        dk, dv, dw, k, v, lk, mk, kw, k_mass, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
+        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
         stride_qn, stride_don, stride_dqn,
         FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_n),
         offs_n, Nq, Nk, R, qk_scale, scale,
-        False, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION)
+        False, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION, RELOAD_KV)
 
     store_mask = in_n[:, None] & (offs_d[None, :] < HEAD_DIM)
     kv_offsets = pid_bh * Nk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
@@ -305,15 +340,38 @@ class BackwardConfig:
     num_warps: int
     num_stages: int
     fp32_precision: str = "ieee"  # as ForwardConfig's
+    reload_kv: bool = False  # dK/dV: read the key and value tiles per query tile instead of holding them
 
 
-# Per (padded head dim, fp32 inputs, variant), as FORWARD_CONFIGS; tests/tune_configs.py.
-BACKWARD_CONFIGS = {(d, f32, v): BackwardConfig(*((32, 32, 4, 2) if f32 else (64, 64, 4, 2))) for d in (16, 32, 64, 128, 256) for f32 in (False, True) for v in ('plain', 'narrow', 'wide')}  # PROVISIONAL
+# Per (head-dim class, fp32 inputs, variant), as FORWARD_CONFIGS: for each key the first of
+# tests/tune_configs.py's candidates that compiles for sm_80 and sm_90 without spills. Where
+# none does (the dK/dV kernel's register footprint; see benchmarks/NOTES.md), the candidate
+# with the least stack, whose spill tests/compile_gate.py caps in KNOWN_SPILLS.
+BACKWARD_CONFIGS = {
+    (64, False, "plain"): BackwardConfig(16, 32, 4, 1),
+    (64, False, "narrow"): BackwardConfig(16, 16, 4, 1),
+    (64, False, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (64, True, "plain"): BackwardConfig(16, 16, 8, 1),
+    (64, True, "narrow"): BackwardConfig(16, 16, 8, 1),
+    (64, True, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (128, False, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (128, False, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (128, False, "wide"): BackwardConfig(16, 16, 4, 1, "ieee", reload_kv=True),  # spills
+    (128, True, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),
+    (128, True, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (128, True, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),
+    (256, False, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (256, False, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (256, False, "wide"): BackwardConfig(16, 16, 4, 1, "ieee", reload_kv=True),  # spills
+    (256, True, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (256, True, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (256, True, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+}
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, num_regions: int) -> BackwardConfig:
-    return BACKWARD_CONFIGS[(padded_head_dim(head_dim), dtype == torch.float32, config_variant(soft, mass,
-                                                                                               num_regions))]
+    return BACKWARD_CONFIGS[(head_dim_class(head_dim), dtype == torch.float32, config_variant(soft, mass,
+                                                                                              num_regions))]
 
 
 def _batch_stride(t: torch.Tensor) -> int:
@@ -360,7 +418,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
         stride_allow_b=_batch_stride(allow_bits),
         H=H, Nq=Nq, Nk=Nk, R=R, scale=scale,
         HEAD_DIM=Dp, BLOCK_D=padded_head_dim(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_R=padded_regions(R), SOFT=soft, MASS_GRAD=grad_mass is not None,
+        BLOCK_R=padded_regions(R, minimum=16), SOFT=soft, MASS_GRAD=grad_mass is not None,
         UPCAST=interpreting() and q.dtype != torch.float32, PRECISION=kernel_precision(q.dtype, config),
     )
     dq_buffer = dq_accum if dq_accum is not None else dk  # unused when deterministic
@@ -372,7 +430,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
            stride_count_b=_batch_stride(backward_lists.partial_count),
            stride_index_b=_batch_stride(backward_lists.partial_index),
            num_q_tiles=backward_lists.partial_index.shape[-1], qk_scale=scale * LOG2E,
-           ATOMIC_DQ=not deterministic, **common)
+           ATOMIC_DQ=not deterministic, RELOAD_KV=config.reload_kv, **common)
     if deterministic:
         forward_lists = tile_sparsity(q_regions.labels, k_regions.labels, allow, R, config.block_m, config.block_n)
         dq = empty((B, H, Nq, Dp), dtype=q.dtype, device=q.device)

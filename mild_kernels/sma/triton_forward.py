@@ -67,6 +67,26 @@ def _dot_fp32(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _dot_onehot(a, b, ONEHOT_A: tl.constexpr, PRECISION: tl.constexpr):
+    """_dot_fp32 where one operand (a if ONEHOT_A, else b) holds only 0 and 1 (hard labels).
+
+    That operand is exact in bf16, so "split" needs two bf16 dots instead of three, and
+    only the other operand is split: fewer live tiles, which is what spilled.
+    """
+    if PRECISION != "split":
+        out = tl.dot(a, b, input_precision="ieee")
+    elif ONEHOT_A:
+        exact = a.to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        out = tl.dot(exact, (b - b_hi.to(tl.float32)).to(tl.bfloat16), tl.dot(exact, b_hi))
+    else:
+        exact = b.to(tl.bfloat16)
+        a_hi = a.to(tl.bfloat16)
+        out = tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), exact, tl.dot(a_hi, exact))
+    return out
+
+
+@triton.jit
 def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
                    q, qw, q_bits, bias_base, bias_rows,
                    k_base, v_base, klab_base, kmem_base,
@@ -285,8 +305,10 @@ def head_dim_class(head_dim: int) -> int:
     return max(64, padded_head_dim(head_dim))
 
 
-def padded_regions(num_regions: int) -> int:
-    return max(32, next_power_of_2(num_regions))
+def padded_regions(num_regions: int, minimum: int = 32) -> int:
+    """BLOCK_R. The compile gate chose the floors: 32 for the forward kernel (16 made its
+    D=256 narrow variant spill), 16 for the backward's (32 spilled at R <= 16)."""
+    return max(minimum, next_power_of_2(num_regions))
 
 
 def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
