@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import math
 import multiprocessing
-import resource
+import os
 import sys
 from pathlib import Path
 
@@ -193,23 +193,47 @@ def providers(p: Problem, gpu: bool, backward: bool = False) -> dict:
     return chosen
 
 
+def _resident_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
 def _peak_extra_mb(provider_name, shape, regions, blocked, order, dtype_name, queue):
     p = make_problem(shape, regions, blocked, order, DTYPES[dtype_name], "cpu")
     fn = providers(p, gpu=False)[provider_name]()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()  # the first call also pages in code and builds one-time state: not the call's memory
+    # Reset the peak resident size to the current one (Linux: clear_refs 5), so that the
+    # setup's own temporaries do not hide the call's peak.
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _resident_kib("VmRSS")
     fn()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    queue.put((_resident_kib("VmHWM") - before) / 1024)
 
 
 def peak_extra_memory_mb(provider_name, shape, regions, blocked, order, dtype_name) -> float:
     """CPU peak resident memory added by one call (MiB), measured in a fresh process.
 
-    Setup (inputs, a prebuilt mask) happens before the baseline, so only the call counts.
+    Setup (inputs, a prebuilt mask) and a first call happen before the baseline, so only a
+    steady-state call counts.
+    glibc's malloc is told to map every block over 64 KiB afresh (and unmap it when freed),
+    so that the call's allocations show in the resident size rather than reusing pages
+    the setup freed.
     """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    proc = context.Process(target=_peak_extra_mb, args=(provider_name, shape, regions, blocked, order, dtype_name, queue))
-    proc.start()
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the child's malloc at start
+    try:
+        proc = context.Process(target=_peak_extra_mb,
+                               args=(provider_name, shape, regions, blocked, order, dtype_name, queue))
+        proc.start()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     value = queue.get()
     proc.join()
     return value

@@ -298,3 +298,21 @@ def test_soft_labels_tie_to_lowest_index():
     ref = sma_attention_reference(q, q, q, regions, regions, allow=allow, return_region_mass=True)
     torch.testing.assert_close(got.region_mass, ref[2])
     assert math.isfinite(float(got.out.abs().sum()))
+
+
+@pytest.mark.parametrize("order", ["sorted", "raster"])
+def test_cpu_hard_labels_take_the_region_pair_path(monkeypatch, order):
+    """The torch backend's CPU path for hard labels (torch_region_pairs.py) is the one these tests cover."""
+    from mild_kernels.sma import torch_region_pairs
+
+    calls = []
+    original = torch_region_pairs.sma_forward_by_region_pairs
+    monkeypatch.setattr(torch_region_pairs, "sma_forward_by_region_pairs",
+                        lambda *args: calls.append(1) or original(*args))
+    case = make_case(B=2, H=3, Nq=90, Nk=61, D=40, R=6, blocked=0.5)
+    if order == "sorted":
+        for name in ("q_regions", "k_regions"):
+            case[name] = case[name].sort(-1).values
+    case["allow"][1, 3, :] = False  # row 1: queries of region 3 see nothing
+    check_against_reference(case, "torch", torch.float32)
+    assert calls, "hard labels on the CPU did not take the region-pair path"

@@ -17,6 +17,7 @@ from torch import Tensor
 from .._checks import check_finite
 from .regions import Regions, check_region_values
 from .sparsity import tile_sparsity
+from . import torch_region_pairs
 from .torch_chunked import compute_dtype, sma_backward_torch, sma_forward_torch
 
 NO_TENSOR = torch.empty(0)  # stands for an absent optional output
@@ -45,7 +46,9 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, q_labels: Tensor, k_labels: Ten
     check_region_values("k_regions", kr, num_regions)
     check_finite("bias", bias)
     if backend == "torch":
-        out, lse, mass = sma_forward_torch(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass)
+        forward = (torch_region_pairs.sma_forward_by_region_pairs
+                   if torch_region_pairs.applies(q, qr, kr, num_regions) else sma_forward_torch)
+        out, lse, mass = forward(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass)
     else:
         out, lse, mass = _forward_triton(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass)
     return out, lse, (mass if return_mass else NO_TENSOR.to(lse.device))

@@ -11,6 +11,9 @@ The chunk's bias, blocking included, is one small matmul of per-token features:
 table against one-hot keys) or 2R (soft: ``Mq W`` and the blocking penalty against
 ``[Mk, one-hot(label)]``). Blocked pairs get the finite ``BLOCKED`` instead of -inf, so
 that the products stay finite; rows with no allowed key are set to 0 / -inf afterwards.
+
+The forward pass for hard labels on the CPU goes by region pair instead (torch_region_pairs.py);
+the backward pass is this module's for every case.
 """
 
 from __future__ import annotations

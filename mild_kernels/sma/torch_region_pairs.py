@@ -1,0 +1,102 @@
+"""The torch backend's forward pass for hard labels on the CPU: attention by region pair.
+
+With hard labels the bias is constant on every (query region a, key region c) block:
+``softmax(s + W[a, c])`` over keys of region c is plain attention times ``exp(W[a, c])``.
+So each allowed pair runs aten's fused CPU flash attention with no mask at all, and the
+pairs of a query region are merged through their logsumexps, as FlashAttention merges
+key blocks:
+
+    lse_ac = lse(q_a k_c^T scale) + W[a, c],   lse_a = logsumexp_c lse_ac,
+    out_a = sum_c exp(lse_ac - lse_a) out_ac,  mass[a, c] = exp(lse_ac - lse_a).
+
+Blocked pairs cost nothing; no bias or mask is ever built (memory O(N D)); tokens are
+gathered into region order once, unless they already are in it. The chunked path
+(torch_chunked.py) serves soft memberships, many regions and other devices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import torch_chunked
+from .regions import Regions
+from .torch_chunked import compute_dtype
+
+MAX_REGIONS = 16  # one fused call per allowed region pair: R^2 calls per batch row
+
+
+def applies(q: torch.Tensor, q_regions: Regions, k_regions: Regions, num_regions: int) -> bool:
+    return (not q_regions.is_soft and not k_regions.is_soft and num_regions <= MAX_REGIONS
+            and q.device.type == "cpu" and torch_chunked.USE_FUSED_CPU
+            and torch_chunked._fused_cpu_attention() is not None)
+
+
+def _region_order(labels: torch.Tensor, num_regions: int):
+    """(order or None if already sorted, region boundaries as a list of R + 1 offsets)."""
+    counts = torch.bincount(labels, minlength=num_regions)
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
+    is_sorted = bool((labels[1:] >= labels[:-1]).all()) if labels.numel() > 1 else True
+    return (None if is_sorted else torch.argsort(labels, stable=True)), bounds
+
+
+def _in_order(x: torch.Tensor, order) -> torch.Tensor:
+    return x if order is None else x.index_select(2, order)
+
+
+def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions, bias, allow, scale,
+                                num_regions, return_mass):
+    """As torch_chunked.sma_forward_torch (same arguments and results), for hard labels."""
+    fused = torch_chunked._fused_cpu_attention()
+    B, H, Nq, D = q.shape
+    R = num_regions
+    dtype = compute_dtype(q.dtype)
+    out = torch.zeros(B, H, Nq, D, dtype=dtype)
+    lse = torch.full((B, H, Nq), float("-inf"), dtype=dtype)
+    mass = torch.zeros(B, H, Nq, R, dtype=dtype) if return_mass else None
+
+    def row(t, b):
+        return t[min(b, t.shape[0] - 1)]
+
+    for b in range(B):
+        q_order, q_bounds = _region_order(row(q_regions.labels, b).long(), R)
+        k_order, k_bounds = _region_order(row(k_regions.labels, b).long(), R)
+        qs = _in_order(q[b:b + 1].to(dtype), q_order)
+        ks, vs = (_in_order(t[b:b + 1].to(dtype), k_order) for t in (k, v))
+        table = row(bias, b).to(dtype)  # (H|1, R, R)
+        allowed = torch.ones(R, R, dtype=torch.bool) if allow is None else row(allow, b).cpu()
+        outs = torch.zeros_like(qs) if q_order is not None else out[b:b + 1]
+        lses = lse[b:b + 1] if q_order is None else torch.full((1, H, Nq), float("-inf"), dtype=dtype)
+        masses = None if not return_mass else (mass[b:b + 1] if q_order is None else torch.zeros(1, H, Nq, R,
+                                                                                                  dtype=dtype))
+        for a in range(R):
+            rows = slice(q_bounds[a], q_bounds[a + 1])
+            if rows.start == rows.stop:
+                continue
+            q_a = qs[:, :, rows]
+            acc, acc_lse, pieces = None, None, []
+            for c in range(R):
+                keys = slice(k_bounds[c], k_bounds[c + 1])
+                if keys.start == keys.stop or not allowed[a, c]:
+                    continue
+                piece, piece_lse = fused(q_a, ks[:, :, keys], vs[:, :, keys], 0.0, False, scale=scale)
+                piece_lse = piece_lse.to(dtype) + table[:, a, c][None, :, None]
+                pieces.append((c, piece_lse))
+                if acc is None:
+                    acc, acc_lse = piece.to(dtype), piece_lse
+                    continue
+                merged = torch.logaddexp(acc_lse, piece_lse)
+                acc.mul_((acc_lse - merged).exp_()[..., None]).add_(piece * (piece_lse - merged).exp_()[..., None])
+                acc_lse = merged
+            if acc is None:  # every key of this query region is blocked: out 0, lse -inf, mass 0
+                continue
+            outs[:, :, rows] = acc
+            lses[:, :, rows] = acc_lse
+            if return_mass:
+                for c, piece_lse in pieces:
+                    masses[:, :, rows, c] = (piece_lse - acc_lse).exp()
+        if q_order is not None:  # back to the caller's token order
+            out[b:b + 1].index_copy_(2, q_order, outs)
+            lse[b:b + 1].index_copy_(2, q_order, lses)
+            if return_mass:
+                mass[b:b + 1].index_copy_(2, q_order, masses)
+    return out.to(q.dtype), lse, mass
