@@ -106,7 +106,7 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
                         blocked_rows)
 
 
-def _fused_cpu_attention():
+def fused_cpu_attention():
     """aten's fused CPU flash attention, which also returns the logsumexp, if this torch has it."""
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -116,7 +116,7 @@ def attend(q, k, v, scores_bias, scale):
 
     ``v`` may be wider than ``q`` (region memberships ride along as extra value columns).
     """
-    fused = _fused_cpu_attention() if USE_FUSED_CPU and q.device.type == "cpu" else None
+    fused = fused_cpu_attention() if USE_FUSED_CPU and q.device.type == "cpu" else None
     if fused is not None:
         extra = v.shape[-1] - q.shape[-1]
         if extra:  # the fused kernel wants one head dim: zero columns add nothing to q k^T

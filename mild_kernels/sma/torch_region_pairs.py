@@ -28,7 +28,7 @@ MAX_REGIONS = 16  # one fused call per allowed region pair: R^2 calls per batch 
 def applies(q: torch.Tensor, q_regions: Regions, k_regions: Regions, num_regions: int) -> bool:
     return (not q_regions.is_soft and not k_regions.is_soft and num_regions <= MAX_REGIONS
             and q.device.type == "cpu" and torch_chunked.USE_FUSED_CPU
-            and torch_chunked._fused_cpu_attention() is not None)
+            and torch_chunked.fused_cpu_attention() is not None)
 
 
 def _region_order(labels: torch.Tensor, num_regions: int):
@@ -46,7 +46,7 @@ def _in_order(x: torch.Tensor, order) -> torch.Tensor:
 def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions, bias, allow, scale,
                                 num_regions, return_mass):
     """As torch_chunked.sma_forward_torch (same arguments and results), for hard labels."""
-    fused = torch_chunked._fused_cpu_attention()
+    fused = torch_chunked.fused_cpu_attention()
     B, H, Nq, D = q.shape
     R = num_regions
     dtype = compute_dtype(q.dtype)
