@@ -63,11 +63,13 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
         qs = _in_order(q[b:b + 1].to(dtype), q_order)
         ks, vs = (_in_order(t[b:b + 1].to(dtype), k_order) for t in (k, v))
         table = row(bias, b).to(dtype)  # (H|1, R, R)
-        allowed = torch.ones(R, R, dtype=torch.bool) if allow is None else row(allow, b).cpu()
-        outs = torch.zeros_like(qs) if q_order is not None else out[b:b + 1]
-        lses = lse[b:b + 1] if q_order is None else torch.full((1, H, Nq), float("-inf"), dtype=dtype)
-        masses = None if not return_mass else (mass[b:b + 1] if q_order is None else torch.zeros(1, H, Nq, R,
-                                                                                                  dtype=dtype))
+        allowed = [[True] * R] * R if allow is None else row(allow, b).tolist()
+        # Results in region order: the outputs themselves when the queries already are.
+        outs, lses = out[b:b + 1], lse[b:b + 1]
+        masses = mass[b:b + 1] if return_mass else None
+        if q_order is not None:
+            outs, lses = torch.zeros_like(outs), torch.full_like(lses, float("-inf"))
+            masses = torch.zeros_like(masses) if return_mass else None
         for a in range(R):
             rows = slice(q_bounds[a], q_bounds[a + 1])
             if rows.start == rows.stop:
@@ -76,7 +78,7 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
             acc, acc_lse, pieces = None, None, []
             for c in range(R):
                 keys = slice(k_bounds[c], k_bounds[c + 1])
-                if keys.start == keys.stop or not allowed[a, c]:
+                if keys.start == keys.stop or not allowed[a][c]:
                     continue
                 piece, piece_lse = fused(q_a, ks[:, :, keys], vs[:, :, keys], 0.0, False, scale=scale)
                 piece_lse = piece_lse.to(dtype) + table[:, a, c][None, :, None]
