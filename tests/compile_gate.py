@@ -45,12 +45,13 @@ TORCH_TO_TRITON = {
 # Each head-dim class compiled at its heaviest member: the largest padded block, with a
 # tail inside it (SD 1.5's 40, 80 and 160).
 GATE_HEAD_DIMS = {64: 40, 128: 80, 256: 160}
-# The heaviest kernel variant each config class serves: (soft, region mass, R); hard labels
-# without mass, soft with mass (a superset of the other variants' work) at R = 16 / 64.
+# The heaviest kernel variants each config class serves: (soft, region mass, R). plain: hard
+# labels without mass at R = 16; narrow: soft with mass (a superset of the other variants'
+# work) at R = 16; wide (R = 64): both.
 FORWARD_VARIANT_CASES = {
-    "plain": [(False, False, 64)],
+    "plain": [(False, False, 16)],
     "narrow": [(True, True, 16)],
-    "wide": [(True, True, 64)],
+    "wide": [(False, False, 64), (True, True, 64)],
 }
 
 
@@ -59,9 +60,9 @@ FORWARD_VARIANT_CASES = {
 # and the dq kernel. Both dK/dV kernels count: without its atomics ptxas allocates the
 # kernel differently, and it spilled where the atomic one did not.
 BACKWARD_VARIANT_CASES = {
-    "plain": [(False, False, 64, False), (False, False, 64, True)],
+    "plain": [(False, False, 16, False), (False, False, 16, True)],
     "narrow": [(True, True, 16, False), (True, True, 16, True)],
-    "wide": [(True, True, 64, False), (True, True, 64, True)],
+    "wide": [(False, False, 64, False), (False, False, 64, True), (True, True, 64, False), (True, True, 64, True)],
 }
 
 
@@ -302,13 +303,12 @@ def collect_jobs(selected=None):
 KNOWN_SPILLS = {
     ("sma_bwd", 64, "fp16", "wide"): 128,
     ("sma_bwd", 64, "fp32", "wide"): 64,
-    ("sma_bwd", 128, "fp16", "plain"): 64,
     ("sma_bwd", 128, "fp16", "narrow"): 64,
     ("sma_bwd", 128, "fp16", "wide"): 384,
     ("sma_bwd", 128, "fp32", "narrow"): 64,
     ("sma_bwd", 256, "fp16", "plain"): 768,
     ("sma_bwd", 256, "fp16", "narrow"): 768,
-    ("sma_bwd", 256, "fp16", "wide"): 1024,
+    ("sma_bwd", 256, "fp16", "wide"): 1280,
     ("sma_bwd", 256, "fp32", "plain"): 64,
     ("sma_bwd", 256, "fp32", "narrow"): 256,
     ("sma_bwd", 256, "fp32", "wide"): 256,
@@ -321,10 +321,12 @@ def config_key(case: str):
     return match and (match[1], int(match[2]), match[3], match[4])
 
 
-def failures(row) -> list[str]:
+def failures(row, known_spills=None) -> list[str]:
+    """What fails the gate; ``known_spills`` defaults to KNOWN_SPILLS ({} allows no spill)."""
+    known_spills = KNOWN_SPILLS if known_spills is None else known_spills
     problems = []
     spill = row.get("local", 0) + row.get("stack", 0)
-    if spill > KNOWN_SPILLS.get(config_key(row["case"]), 0):
+    if spill > known_spills.get(config_key(row["case"]), 0):
         problems.append(f"spills: local={row.get('local', 0)} stack={row.get('stack', 0)}")
     limit = SHARED_LIMIT[int(row["arch"][3:])]
     if row.get("shared", 0) > limit:

@@ -354,13 +354,13 @@ BACKWARD_CONFIGS = {
     (64, True, "plain"): BackwardConfig(16, 16, 8, 1),
     (64, True, "narrow"): BackwardConfig(16, 16, 8, 1),
     (64, True, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
-    (128, False, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (128, False, "plain"): BackwardConfig(16, 16, 8, 1),
     (128, False, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
     (128, False, "wide"): BackwardConfig(16, 16, 4, 1, "ieee", reload_kv=True),  # spills
     (128, True, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),
     (128, True, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
     (128, True, "wide"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),
-    (256, False, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
+    (256, False, "plain"): BackwardConfig(16, 32, 4, 1),  # spills
     (256, False, "narrow"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
     (256, False, "wide"): BackwardConfig(16, 16, 4, 1, "ieee", reload_kv=True),  # spills
     (256, True, "plain"): BackwardConfig(16, 16, 8, 1, "ieee", reload_kv=True),  # spills
