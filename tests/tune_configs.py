@@ -40,7 +40,8 @@ CANDIDATES = {
                  (16, 16, 4, 1, "tf32x3"), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 2, "ieee", True)]),
     # dK/dV keeps a key tile (block_n) resident and walks query tiles (block_m). The sixth field
     # (reload_kv) rereads the key and value tiles per query tile.
-    "backward": ([(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 1), (32, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1), (16, 16, 8, 1), (16, 32, 4, 1, "ieee", True),
+    "backward": ([(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 1), (32, 32, 4, 2), (16, 32, 4, 1),
+                  (16, 16, 4, 1), (16, 16, 8, 1), (16, 32, 4, 1, "ieee", True),
                   (16, 16, 4, 1, "ieee", True), (16, 16, 8, 1, "ieee", True)],
                  [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 1, "ieee", True),
                   (16, 16, 8, 1, "tf32x3", True), (16, 16, 4, 1, "ieee", True)]),

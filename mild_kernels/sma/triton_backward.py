@@ -28,8 +28,8 @@ import triton.language as tl
 
 from .._runtime import empty, interpreting, launch
 from .sparsity import tile_sparsity
-from .triton_forward import (LOG2E, _dot_fp32, _dot_onehot, _load_tile, config_variant, head_dim_class, kernel_precision,
-                             pad_head_dim, padded_head_dim, padded_regions)
+from .triton_forward import (LOG2E, _dot_fp32, _dot_onehot, _load_tile, config_variant, head_dim_class,
+                             kernel_precision, pad_head_dim, padded_head_dim, padded_regions)
 
 
 @triton.jit
@@ -203,14 +203,16 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DMass, DQ, DK, DV, DW,
     row = pid_n * num_q_tiles
     # DO shares Q's strides (the wrapper makes both contiguous).
     dk, dv, dw = _sma_bwd_dkdv_tiles(
-        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
+        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn,
+        Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
         stride_qn, stride_don, stride_dqn,
         PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_n),
         offs_n, Nq, Nk, R, qk_scale, scale,
         True, SOFT, MASS_GRAD, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_R, UPCAST, PRECISION, RELOAD_KV)
     dk, dv, dw = _sma_bwd_dkdv_tiles(
-        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn, Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
+        dk, dv, dw, k, v, lk, mk, kw, k_mass, k_base, v_base, stride_kn, stride_vn,
+        Q, DO, Lse, Delta, DMass, QLabels, QMem, AllowBits, DQ,
         bias_base, q_row_base, qlab_base, qmem_base, stats_base, dq_base, allow_base,
         stride_qn, stride_don, stride_dqn,
         FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_n),
