@@ -45,6 +45,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def batch_row(t: torch.Tensor, b: int) -> torch.Tensor:
+    """Row b of a tensor whose batch dim is B or 1 (shared by every row)."""
+    return t[min(b, t.shape[0] - 1)]
+
+
 @dataclasses.dataclass
 class Chunk:
     b: int
@@ -69,17 +74,14 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
     key_offsets = torch.arange(KEY_BLOCK, device=device)
     soft = q_regions.is_soft
 
-    def row(t, b):
-        return t[min(b, t.shape[0] - 1)]
-
     for b in range(batch):
-        lq, lk = row(q_regions.labels, b).long(), row(k_regions.labels, b).long()
+        lq, lk = batch_row(q_regions.labels, b).long(), batch_row(k_regions.labels, b).long()
         onehot_q, onehot_k = F.one_hot(lq, R).to(dtype), F.one_hot(lk, R).to(dtype)
-        table = row(bias, b).to(dtype)  # (H|1, R, R)
+        table = batch_row(bias, b).to(dtype)  # (H|1, R, R)
         penalty = None if allow is None else torch.zeros(R, R, dtype=dtype, device=device).masked_fill(
-            ~row(allow, b), BLOCKED)
+            ~batch_row(allow, b), BLOCKED)
         if soft:
-            mq, mk = row(q_regions.memberships, b).to(dtype), row(k_regions.memberships, b).to(dtype)
+            mq, mk = batch_row(q_regions.memberships, b).to(dtype), batch_row(k_regions.memberships, b).to(dtype)
             q_features, k_features = mq @ table, mk  # (H|1, Nq, R), (Nk, R)
             if penalty is not None:
                 q_features = torch.cat([q_features, (onehot_q @ penalty).expand_as(q_features)], -1)
@@ -101,7 +103,7 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
             if allow is not None:
                 present = torch.zeros(R, dtype=torch.bool, device=device)
                 present[lk if keys is None else lk[keys]] = True
-                blocked_rows = ~row(allow, b)[lq[rows]][:, present].any(-1)
+                blocked_rows = ~batch_row(allow, b)[lq[rows]][:, present].any(-1)
             yield Chunk(b, rows, keys, q_features[:, rows] @ kf.T, mq[rows], mk if keys is None else mk[keys],
                         blocked_rows)
 

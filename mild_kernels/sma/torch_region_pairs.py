@@ -20,7 +20,7 @@ import torch
 
 from . import torch_chunked
 from .regions import Regions
-from .torch_chunked import compute_dtype
+from .torch_chunked import batch_row, compute_dtype
 
 MAX_REGIONS = 16  # one fused call per allowed region pair: R^2 calls per batch row
 
@@ -54,16 +54,13 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
     lse = torch.full((B, H, Nq), float("-inf"), dtype=dtype)
     mass = torch.zeros(B, H, Nq, R, dtype=dtype) if return_mass else None
 
-    def row(t, b):
-        return t[min(b, t.shape[0] - 1)]
-
     for b in range(B):
-        q_order, q_bounds = _region_order(row(q_regions.labels, b).long(), R)
-        k_order, k_bounds = _region_order(row(k_regions.labels, b).long(), R)
+        q_order, q_bounds = _region_order(batch_row(q_regions.labels, b).long(), R)
+        k_order, k_bounds = _region_order(batch_row(k_regions.labels, b).long(), R)
         qs = _in_order(q[b:b + 1].to(dtype), q_order)
         ks, vs = (_in_order(t[b:b + 1].to(dtype), k_order) for t in (k, v))
-        table = row(bias, b).to(dtype)  # (H|1, R, R)
-        allowed = [[True] * R] * R if allow is None else row(allow, b).tolist()
+        table = batch_row(bias, b).to(dtype)  # (H|1, R, R)
+        allowed = [[True] * R] * R if allow is None else batch_row(allow, b).tolist()
         # Results in region order: the outputs themselves when the queries already are.
         outs, lses = out[b:b + 1], lse[b:b + 1]
         masses = mass[b:b + 1] if return_mass else None
