@@ -78,6 +78,15 @@ class RecordedLaunch:
     kwargs: dict
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
+
+    @property
+    def options(self) -> dict:
+        """The compile options the launch gives, as ``triton.compile`` takes them."""
+        options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
+        return options
 
 
 _recorder: list | None = None
@@ -94,12 +103,16 @@ def record_launches() -> Iterator[list]:
         _recorder = previous
 
 
-def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, **kwargs) -> None:
+def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, maxnreg: int | None = None,
+           **kwargs) -> None:
+    """Launch (or record) a kernel. ``maxnreg`` caps registers a thread: 128 lets two 8-warp
+    programs share an SM, where ptxas left alone may take a few more and halve occupancy."""
+    recorded = RecordedLaunch(kernel, tuple(grid), kwargs, num_warps, num_stages, maxnreg)
     if _recorder is not None:
-        _recorder.append(RecordedLaunch(kernel, tuple(grid), kwargs, num_warps, num_stages))
+        _recorder.append(recorded)
         return
     if interpreting():
         # The interpreter ignores these; some Triton versions reject them.
         kernel[grid](**kwargs)
     else:
-        kernel[grid](**kwargs, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid](**kwargs, **recorded.options)

@@ -41,76 +41,78 @@ TORCH_TO_TRITON = {
 
 
 # ---------------------------------------------------------------- cases
-# A head dim that pads to each block size, with a tail inside the block.
-# Each head-dim class compiled at its heaviest member: the largest padded block, with a
-# tail inside it (SD 1.5's 40, 80 and 160).
-GATE_HEAD_DIMS = {64: 40, 128: 80, 256: 160}
-# The heaviest kernel variants each config class serves: (soft, region mass, R). plain: hard
-# labels without mass at R = 16; narrow: soft with mass (a superset of the other variants'
-# work) at R = 16; wide (R = 64): both.
-FORWARD_VARIANT_CASES = {
-    "plain": [(False, False, 16)],
-    "narrow": [(True, True, 16)],
-    "wide": [(False, False, 64), (True, True, 64)],
+# Each head-dim class compiled at its heaviest members: the largest power of two (the widest
+# accumulator) and SD 1.5's dim (two head-dim blocks, one of them masked: 40 = 32 + 16).
+GATE_HEAD_DIMS = {64: (64, 40), 128: (128, 80), 256: (256, 160)}
+GATE_TOKENS = 1024  # SD's token counts are multiples of 16: the JIT's divisibility hints apply
+# Per variant: (soft, region mass, R, head dims to compile). Regions of uneven sizes, so that
+# key tiles at their boundaries take the mixed path, and a blocked pair: every kernel variant
+# a launch can pick (mixed and pure launches, masks, shift table) is compiled.
+SMA_VARIANT_CASES = {
+    "plain": [(True, False, 4, "both"), (False, False, 4, "pow2")],
+    "mass": [(True, True, 16, "pow2"), (False, True, 16, "pow2")],
+    "wide": [(True, True, 64, "pow2")],
 }
 
 
-# Backward variants: (soft, region-mass gradient, R, deterministic). deterministic=False
-# launches the atomic-dq dK/dV kernel; deterministic=True the dK/dV kernel without atomics
-# and the dq kernel. Both dK/dV kernels count: without its atomics ptxas allocates the
-# kernel differently, and it spilled where the atomic one did not.
-BACKWARD_VARIANT_CASES = {
-    "plain": [(False, False, 16, False), (False, False, 16, True)],
-    "narrow": [(True, True, 16, False), (True, True, 16, True)],
-    "wide": [(False, False, 64, False), (False, False, 64, True), (True, True, 64, False), (True, True, 64, True)],
-}
+def _region_labels(R: int, tokens: int) -> torch.Tensor:
+    sizes = torch.full((R,), tokens // R)
+    sizes[0] += tokens - int(sizes.sum())
+    if R > 1:
+        shift = min(37, int(sizes[0]) // 2)  # every boundary off the tile grid
+        sizes[0] -= shift
+        sizes[1] += shift
+    return torch.arange(R).repeat_interleave(sizes)
 
 
-def sma_launch(block_d, soft, mass, R, dtype, backward=False, deterministic=False):
-    """A thunk that drives sma_attention into one kernel variant (forward, or backward only)."""
+def sma_launch(head_dim, soft, mass, R, dtype, backward=False):
+    """A thunk that drives sma_attention (with gradients on) into one forward or backward variant."""
     from mild_kernels import sma_attention
     from mild_kernels._runtime import record_launches
 
     def run():
-        q = torch.randn(1, 2, 33, GATE_HEAD_DIMS[block_d]).to(dtype).requires_grad_(backward)
-        labels = torch.randint(0, R, (33,))
+        q = torch.randn(1, 2, GATE_TOKENS, head_dim).to(dtype).requires_grad_()
+        labels = _region_labels(R, GATE_TOKENS)
         regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
-        args = (q, q, q, regions, regions, torch.randn(R, R), torch.rand(R, R) > 0.5)
+        allow = torch.ones(R, R, dtype=torch.bool)
+        allow[0, R - 1] = False
+        bias = torch.randn(2, R, R).requires_grad_()
+        args = (q, q, q, regions, regions, bias, allow)
         if not backward:
-            sma_attention(*args, return_region_mass=mass, backend="triton")
+            sma_attention(*args, return_lse=True, return_region_mass=mass, backend="triton")
             return
         with record_launches():  # the forward's launches belong to the forward cases
-            res = sma_attention(*args, return_region_mass=mass, backend="triton", deterministic=deterministic)
-        loss = (res.out.sum() + res.region_mass.sum()) if mass else res.sum()
+            res = sma_attention(*args, return_lse=True, return_region_mass=mass, backend="triton")
+        loss = res.out.sum() + res.lse.sum() + (res.region_mass.sum() if mass else 0)
         loss.backward()
 
     return run
 
 
-def _config_cases(table, variant_cases, prefix, backward):
+def _config_cases(table, prefix, backward):
     for key in sorted(table):
         block_d, is_fp32, variant = key
-        for dtype in ((torch.float32,) if is_fp32 else (torch.float16,)):  # bf16's codegen is fp16's
-            cases = variant_cases[variant]
-            for soft, mass, R, *deterministic in cases:
-                flags = ("soft" if soft else "hard") + (",mass" if mass else "") + (",det" if any(deterministic) else "")
-                name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},R{R},{flags}]"
-                yield name, sma_launch(block_d, soft, mass, R, dtype, backward, any(deterministic))
+        dtype = torch.float32 if is_fp32 else torch.float16  # bf16's codegen is fp16's
+        pow2, sd = GATE_HEAD_DIMS[block_d]
+        for soft, mass, R, dims in SMA_VARIANT_CASES[variant]:
+            for head_dim in ((pow2, sd) if dims == "both" else (pow2,)):
+                flags = ("soft" if soft else "hard") + (",mass" if mass else "")
+                name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},D{head_dim},R{R},{flags}]"
+                yield name, sma_launch(head_dim, soft, mass, R, dtype, backward)
 
 
 def sma_forward_cases(configs=None):
     """(name, thunk) for every shipped forward config and each kernel variant it serves."""
     from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
 
-    variant_cases = {v: [c + (False,) for c in cases] for v, cases in FORWARD_VARIANT_CASES.items()}
-    yield from _config_cases(configs or FORWARD_CONFIGS, variant_cases, "sma_fwd", backward=False)
+    yield from _config_cases(configs or FORWARD_CONFIGS, "sma_fwd", backward=False)
 
 
 def sma_backward_cases(configs=None):
     """(name, thunk) for every shipped backward config and each kernel variant it serves."""
     from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS
 
-    yield from _config_cases(configs or BACKWARD_CONFIGS, BACKWARD_VARIANT_CASES, "sma_bwd", backward=True)
+    yield from _config_cases(configs or BACKWARD_CONFIGS, "sma_bwd", backward=True)
 
 
 # Multi-adapter LoRA: K = N landing in each output-width class, rows aligned to 16 elements as
@@ -216,63 +218,28 @@ CASES += [fused_step_cases, composite_cases]
 
 
 # ---------------------------------------------------------------- compiling
-def signature_of(kernel, kwargs):
-    signature, constexprs, attrs = {}, {}, {}
-    for index, param in enumerate(kernel.params):
-        name = param.name
-        value = kwargs[name]
-        if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + TORCH_TO_TRITON[value.dtype]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.__name__}.{name}: cannot type {type(value).__name__}")
-    return signature, constexprs, attrs
-
-
-def resource_usage(cubin: bytes) -> dict:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    return {key.lower(): int(value) for key, value in usage.items()}
-
-
 _JOBS: list = []  # filled before the worker pool forks; kernels do not pickle
 
 
 def compile_one(index):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile one recorded launch for one target exactly as the JIT would (mild_kernels._aot)."""
+    import warnings
 
-    name, kernel, kwargs, num_warps, num_stages, arch = _JOBS[index]
-    signature, constexprs, attrs = signature_of(kernel, kwargs)
-    source = ASTSource(kernel, signature, constexprs, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
-    usage = resource_usage(compiled.asm["cubin"])
-    usage["shared"] = max(usage.get("shared", 0), compiled.metadata.shared)
-    return {"case": name, "kernel": kernel.__name__, "arch": f"sm_{arch}", "num_warps": num_warps,
-            "num_stages": num_stages, **usage}
+    from mild_kernels import _aot
+
+    name, launch, arch = _JOBS[index]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice
+        compiled = _aot.compile_launch(launch, arch)
+    usage = _aot.resource_usage(compiled)
+    return {"case": name, "kernel": launch.kernel.__name__, "arch": f"sm_{arch}", "num_warps": launch.num_warps,
+            "num_stages": launch.num_stages, "maxnreg": launch.maxnreg,
+            "ctas_per_sm": _aot.ctas_per_sm(usage["reg"], usage["shared"], launch.num_warps, arch), **usage}
 
 
 def collect_jobs(selected=None):
+    """(case name, recorded launch, arch) for every distinct compile the selected cases need."""
+    from mild_kernels import _aot
     from mild_kernels._runtime import record_launches
 
     jobs, seen = [], set()
@@ -284,39 +251,24 @@ def collect_jobs(selected=None):
                 run()
             assert launches, f"{name}: the wrapper launched no Triton kernel"
             for launch in launches:
-                kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
-                signature, constexprs, _ = signature_of(launch.kernel, kwargs)
-                key = (launch.kernel.__name__, repr(signature), repr(constexprs), launch.num_warps, launch.num_stages)
-                if key in seen:
-                    continue
-                seen.add(key)
+                launch.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
                 for arch in TARGETS.values():
-                    jobs.append((name, launch.kernel, kwargs, launch.num_warps, launch.num_stages, arch))
+                    signature, constexprs, attrs = _aot.jit_signature(launch.kernel, launch.kwargs, arch)
+                    key = (launch.kernel.__name__, repr(signature), repr(constexprs), repr(attrs),
+                           repr(launch.options), arch)
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append((name, launch, arch))
     return jobs
 
 
-# Backward configs for which no candidate of tests/tune_configs.py compiled without spills:
-# the dK/dV kernel holds dK, dV, the dW partials and the region tiles at once, a known
-# performance defect (not one of correctness; see benchmarks/NOTES.md). Per config key, the
-# most stack bytes a thread may use, a little above what triton 3.9 gives today, so that
-# the gate still fails if they grow; every key not listed must not spill at all.
-KNOWN_SPILLS = {
-    ("sma_bwd", 64, "fp16", "wide"): 128,
-    ("sma_bwd", 64, "fp32", "wide"): 64,
-    ("sma_bwd", 128, "fp16", "narrow"): 64,
-    ("sma_bwd", 128, "fp16", "wide"): 384,
-    ("sma_bwd", 128, "fp32", "narrow"): 64,
-    ("sma_bwd", 256, "fp16", "plain"): 768,
-    ("sma_bwd", 256, "fp16", "narrow"): 768,
-    ("sma_bwd", 256, "fp16", "wide"): 1280,
-    ("sma_bwd", 256, "fp32", "plain"): 64,
-    ("sma_bwd", 256, "fp32", "narrow"): 256,
-    ("sma_bwd", 256, "fp32", "wide"): 256,
-}
+# Per config key, the most stack bytes a thread may use, for configs that no candidate of
+# tests/tune_configs.py got spill-free; every key not listed must not spill at all.
+KNOWN_SPILLS: dict = {}
 
 
 def config_key(case: str):
-    """("sma_bwd", 128, "fp16", "plain") from a case name "sma_bwd[d128,fp16,plain,R64,hard]"."""
+    """("sma_bwd", 128, "fp16", "plain") from a case name "sma_bwd[d128,fp16,plain,D80,R4,soft]"."""
     match = re.fullmatch(r"(\w+)\[d(\d+),(\w+),(\w+),.*\]", case)
     return match and (match[1], int(match[2]), match[3], match[4])
 
@@ -343,16 +295,18 @@ def main(argv=None):
     os.environ.pop("TRITON_INTERPRET", None)
 
     _JOBS[:] = collect_jobs(args.only)
+    print(f"compiling {len(_JOBS)} kernels for {', '.join(TARGETS)} with {args.workers} worker(s)", flush=True)
     context = multiprocessing.get_context("fork")
+    rows, bad = [], 0
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        rows = list(pool.map(compile_one, range(len(_JOBS))))
-    bad = 0
-    for row in rows:
-        problems = failures(row)
-        bad += bool(problems)
-        print(f"{row['case']:<44} {row['arch']} warps={row['num_warps']} stages={row['num_stages']} "
-              f"reg={row.get('reg')} shared={row.get('shared')} local={row.get('local')} stack={row.get('stack')}"
-              + (f"  FAIL: {'; '.join(problems)}" if problems else ""))
+        for done, row in enumerate(pool.map(compile_one, range(len(_JOBS))), 1):
+            rows.append(row)
+            problems = failures(row)
+            bad += bool(problems)
+            print(f"[{done}/{len(_JOBS)}] {row['case']:<52} {row['kernel']:<22} {row['arch']} warps={row['num_warps']} "
+                  f"stages={row['num_stages']} reg={row.get('reg')} CTAs/SM={row['ctas_per_sm']} "
+                  f"shared={row.get('shared')} spill={row.get('local', 0) + row.get('stack', 0)}"
+                  + (f"  FAIL: {'; '.join(problems)}" if problems else ""), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"{len(rows)} kernels compiled, {bad} failed")

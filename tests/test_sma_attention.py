@@ -13,7 +13,7 @@ from mild_kernels import SMAOutput, region_sort, sma_attention, sma_attention_re
 from mild_kernels._runtime import poison_outputs
 from mild_kernels.sma.sparsity import tile_sparsity
 from mild_kernels.sma.torch_chunked import SCORE_BUDGET
-from mild_kernels.sma.triton_forward import forward_config
+from mild_kernels.sma.layout import TILE_M
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -120,11 +120,11 @@ def test_fully_blocked_rows(backend, soft, device):
     check_against_reference(case, backend, torch.float32)
 
 
-def sorted_region_case(device, block_n):
-    """Region-sorted tokens where every region owns whole key tiles, with block-diagonal allow."""
-    R, tiles_per_region, H, D = 4, 2, 2, 32
-    tokens = R * tiles_per_region * block_n
-    labels = torch.arange(R, device=device).repeat_interleave(tiles_per_region * block_n)
+def sorted_region_case(device):
+    """Region-sorted tokens where every region owns whole layout tiles, with block-diagonal allow."""
+    R, H, D = 4, 2, 32
+    tokens = R * TILE_M  # TILE_M is a multiple of TILE_N: every query tile and key tile is region-pure
+    labels = torch.arange(R, device=device).repeat_interleave(TILE_M)
     q, k, v = (torch.randn(1, H, tokens, D, device=device) for _ in range(3))
     allow = torch.eye(R, dtype=torch.bool, device=device)
     allow[0, 1] = allow[1, 0] = True
@@ -133,8 +133,7 @@ def sorted_region_case(device, block_n):
 
 
 def test_skipped_tiles_are_never_loaded(backend, device):
-    block_n = forward_config(32, torch.float32, False, False, 4).block_n if backend == "triton" else 64
-    case = sorted_region_case(device, block_n)
+    case = sorted_region_case(device)
     expected = sma_attention_reference(**float64(case))
     # Keys of region 3 are only visible to region-3 queries; poison them for everyone else:
     # any load of a skipped tile turns the other rows into NaN.

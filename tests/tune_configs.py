@@ -57,7 +57,7 @@ def jobs_for(op, key, candidate):
             run()
         for launch in launches:
             for arch in gate.TARGETS.values():
-                jobs.append((name, launch.kernel, launch.kwargs, launch.num_warps, launch.num_stages, arch))
+                jobs.append((name, launch, arch))
     return jobs
 
 

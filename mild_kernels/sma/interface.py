@@ -1,4 +1,4 @@
-"""The public ``sma_attention``: argument checks, layout, and backend choice."""
+"""The public ``sma_attention``: argument checks, regions to a layout, and backend choice."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
+from .._checks import FLOAT_DTYPES, check_tensor, require
 from .._runtime import triton_available, triton_runs_on
-from .regions import MAX_REGIONS, Regions, normalize_regions, num_regions_of
-from .op import sma_forward
+from .layout import SMALayout, prepare_regions, tokens_of
+from .op import flatten_layout, sma_forward
 
 BACKENDS = ("auto", "triton", "torch")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -19,18 +19,6 @@ class SMAOutput(NamedTuple):
     out: torch.Tensor
     lse: torch.Tensor | None
     region_mass: torch.Tensor | None
-
-
-class SMAInputs(NamedTuple):
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    q_regions: Regions
-    k_regions: Regions
-    bias: torch.Tensor  # (B|1, H|1, R, R) float
-    allow: torch.Tensor | None  # (B|1, R, R) bool
-    scale: float
-    num_regions: int
 
 
 def _check_qkv(q, k, v, backend):
@@ -44,62 +32,38 @@ def _check_qkv(q, k, v, backend):
     require(k.shape[3] == D and v.shape[3] == D, f"k, v: head dims {k.shape[3]}, {v.shape[3]} must equal q's {D}")
     require(MIN_HEAD_DIM <= D <= MAX_HEAD_DIM, f"q: head dim {D} is outside [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
     require(q.shape[2] > 0 and k.shape[2] > 0, "q, k: need at least one query and one key token")
+    require(q.device == k.device == v.device, f"k, v: are on {k.device}, {v.device} but q is on {q.device}; all "
+            "tensors must share one device")
 
 
-def _check_bias(bias, batch, heads, num_regions):
+def _check_bias(bias, batch, heads, num_regions, device):
     if bias is None:
         return None
     check_tensor("bias", bias, ndims=(2, 3, 4))
     require(bias.is_floating_point(), f"bias: must be a float tensor, got {bias.dtype}")
+    require(bias.device == device, f"bias: is on {bias.device} but q is on {device}; all tensors must share one device")
     R = num_regions
     shapes = {2: (R, R), 3: (heads, R, R), 4: (batch, heads, R, R)}
     require(tuple(bias.shape) == shapes[bias.dim()],
             f"bias: shape {tuple(bias.shape)} must be (R, R), (H, R, R) or (B, H, R, R) with R={R}, H={heads}, B={batch}")
-    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return bias if bias.stride(-1) == 1 else bias.contiguous()
 
 
-def _check_allow(allow, batch, num_regions):
-    if allow is None:
-        return None
-    check_tensor("allow", allow, ndims=(2, 3), dtypes=(torch.bool,))
-    R = num_regions
-    shape_ok = tuple(allow.shape[-2:]) == (R, R) and (allow.dim() == 2 or allow.shape[0] == batch)
-    require(shape_ok, f"allow: shape {tuple(allow.shape)} must be (R, R) or (B, R, R) with R={R}, B={batch}")
-    return allow.reshape((1,) * (3 - allow.dim()) + tuple(allow.shape))
+def _check_layout(layout, q, k):
+    require(isinstance(layout, SMALayout), f"layout: expected an SMALayout from prepare_regions, got "
+            f"{type(layout).__name__}")
+    B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
+    require(layout.q_tokens == Nq and layout.k_tokens == Nk,
+            f"layout: prepared for {layout.q_tokens} query and {layout.k_tokens} key tokens, the attention has "
+            f"{Nq} and {Nk}")
+    require(layout.batch in (1, B), f"layout: prepared for batch {layout.batch}, the attention has B={B}")
+    device = layout.q_regions.labels.device
+    require(device == q.device, f"layout: is on {device} but q is on {q.device}")
 
 
-def prepare_inputs(q, k, v, q_regions, k_regions, bias, allow, scale, backend) -> SMAInputs:
-    """Check every argument and bring it to the layout both backends take."""
+def choose_backend(backend: str, device: torch.device) -> str:
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
-    _check_qkv(q, k, v, backend)
-    check_tensor("q_regions", q_regions)
-    check_tensor("k_regions", k_regions)
-    check_same_device(q=q, k=k, v=v, q_regions=q_regions, k_regions=k_regions, bias=bias, allow=allow)
-    B, H, Nq, D = q.shape
-    R = num_regions_of(q_regions, k_regions, bias, allow)
-    require(1 <= R <= MAX_REGIONS, f"regions: R={R} regions, but at most {MAX_REGIONS} are supported")
-    bias4 = _check_bias(bias, B, H, R)
-    allow3 = _check_allow(allow, B, R)
-    qr = normalize_regions("q_regions", q_regions, B, Nq, R)
-    kr = normalize_regions("k_regions", k_regions, B, k.shape[2], R)
-    if qr.is_soft != kr.is_soft:  # one soft side makes both soft: one-hot rows are exact
-        qr, kr = (_as_soft(r, R) for r in (qr, kr))
-    if bias4 is None:
-        bias4 = torch.zeros(1, 1, R, R, dtype=torch.float32, device=q.device)
-    scale = D ** -0.5 if scale is None else float(scale)
-    require(scale == scale and abs(scale) != float("inf"), f"scale: must be finite, got {scale}")
-    return SMAInputs(q, k, v, qr, kr, bias4, allow3, scale, R)
-
-
-def _as_soft(regions: Regions, num_regions: int) -> Regions:
-    if regions.is_soft:
-        return regions
-    onehot = torch.nn.functional.one_hot(regions.labels.long(), num_regions).float()
-    return Regions(regions.labels, onehot)
-
-
-def choose_backend(backend: str, inputs: SMAInputs) -> str:
-    device = inputs.q.device
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton":
@@ -109,7 +73,7 @@ def choose_backend(backend: str, inputs: SMAInputs) -> str:
     return backend
 
 
-def sma_attention(q, k, v, q_regions, k_regions, bias=None, allow=None, scale=None, *,
+def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None, scale=None, *, layout=None,
                   return_lse=False, return_region_mass=False, backend="auto", deterministic=False):
     """Spatially-modulated attention (docs/semantics.md).
 
@@ -122,12 +86,16 @@ def sma_attention(q, k, v, q_regions, k_regions, bias=None, allow=None, scale=No
         bias: finite region-pair bias W of shape (R, R), (H, R, R) or (B, H, R, R); None is 0.
         allow: bool (R, R) or (B, R, R); allow[label(q), label(k)] False blocks the pair.
         scale: score scale, default D ** -0.5.
+        layout: an SMALayout from ``prepare_regions`` instead of q_regions, k_regions and allow:
+            the regions checked and the tile lists built once, for many calls. Such a call reads
+            no tensor value on the host (no GPU sync): on a GPU the bias is then not checked for
+            finiteness (a NaN or inf entry gives NaN rows).
         return_lse: also return the natural-log logsumexp of each score row, (B, H, Nq).
         return_region_mass: also return softmax(S) Mk, (B, H, Nq, R).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, any
             device) or "auto".
-        deterministic: make the backward pass bitwise repeatable (the Triton backward then
-            computes dq in its own pass instead of with atomic adds).
+        deterministic: accepted for compatibility: both backends' backward passes are
+            bitwise repeatable (the Triton one computes dq in its own pass, with no atomics).
 
     Differentiable in q, k, v and bias (the bias gradient is reduced to the shape given);
     region memberships get no gradient. Registered as the custom op
@@ -138,12 +106,39 @@ def sma_attention(q, k, v, q_regions, k_regions, bias=None, allow=None, scale=No
         ``return_`` flag is set (None for what was not asked). Rows whose keys are all
         blocked give 0 and lse = -inf.
     """
-    inputs = prepare_inputs(q, k, v, q_regions, k_regions, bias, allow, scale, backend)
-    chosen = choose_backend(backend, inputs)
-    qr, kr = inputs.q_regions, inputs.k_regions
-    out, lse, mass = sma_forward(inputs.q, inputs.k, inputs.v, qr.labels, kr.labels, qr.memberships, kr.memberships,
-                                 inputs.bias, inputs.allow, inputs.scale, inputs.num_regions, return_region_mass,
-                                 chosen, deterministic)
+    require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
+    _check_qkv(q, k, v, backend)
+    chosen = choose_backend(backend, q.device)
+    B, H, _, D = q.shape
+    if layout is None:
+        require(q_regions is not None, "q_regions: give the query regions, or a prepared layout")
+        check_tensor("q_regions", q_regions)
+        check_tensor("k_regions", k_regions)
+        for name, t in (("q_regions", q_regions), ("k_regions", k_regions), ("allow", allow)):
+            require(t is None or t.device == q.device,
+                    f"{name}: is on {t.device if t is not None else None} but q is on {q.device}; all tensors must "
+                    "share one device")
+        for name, t, n in (("q_regions", q_regions, q.shape[2]), ("k_regions", k_regions, k.shape[2])):
+            require(t.dim() >= 1 and tokens_of(t) == n, f"{name}: has {tokens_of(t)} tokens but the attention has {n}")
+        stated = int(bias.shape[-1]) if isinstance(bias, torch.Tensor) and bias.dim() >= 2 else None
+        layout = prepare_regions(q_regions, k_regions, allow, num_regions=stated, batch=B, tiles=chosen == "triton",
+                                 read_info=False)
+        check_bias = True
+    else:
+        require(q_regions is None and k_regions is None and allow is None,
+                "layout: carries the regions and the allow table; pass q_regions, k_regions and allow to "
+                "prepare_regions instead")
+        check_bias = q.device.type != "cuda"  # reading it would sync a GPU
+    _check_layout(layout, q, k)
+    bias4 = _check_bias(bias, B, H, layout.num_regions, q.device)
+    scale = D ** -0.5 if scale is None else float(scale)
+    require(scale == scale and abs(scale) != float("inf"), f"scale: must be finite, got {scale}")
+    if chosen == "triton" and layout.tiles is None:
+        raise ValueError("layout: was prepared without tile lists; use prepare_regions(...) with tiles=True")
+    save_shift = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
+    tensors, ints = flatten_layout(layout)
+    out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_bias,
+                                    chosen, deterministic)
     if not (return_lse or return_region_mass):
         return out
     return SMAOutput(out, lse if return_lse else None, mass if return_region_mass else None)

@@ -1,10 +1,11 @@
 """SMA as torch.library custom ops: forward, backward, fake kernels and autograd.
 
-The public wrapper (interface.py) does the checks that depend only on shapes and
-dtypes, then calls ``torch.ops.mild_kernels.sma_forward``. Everything that looks
-at values (label ranges, membership sums, a finite bias, the tile-sparsity lists)
-runs inside the op, so ``torch.compile(fullgraph=True)`` traces a caller without
-graph breaks: the compiler sees one opaque op with a fake kernel for shapes.
+The public wrapper (interface.py) checks shapes and dtypes and brings the regions to an
+SMALayout (layout.py: validated once, with the Triton kernels' tile lists). A layout
+travels through the ops as a list of tensors plus a list of ints (``flatten_layout``),
+so ``torch.compile(fullgraph=True)`` traces a caller without graph breaks: the compiler
+sees one opaque op with a fake kernel for shapes. Nothing inside the ops reads a tensor
+value on the host: with a prepared layout a call makes no GPU sync.
 """
 
 from __future__ import annotations
@@ -15,16 +16,44 @@ import torch
 from torch import Tensor
 
 from .._checks import check_finite
-from .regions import Regions, check_region_values
-from .sparsity import tile_sparsity
+from .layout import SMALayout, TileInfo, TileLists
+from .regions import Regions
 from . import torch_region_pairs
 from .torch_chunked import compute_dtype, sma_backward_torch, sma_forward_torch
 
-NO_TENSOR = torch.empty(0)  # stands for an absent optional output
+NO_TENSOR = torch.empty(0)  # stands for an absent optional tensor
 
 
-def _regions(labels: Tensor, memberships: Optional[Tensor]) -> Regions:
-    return Regions(labels, memberships)
+def flatten_layout(layout: SMALayout) -> tuple[list[Tensor], list[int]]:
+    """The layout's tensors (absent ones as empty tensors) and ints, as the custom ops take them."""
+    qr, kr = layout.q_regions, layout.k_regions
+    tensors = [qr.labels, kr.labels, _or_empty(qr.memberships), _or_empty(kr.memberships), _or_empty(layout.k_split),
+               _or_empty(layout.allow), layout.allow_bits]
+    ints = [layout.num_regions, int(qr.is_soft)]
+    if layout.tiles is not None:
+        tensors += [*layout.tiles, layout.tile_flags]
+    if layout.info is not None:
+        ints += [int(value) for value in layout.info]
+    return tensors, ints
+
+
+def unflatten_layout(tensors: list[Tensor], ints: list[int]) -> SMALayout:
+    """The SMALayout again; tile flags not read at prepare time are read here (a host sync)."""
+    q_labels, k_labels, q_mem, k_mem, k_split, allow, allow_bits = tensors[:7]
+    soft = bool(ints[1])
+    tiles = TileLists(*tensors[7:-1]) if len(tensors) > 7 else None
+    flags = tensors[-1] if len(tensors) > 7 else None
+    if len(ints) > 2:
+        info = TileInfo(*(bool(v) for v in ints[2:]))
+    else:
+        info = TileInfo(*(bool(v) for v in flags.tolist())) if flags is not None else None
+    return SMALayout(ints[0], Regions(q_labels, q_mem if soft else None), Regions(k_labels, k_mem if soft else None),
+                     allow if allow.numel() else None, allow_bits, k_split if k_split.numel() else None, tiles, flags,
+                     info, None, None, None, None)
+
+
+def _or_empty(t: Optional[Tensor]) -> Tensor:
+    return NO_TENSOR if t is None else t
 
 
 def _stats_dtype(q: Tensor, backend: str) -> torch.dtype:
@@ -32,101 +61,102 @@ def _stats_dtype(q: Tensor, backend: str) -> torch.dtype:
     return compute_dtype(q.dtype) if backend == "torch" else torch.float32
 
 
+def _dense_bias(bias: Optional[Tensor], num_regions: int, device) -> Tensor:
+    return torch.zeros(1, 1, num_regions, num_regions, device=device) if bias is None else bias
+
+
 @torch.library.custom_op("mild_kernels::sma_forward", mutates_args=())
-def sma_forward(q: Tensor, k: Tensor, v: Tensor, q_labels: Tensor, k_labels: Tensor,
-                q_memberships: Optional[Tensor], k_memberships: Optional[Tensor], bias: Tensor,
-                allow: Optional[Tensor], scale: float, num_regions: int, return_mass: bool,
-                backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, lse, region mass or an empty tensor). See interface.sma_attention.
+def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
+                bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_bias: bool,
+                backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, lse, region mass or empty, shift table or empty). See interface.sma_attention.
 
-    ``deterministic`` only shapes the backward pass; autograd reads it from here.
+    ``check_bias`` reads the bias on the host to refuse non-finite entries; ``deterministic``
+    only shapes the backward pass, where autograd reads it from here.
     """
-    qr, kr = _regions(q_labels, q_memberships), _regions(k_labels, k_memberships)
-    check_region_values("q_regions", qr, num_regions)
-    check_region_values("k_regions", kr, num_regions)
-    check_finite("bias", bias)
+    if check_bias and bias is not None:
+        check_finite("bias", bias)
+    layout = unflatten_layout(layout_tensors, layout_ints)
+    R = layout.num_regions
     if backend == "torch":
+        qr, kr = layout.q_regions, layout.k_regions
         forward = (torch_region_pairs.sma_forward_by_region_pairs
-                   if torch_region_pairs.applies(q, qr, kr, num_regions) else sma_forward_torch)
-        out, lse, mass = forward(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass)
+                   if torch_region_pairs.applies(q, qr, kr, R) else sma_forward_torch)
+        out, lse, mass = forward(q, k, v, qr, kr, _dense_bias(bias, R, q.device), layout.allow, scale, R, return_mass)
+        shift = None
     else:
-        out, lse, mass = _forward_triton(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass)
-    return out, lse, (mass if return_mass else NO_TENSOR.to(lse.device))
+        from .triton_forward import forward_config, sma_forward_triton
 
-
-def _forward_triton(q, k, v, qr, kr, bias, allow, scale, num_regions, return_mass):
-    from .triton_forward import LOG2E, forward_config, sma_forward_triton
-
-    config = forward_config(q.shape[-1], q.dtype, qr.is_soft, return_mass, num_regions)
-    sparsity = tile_sparsity(qr.labels, kr.labels, allow, num_regions, config.block_m, config.block_n)
-    bias_log2 = (bias.float() * LOG2E).contiguous()
-    bits = allow_bitmask(allow, num_regions, q.device)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return sma_forward_triton(q, k, v, qr, kr, bias_log2, bits, sparsity, scale, num_regions, return_mass, config)
-
-
-def allow_bitmask(allow: Optional[Tensor], num_regions: int, device) -> Tensor:
-    """(B|1, R) integers whose bit s of row r is allow[r, s]; int32 when R <= 32."""
-    if allow is None:
-        allow = torch.ones(1, num_regions, num_regions, dtype=torch.bool, device=device)
-    weights = torch.ones(num_regions, dtype=torch.int64, device=device) << torch.arange(num_regions, device=device)
-    bits = (allow.long() * weights).sum(-1)  # distinct powers of two: the sum is the OR
-    return (bits.to(torch.int32) if num_regions <= 32 else bits).contiguous()
+        config = forward_config(q.shape[-1], q.dtype, layout.q_regions.is_soft, return_mass, R)
+        out, lse, mass, shift = sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config)
+    return (out, lse, mass if return_mass else lse.new_empty(0),
+            shift if save_shift and shift is not None else lse.new_empty(0))
 
 
 @sma_forward.register_fake
-def _(q, k, v, q_labels, k_labels, q_memberships, k_memberships, bias, allow, scale, num_regions, return_mass,
-      backend, deterministic):
+def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_bias, backend,
+      deterministic):
     B, H, Nq, _ = q.shape
+    R = layout_ints[0]
     stats = _stats_dtype(q, backend)
-    mass = q.new_empty((B, H, Nq, num_regions), dtype=stats) if return_mass else q.new_empty((0,), dtype=torch.float32)
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=stats), mass
+    mass = q.new_empty((B, H, Nq, R), dtype=stats) if return_mass else q.new_empty((0,), dtype=torch.float32)
+    shift = (q.new_empty((B, H, Nq, R), dtype=torch.float32) if save_shift and backend != "torch"
+             else q.new_empty((0,), dtype=torch.float32))
+    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=stats), mass, shift
 
 
 @torch.library.custom_op("mild_kernels::sma_backward", mutates_args=())
 def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Optional[Tensor], q: Tensor, k: Tensor,
-                 v: Tensor, out: Tensor, lse: Tensor, mass: Optional[Tensor], q_labels: Tensor, k_labels: Tensor,
-                 q_memberships: Optional[Tensor], k_memberships: Optional[Tensor], bias: Tensor,
-                 allow: Optional[Tensor], scale: float, num_regions: int, backend: str,
-                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 v: Tensor, out: Tensor, lse: Tensor, mass: Optional[Tensor], shift: Tensor,
+                 layout_tensors: list[Tensor], layout_ints: list[int], bias: Optional[Tensor], scale: float,
+                 backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias as (B, H, R, R))."""
-    qr, kr = _regions(q_labels, q_memberships), _regions(k_labels, k_memberships)
+    layout = unflatten_layout(layout_tensors, layout_ints)
+    R = layout.num_regions
     if backend == "torch":
-        return sma_backward_torch(q, k, v, out, lse, grad_out, grad_lse, grad_mass, mass, qr, kr, bias, allow, scale,
-                                  num_regions)
-    from .triton_backward import sma_backward_triton_launch
+        return sma_backward_torch(q, k, v, out, lse, grad_out, grad_lse, grad_mass, mass, layout.q_regions,
+                                  layout.k_regions, _dense_bias(bias, R, q.device), layout.allow, scale, R)
+    from .triton_backward import backward_config, sma_backward_triton
 
-    return sma_backward_triton_launch(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, qr, kr, bias, allow,
-                                      scale, num_regions, deterministic)
+    config = backward_config(q.shape[-1], q.dtype, layout.q_regions.is_soft, grad_mass is not None, R)
+    return sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout, bias, scale,
+                               config)
 
 
 @sma_backward.register_fake
-def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, q_labels, k_labels, q_memberships, k_memberships,
-      bias, allow, scale, num_regions, backend, deterministic):
+def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tensors, layout_ints, bias, scale,
+      backend, deterministic):
     B, H = q.shape[:2]
-    dbias = q.new_empty((B, H, num_regions, num_regions), dtype=_stats_dtype(q, backend))
+    R = layout_ints[0]
+    dbias = q.new_empty((B, H, R, R), dtype=_stats_dtype(q, backend))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_labels, k_labels, q_mem, k_mem, bias, allow, scale, num_regions, return_mass, backend,
-     deterministic) = inputs
-    out, lse, mass = output
-    ctx.save_for_backward(q, k, v, q_labels, k_labels, q_mem, k_mem, bias, allow, out, lse,
-                          mass if return_mass else None)
-    ctx.scale, ctx.num_regions, ctx.backend, ctx.deterministic = scale, num_regions, backend, deterministic
+    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_bias, backend, deterministic = inputs
+    out, lse, mass, shift = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, mass if return_mass else None, shift, *layout_tensors)
+    ctx.layout_ints = layout_ints
+    ctx.scale, ctx.backend, ctx.deterministic = scale, backend, deterministic
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
-def _backward(ctx, grad_out, grad_lse, grad_mass):
-    q, k, v, q_labels, k_labels, q_mem, k_mem, bias, allow, out, lse, mass = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_mass, grad_shift):
+    q, k, v, bias, out, lse, mass, shift, *layout_tensors = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
+    grad_lse = None if grad_lse is None else grad_lse.contiguous()
+    grad_mass = None if grad_mass is None or mass is None else grad_mass.contiguous()
     dq, dk, dv, dbias = torch.ops.mild_kernels.sma_backward(
-        grad_out.contiguous(), grad_lse, grad_mass if mass is not None else None, q, k, v, out, lse, mass, q_labels,
-        k_labels, q_mem, k_mem, bias, allow, ctx.scale, ctx.num_regions, ctx.backend, ctx.deterministic)
-    reduce_dims = [d for d in (0, 1) if bias.shape[d] == 1]
-    dbias = (dbias.sum(reduce_dims, keepdim=True) if reduce_dims else dbias).to(bias.dtype)
-    return dq, dk, dv, None, None, None, None, dbias, None, None, None, None, None, None
+        grad_out.contiguous(), grad_lse, grad_mass, q, k, v, out, lse, mass, shift,
+        layout_tensors, ctx.layout_ints, bias, ctx.scale, ctx.backend, ctx.deterministic)
+    no_grads = [None] * len(layout_tensors)  # the regions get no gradient
+    if bias is not None:
+        reduce_dims = [d for d in (0, 1) if bias.shape[d] == 1]
+        dbias = (dbias.sum(reduce_dims, keepdim=True) if reduce_dims else dbias).to(bias.dtype)
+    else:
+        dbias = None
+    return dq, dk, dv, no_grads, None, dbias, None, None, None, None, None, None
+
 
 torch.library.register_autograd("mild_kernels::sma_forward", _backward, setup_context=_setup_context)

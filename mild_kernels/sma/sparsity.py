@@ -44,7 +44,8 @@ def tile_presence(labels: torch.Tensor, block: int, num_regions: int) -> torch.T
     return onehot.view(batch, tiles, block, num_regions).amax(2)
 
 
-def _compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, index) per row of a boolean mask: the True positions first, in order."""
     count = mask.sum(-1, dtype=torch.int32)
     index = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
     return count.contiguous(), index.contiguous()
@@ -71,4 +72,4 @@ def tile_sparsity(q_labels: torch.Tensor, k_labels: torch.Tensor, allow: torch.T
         full = (allowed_pairs == present_pairs).expand(batch, -1, -1).clone()
     if k_labels.shape[1] % block_n:
         full[..., -1] = False
-    return TileSparsity(*_compact(active & ~full), *_compact(full))
+    return TileSparsity(*compact(active & ~full), *compact(full))

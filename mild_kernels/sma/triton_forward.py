@@ -1,17 +1,24 @@
 """Triton forward kernel of spatially-modulated attention.
 
-One program owns one query tile of one (batch row, head). It walks the key tiles
-that the tile-sparsity lists name (see sparsity.py): partial tiles with the
-element-wise allow mask, then full tiles with no mask at all. Skipped tiles are
-never loaded. Scores are kept in log2 units: the bias table arrives pre-scaled
-by log2(e) and ``qk_scale = scale * log2(e)``, so the softmax uses exp2.
+One program owns one query block of one (batch row, head) and walks the key tiles that
+its layout's lists name (layout.py): first the mixed tiles, then the pure ones. Scores
+are kept in log2 units (``qk_scale = scale * log2(e)``, bias times log2(e)), so the
+softmax uses exp2.
 
-The bias term Mq W Mk^T is computed two ways:
-
-- hard labels: a gather ``W[label(q), label(k)]`` from the (R, R) table, which
-  stays in L1; when tokens are region-sorted most tiles read one row of it;
-- soft memberships: ``(Mq W) Mk^T`` with Mq W formed once per query tile and one
-  small dot per key tile, in tf32x3 so the bias keeps fp32 accuracy.
+- Prologue: the query block's bias rows ``qw = Mq W`` (hard labels: rows of the table;
+  soft: one small fp32 dot), written to a per-row scratch table ``QW`` (B, H, Nq, R).
+- Pure tiles (uniform key tile of region c): the bias of query row q is ``qw[q, c]``, one
+  gather per row and tile, folded into the exp2 shift with the running max, so the loop
+  is FlashAttention-2's with a per-row constant. ``allow`` applies per row.
+- Mixed tiles: the bias is the dot ``qw Mk^T``, accumulated onto the scaled scores. For
+  16-bit inputs both operands are split into bf16 halves (hi + lo, 16 mantissa bits) and
+  laid side by side along K, so the four products are one dot of width 4 next_pow2(R)
+  (16 at R <= 4); the key operand is split once, in the layout. Then the element-wise
+  allow mask and the key tail.
+- Epilogue: out, lse (natural log), region mass, and, when a backward pass will run, the
+  ``QW`` scratch is overwritten with the shift table ``lse_log2[q] - qw[q, c]`` (+inf where
+  (label(q), c) is blocked or the row sees nothing) that the backward kernels exponentiate
+  against.
 """
 
 from __future__ import annotations
@@ -23,225 +30,376 @@ import triton
 import triton.language as tl
 
 from .._runtime import empty, empty_like, interpreting, launch, next_power_of_2
+from .layout import REGION_BITS, TILE_M, TILE_N
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _load_tile(ptrs, offs_n, offs_d, n_limit, CHECK_N: tl.constexpr, CHECK_D: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile, masking only the edges that can be out of range."""
-    if CHECK_N:
-        if CHECK_D:
-            tile = tl.load(ptrs, mask=(offs_n[:, None] < n_limit) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+def _load_block(base, rows, stride, limit, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                MASK_ROWS: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of the rows ``rows``; only the edges that can be out of range are masked."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if MASK_ROWS:
+        if COL0 + WIDTH > HEAD_DIM:
+            block = tl.load(ptrs, mask=(rows[:, None] < limit) & (cols[None, :] < HEAD_DIM), other=0.0)
         else:
-            tile = tl.load(ptrs, mask=offs_n[:, None] < n_limit, other=0.0)
+            block = tl.load(ptrs, mask=rows[:, None] < limit, other=0.0)
     else:
-        if CHECK_D:
-            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        if COL0 + WIDTH > HEAD_DIM:
+            block = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
         else:
-            tile = tl.load(ptrs)
-    return tile
+            block = tl.load(ptrs)
+    return block
 
 
 @triton.jit
-def _dot_fp32(a, b, PRECISION: tl.constexpr):
-    """An fp32 x fp32 dot near fp32 accuracy.
+def _as_operand(x, UPCAST: tl.constexpr):
+    """A dot operand: as loaded on a GPU; in fp32 under the interpreter, which computes 16-bit dots wrongly."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
-    PRECISION "ieee" and "tf32x3" (fp32 inputs: the kernel's other dots use the same) go to
-    tl.dot. "split" (16-bit inputs) splits each operand into bf16 high and low halves and
-    sums three bf16 tensor-core dots: about 16 mantissa bits, far below the inputs' own
-    rounding, at a fraction of the registers that tf32x3 takes.
+
+@triton.jit
+def _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, COLS: tl.constexpr,
+                        TERMS: tl.constexpr, RP: tl.constexpr, SOFT: tl.constexpr):
+    """(BLOCK_M, COLS) float32 in log2 units: column t holds (Mq W)[q, t // TERMS] (0 past R).
+
+    Hard labels gather rows of the table; soft memberships take one small exact dot.
     """
-    if PRECISION != "split":
-        out = tl.dot(a, b, input_precision="ieee")  # K = R is small: exact FMA beats tf32x3's registers
+    cols = tl.arange(0, COLS)
+    region = cols // TERMS
+    if SOFT:
+        offs_r = tl.arange(0, RP)
+        mq = tl.load(qmem_base + offs_m[:, None] * R + offs_r[None, :], mask=in_m[:, None] & (offs_r[None, :] < R),
+                     other=0.0)
+        w = tl.load(bias_base + offs_r[:, None] * stride_bias_r + region[None, :],
+                    mask=(offs_r[:, None] < R) & (region[None, :] < R), other=0.0).to(tl.float32)
+        x = tl.dot(mq, w, input_precision="ieee")
     else:
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        out = tl.dot(a_hi, b_hi)
-        out = tl.dot(a_hi, b_lo, out)
-        out = tl.dot(a_lo, b_hi, out)
-    return out
+        x = tl.load(bias_base + lq[:, None] * stride_bias_r + region[None, :], mask=region[None, :] < R,
+                    other=0.0).to(tl.float32)
+    return x * 1.4426950408889634
 
 
 @triton.jit
-def _dot_onehot(a, b, ONEHOT_A: tl.constexpr, PRECISION: tl.constexpr):
-    """_dot_fp32 where one operand (a if ONEHOT_A, else b) holds only 0 and 1 (hard labels).
+def _split_operand(x, TERMS_Q: tl.constexpr, UPCAST: tl.constexpr):
+    """A float32 dot operand whose columns come in (hi, lo) pairs when TERMS_Q == 2: the bf16
+    high half in even columns and the bf16 rest in odd ones (16 mantissa bits in all)."""
+    if TERMS_Q == 2:
+        hi = x.to(tl.bfloat16)
+        lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+        x = tl.where((tl.arange(0, x.shape[1]) % 2 == 0)[None, :], hi, lo)
+    return _as_operand(x, UPCAST)
 
-    That operand is exact in bf16, so "split" needs two bf16 dots instead of three, and
-    only the other operand is split: fewer live tiles, which is what spilled.
+
+@triton.jit
+def _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop, R, KR: tl.constexpr, TERMS_Q: tl.constexpr,
+                      TERMS_K: tl.constexpr, SOFT: tl.constexpr, UPCAST: tl.constexpr):
+    """The key side (BLOCK_N, KR) of the bias dot: one-hot rows for hard labels (exact in bf16),
+    else the layout's pre-split memberships (16-bit kernels) or the fp32 memberships."""
+    cols = tl.arange(0, KR)
+    region = cols // (TERMS_Q * TERMS_K)
+    if SOFT:
+        if TERMS_K == 2:
+            x = tl.load(kop_base + offs_n[:, None] * stride_kop + cols[None, :], mask=in_n[:, None], other=0.0)
+        else:
+            x = tl.load(kop_base + offs_n[:, None] * stride_kop + region[None, :],
+                        mask=in_n[:, None] & (region[None, :] < R), other=0.0)
+    else:
+        x = tl.where(lk[:, None] == region[None, :], 1.0, 0.0)  # via float32: the interpreter's bool-to-bf16 gives 0
+        if TERMS_Q == 2:
+            x = x.to(tl.bfloat16)
+    return _as_operand(x, UPCAST)
+
+
+@triton.jit
+def _load_cols(ptrs, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A block whose rows are all in range: mask only columns past the head dim, if any."""
+    if COL0 + WIDTH > HEAD_DIM:
+        block = tl.load(ptrs, mask=(COL0 + tl.arange(0, WIDTH) < HEAD_DIM)[None, :], other=0.0)
+    else:
+        block = tl.load(ptrs)
+    return block
+
+
+@triton.jit
+def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_op, q_bits, k_base, v_base, klab_base, kmem_base, kop_base,
+                     tile_index, tile_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale,
+                     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                     SUB_N: tl.constexpr, KR: tl.constexpr, TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr,
+                     MASS_R: tl.constexpr, SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
+                     RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, OUT_TY: tl.constexpr):
+    """Online softmax over mixed key tiles: the bias as a dot, the element-wise mask, the key tail."""
+    offs_mass = tl.arange(0, MASS_R)
+    for j in range(tile_count * SUB_N):
+        offs_n = (tl.load(tile_index + j // SUB_N) * SUB_N + j % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = offs_n < Nk
+        lk = tl.load(klab_base + offs_n, mask=in_n, other=0)
+        k0 = _as_operand(_load_block(k_base, offs_n, stride_kn, Nk, 0, D0, HEAD_DIM, True), UPCAST)
+        s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+        if D1 > 0:
+            k1 = _as_operand(_load_block(k_base, offs_n, stride_kn, Nk, D0, D1, HEAD_DIM, True), UPCAST)
+            s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
+        if HAS_BIAS:
+            k_op = _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT, UPCAST)
+            s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+        allowed = in_n[None, :]
+        if ANY_BLOCKED:
+            allowed = allowed & (((q_bits[:, None] >> lk[None, :].to(q_bits.dtype)) & 1) != 0)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_op = _as_operand(p.to(OUT_TY), UPCAST)
+        v0 = _as_operand(_load_block(v_base, offs_n, stride_vn, Nk, 0, D0, HEAD_DIM, True), UPCAST)
+        acc0 = tl.dot(p_op, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            v1 = _as_operand(_load_block(v_base, offs_n, stride_vn, Nk, D0, D1, HEAD_DIM, True), UPCAST)
+            acc1 = tl.dot(p_op, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        if RETURN_MASS:
+            if SOFT:
+                k_mass = tl.load(kmem_base + offs_n[:, None] * R + offs_mass[None, :],
+                                 mask=in_n[:, None] & (offs_mass[None, :] < R), other=0.0)
+            else:
+                k_mass = tl.where(lk[:, None] == offs_mass[None, :], 1.0, 0.0)
+            k_mass = _as_operand(k_mass.to(OUT_TY), UPCAST)
+            mass = tl.dot(p_op, k_mass, mass * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc0, acc1, m_i, l_i, mass
+
+
+@triton.jit
+def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, offs_m, in_m, k_base, v_base,
+                   run_base, run_count, stride_kn, stride_vn, Nq, qk_scale,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SUB_N: tl.constexpr, MASS_R: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
+                   RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   OUT_TY: tl.constexpr, REGION_BITS: tl.constexpr):
+    """Online softmax over runs of uniform key tiles. Within a run every key is in region c, so
+    a row's bias qw[q, c] is one number, folded into the exp2 shift: the inner loop is
+    FlashAttention-2's, with pointer increments.
+
+    Region mass is settled once per run, in the rows of the Mass output (``mass_rows``, the
+    unnormalised running mass): kept in registers across the loop, a (BLOCK_M, 16) tensor in
+    the accumulator's layout costs as many registers as a (BLOCK_M, 64) one.
     """
-    if PRECISION != "split":
-        out = tl.dot(a, b, input_precision="ieee")
-    elif ONEHOT_A:
-        exact = a.to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        out = tl.dot(exact, (b - b_hi.to(tl.float32)).to(tl.bfloat16), tl.dot(exact, b_hi))
-    else:
-        exact = b.to(tl.bfloat16)
-        a_hi = a.to(tl.bfloat16)
-        out = tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), exact, tl.dot(a_hi, exact))
-    return out
+    offs_block = tl.arange(0, BLOCK_N)
+    k_offs0 = offs_block[:, None] * stride_kn + tl.arange(0, D0)[None, :]
+    v_offs0 = offs_block[:, None] * stride_vn + tl.arange(0, D0)[None, :]
+    if D1 > 0:
+        k_offs1 = offs_block[:, None] * stride_kn + (D0 + tl.arange(0, D1))[None, :]
+        v_offs1 = offs_block[:, None] * stride_vn + (D0 + tl.arange(0, D1))[None, :]
+    offs_mass = tl.arange(0, MASS_R)
+    for r in range(run_count):
+        head = tl.load(run_base + 2 * r)
+        length = tl.load(run_base + 2 * r + 1)
+        region = head & ((1 << REGION_BITS) - 1)
+        start_n = (head >> REGION_BITS) * (SUB_N * BLOCK_N)
+        if HAS_BIAS:
+            b_row = tl.load(qw_base + region * Nq + offs_m, mask=in_m, other=0.0)
+        else:
+            b_row = tl.zeros_like(m_i)
+        if ANY_BLOCKED:
+            allowed_row = ((q_bits >> region.to(q_bits.dtype)) & 1) != 0
+        if RETURN_MASS:
+            m_start = m_i
+            l_start = l_i
+        k_ptrs0 = k_base + start_n * stride_kn + k_offs0
+        v_ptrs0 = v_base + start_n * stride_vn + v_offs0
+        if D1 > 0:
+            k_ptrs1 = k_base + start_n * stride_kn + k_offs1
+            v_ptrs1 = v_base + start_n * stride_vn + v_offs1
+        for j in range(length * SUB_N):
+            k0 = _as_operand(_load_cols(k_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+            qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+            if D1 > 0:
+                k1 = _as_operand(_load_cols(k_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+            row_max = tl.max(qk, 1) * qk_scale + b_row
+            if ANY_BLOCKED:
+                m_new = tl.maximum(m_i, tl.where(allowed_row, row_max, float("-inf")))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                shift = tl.where(allowed_row, m_safe - b_row, float("inf"))  # blocked rows: p = 0
+            else:
+                m_new = tl.maximum(m_i, row_max)
+                m_safe = m_new
+                shift = m_new - b_row
+            p = tl.math.exp2(qk * qk_scale - shift[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            p_op = _as_operand(p.to(OUT_TY), UPCAST)
+            v0 = _as_operand(_load_cols(v_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+            acc0 = tl.dot(p_op, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+            if D1 > 0:
+                v1 = _as_operand(_load_cols(v_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                acc1 = tl.dot(p_op, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+                k_ptrs1 += BLOCK_N * stride_kn
+                v_ptrs1 += BLOCK_N * stride_vn
+            k_ptrs0 += BLOCK_N * stride_kn
+            v_ptrs0 += BLOCK_N * stride_vn
+            m_i = m_new
+        if RETURN_MASS:  # the run's share of l is its mass in region c; rescale the rest once
+            factor = tl.where(m_i == float("-inf"), 1.0, tl.math.exp2(m_start - m_i))
+            mass_ptrs = mass_rows[:, None] + offs_mass[None, :]
+            mass_mask = in_m[:, None] & (offs_mass[None, :] < R)
+            tl.debug_barrier()
+            mass = tl.load(mass_ptrs, mask=mass_mask, other=0.0)
+            mass = mass * factor[:, None] + tl.where(offs_mass[None, :] == region, (l_i - l_start * factor)[:, None],
+                                                     0.0)
+            tl.store(mass_ptrs, mass, mask=mass_mask)
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
-def _sma_fwd_tiles(acc, m_i, l_i, mass_acc,
-                   q, qw, q_bits, bias_base, bias_rows,
-                   k_base, v_base, klab_base, kmem_base,
-                   tile_index, tile_count,
-                   stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
-                   MASKED: tl.constexpr, SOFT: tl.constexpr, RETURN_MASS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   RELOAD_Q: tl.constexpr):
-    """Online-softmax accumulation over a list of key tiles.
+def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, StateMass,
+                    QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits,
+                    RunCount, Runs, MixedCount, MixedIndex,
+                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                    stride_qlab_b, stride_qmem_b, stride_klab_b, stride_kmem_b, stride_kop_b, stride_kop_n,
+                    stride_bias_b, stride_bias_h, stride_bias_r,
+                    stride_allow_b, stride_count_b, stride_index_b, stride_runs_b,
+                    H, Nq, Nk, R, num_key_tiles, qk_scale,
+                    HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
+                    TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr, MASS_R: tl.constexpr,
+                    SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, HAS_MIXED: tl.constexpr,
+                    ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr, SAVE_SHIFT: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
+                    REGION_BITS: tl.constexpr):
+    """Launched twice when the layout has mixed tiles: MIXED=True walks them and leaves the
+    online-softmax state (acc, m, l, mass) of each row in the State buffers; MIXED=False starts
+    from that state, walks the pure runs and writes the results. Separate launches keep the
+    mixed path's registers out of the pure loop's allocation.
 
-    RELOAD_Q reads the query tile again for every key tile (from L1/L2) instead of holding
-    it in registers: fp32 at D = 256 otherwise spills.
+    SUB_M, SUB_N: query and key blocks per layout tile; REGION_BITS: the run entries' format.
     """
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_tile = tl.arange(0, BLOCK_N)
-    for j in range(tile_count):
-        offs_n = tl.load(tile_index + j) * BLOCK_N + offs_tile
-        k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, offs_d, Nk,
-                       MASKED, BLOCK_D != HEAD_DIM, HEAD_DIM)
-        if MASKED:
-            in_n = offs_n < Nk
-            lk = tl.load(klab_base + offs_n, mask=in_n, other=0)
-        else:
-            lk = tl.load(klab_base + offs_n)
-        if UPCAST:
-            k = k.to(tl.float32)
-        if RELOAD_Q:
-            q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, offs_d, Nq, True,
-                           BLOCK_D != HEAD_DIM, HEAD_DIM)
-            if UPCAST:
-                q = q.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if SOFT:
-            mem_mask = offs_r[None, :] < R
-            if MASKED:
-                mem_mask = mem_mask & in_n[:, None]
-            mk = tl.load(kmem_base + offs_n[:, None] * R + offs_r[None, :], mask=mem_mask, other=0.0)
-            s += _dot_fp32(qw, tl.trans(mk), PRECISION)
-        else:
-            s += tl.load(bias_base + bias_rows[:, None] + lk[None, :])
-        if MASKED:
-            allowed = ((q_bits[:, None] >> lk[None, :].to(q_bits.dtype)) & 1) != 0
-            s = tl.where(allowed & in_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with nothing allowed so far keeps m = -inf; shift by 0 to avoid -inf - -inf.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_shift = m_new
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, offs_d, Nk,
-                       MASKED, BLOCK_D != HEAD_DIM, HEAD_DIM)
-        p_mm = p.to(v.dtype)
-        if UPCAST:
-            p_mm = p_mm.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = tl.dot(p_mm, v, acc, input_precision=DOT_PRECISION)
-        if RETURN_MASS:
-            alpha_mass = alpha[:, None]
-            if SOFT:
-                k_mass = mk.to(p_mm.dtype)
-            else:
-                k_mass = (lk[:, None] == offs_r[None, :]).to(p_mm.dtype)
-            if PRECISION == "split":
-                mass_acc = tl.dot(p_mm, k_mass, mass_acc * alpha_mass)
-            else:
-                mass_acc = mass_acc * alpha_mass + _dot_fp32(p_mm, k_mass, PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i, mass_acc
-
-
-@triton.jit
-def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass,
-                    QLabels, KLabels, QMem, KMem, Bias, AllowBits,
-                    PartialCount, PartialIndex, FullCount, FullIndex,
-                    stride_qb, stride_qh, stride_qn,
-                    stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn,
-                    stride_ob, stride_oh, stride_on,
-                    stride_qlab_b, stride_klab_b, stride_qmem_b, stride_kmem_b,
-                    stride_bias_b, stride_bias_h, stride_allow_b,
-                    stride_count_b, stride_index_b,
-                    H, Nq, Nk, R, num_k_tiles, qk_scale,
-                    HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SOFT: tl.constexpr,
-                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                    RELOAD_Q: tl.constexpr):
+    OUT_TY: tl.constexpr = V.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    list_row = pid_m // SUB_M
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
     in_m = offs_m < Nq
-
-    q_base = Q + b * stride_qb + h * stride_qh
-    if RELOAD_Q:
-        q = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # stands in: the tile loops load it
-    else:
-        q = _load_tile(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, offs_d, Nq, True,
-                       BLOCK_D != HEAD_DIM, HEAD_DIM)
-        if UPCAST:
-            q = q.to(tl.float32)
-    lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
-    q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
-    bias_base = Bias + b * stride_bias_b + h * stride_bias_h
-    bias_rows = lq * R
-    if SOFT:
+    rows = pid_bh * Nq + offs_m
+    mixed_count = 0
+    if HAS_MIXED:
+        mixed_count = tl.load(MixedCount + b * stride_count_b + list_row)
+    if not MIXED or mixed_count > 0:
+        q_base = Q + b * stride_qb + h * stride_qh
+        q0 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, 0, D0, HEAD_DIM, True), UPCAST)
+        q1 = q0
+        if D1 > 0:
+            q1 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, D0, D1, HEAD_DIM, True), UPCAST)
+        lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
+        q_bits = lq
+        if ANY_BLOCKED:
+            q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
+        bias_base = Bias + b * stride_bias_b + h * stride_bias_h
+        qmem_base = QMem + b * stride_qmem_b
+        offs_r = tl.arange(0, RP)
         in_r = offs_r < R
-        mq = tl.load(QMem + b * stride_qmem_b + offs_m[:, None] * R + offs_r[None, :],
-                     mask=in_m[:, None] & in_r[None, :], other=0.0)
-        w = tl.load(bias_base + offs_r[:, None] * R + offs_r[None, :], mask=in_r[:, None] & in_r[None, :], other=0.0)
-        qw = _dot_fp32(mq, w, PRECISION)
-    else:
-        qw = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        qw_base = QW + pid_bh * R * Nq  # (R, Nq) per (batch row, head): region c's bias of every query
+        offs_mass = tl.arange(0, MASS_R)
+        cols0 = tl.arange(0, D0)
+        cols1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+        if MIXED:
+            acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+            acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            mass = tl.zeros((BLOCK_M, MASS_R), dtype=tl.float32)
+            q_op = q0
+            if HAS_BIAS:
+                q_op = _split_operand(_query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R,
+                                                          KR, TERMS_Q * TERMS_K, RP, SOFT), TERMS_Q, UPCAST)
+            acc0, acc1, m_i, l_i, mass = _fwd_mixed_tiles(
+                acc0, acc1, m_i, l_i, mass, q0, q1, q_op, q_bits, K + b * stride_kb + h * stride_kh,
+                V + b * stride_vb + h * stride_vh, KLabels + b * stride_klab_b, KMem + b * stride_kmem_b,
+                KOperand + b * stride_kop_b, MixedIndex + b * stride_index_b + list_row * num_key_tiles,
+                mixed_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, SUB_N,
+                KR, TERMS_Q, TERMS_K, MASS_R, SOFT, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, PRECISION,
+                DOT_PRECISION, OUT_TY)
+            tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols0[None, :], acc0,
+                     mask=in_m[:, None] & (cols0[None, :] < HEAD_DIM))
+            if D1 > 0:
+                tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols1[None, :], acc1,
+                         mask=in_m[:, None] & (cols1[None, :] < HEAD_DIM))
+            tl.store(StateM + rows, m_i, mask=in_m)
+            tl.store(StateL + rows, l_i, mask=in_m)
+            if RETURN_MASS:
+                tl.store(StateMass + rows[:, None] * R + offs_mass[None, :], mass,
+                         mask=in_m[:, None] & (offs_mass[None, :] < R))
+        else:
+            # Start from the mixed launch's state where it left one, else from nothing.
+            if HAS_MIXED:
+                resume = in_m & (tl.zeros_like(lq) + mixed_count > 0)  # a block: the interpreter rejects 0-d masks
+            else:
+                resume = offs_m < 0
+            acc0 = tl.load(StateAcc + rows[:, None] * HEAD_DIM + cols0[None, :],
+                           mask=resume[:, None] & (cols0[None, :] < HEAD_DIM), other=0.0)
+            acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
+            if D1 > 0:
+                acc1 = tl.load(StateAcc + rows[:, None] * HEAD_DIM + cols1[None, :],
+                               mask=resume[:, None] & (cols1[None, :] < HEAD_DIM), other=0.0)
+            m_i = tl.load(StateM + rows, mask=resume, other=float("-inf"))
+            l_i = tl.load(StateL + rows, mask=resume, other=0.0)
+            if RETURN_MASS:  # the running mass lives in the Mass rows (see _fwd_pure_runs)
+                mass = tl.load(StateMass + rows[:, None] * R + offs_mass[None, :],
+                               mask=resume[:, None] & (offs_mass[None, :] < R), other=0.0)
+                tl.store(Mass + rows[:, None] * R + offs_mass[None, :], mass,
+                         mask=in_m[:, None] & (offs_mass[None, :] < R))
+            if HAS_BIAS:  # the bias rows qw = Mq W (log2 units), gathered once per run below
+                qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
+                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & in_r[None, :])
+                tl.debug_barrier()  # the runs gather rows this program's other threads wrote
+            acc0, acc1, m_i, l_i = _fwd_pure_runs(
+                acc0, acc1, m_i, l_i, Mass + rows * R, R, q0, q1, q_bits, qw_base, offs_m, in_m, K + b * stride_kb + h * stride_kh,
+                V + b * stride_vb + h * stride_vh, Runs + b * stride_runs_b + list_row * num_key_tiles * 2,
+                tl.load(RunCount + b * stride_count_b + list_row), stride_kn, stride_vn, Nq, qk_scale, HEAD_DIM, D0,
+                D1, BLOCK_N, SUB_N, MASS_R, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, DOT_PRECISION, OUT_TY,
+                REGION_BITS)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    mass_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    klab_base = KLabels + b * stride_klab_b
-    kmem_base = KMem + b * stride_kmem_b
-    row = pid_m * num_k_tiles
-    acc, m_i, l_i, mass_acc = _sma_fwd_tiles(
-        acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
-        PartialIndex + b * stride_index_b + row, tl.load(PartialCount + b * stride_count_b + pid_m),
-        stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
-        True, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION, RELOAD_Q)
-    acc, m_i, l_i, mass_acc = _sma_fwd_tiles(
-        acc, m_i, l_i, mass_acc, q, qw, q_bits, bias_base, bias_rows, k_base, v_base, klab_base, kmem_base,
-        FullIndex + b * stride_index_b + row, tl.load(FullCount + b * stride_count_b + pid_m),
-        stride_kn, stride_vn, Nk, R, qk_scale, q_base, offs_m, stride_qn, Nq,
-        False, SOFT, RETURN_MASS, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_R, UPCAST, PRECISION, RELOAD_Q)
-
-    # Rows with every key blocked have l = 0 and acc = 0: they give O = 0 and lse = -inf.
-    blocked = l_i == 0.0
-    inv_l = 1.0 / tl.where(blocked, 1.0, l_i)
-    out = acc * inv_l[:, None]
-    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=in_m[:, None] & (offs_d[None, :] < OUT_DIM))
-    lse = tl.where(blocked, float("-inf"), (m_i + tl.math.log2(tl.where(blocked, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Lse + pid_bh * Nq + offs_m, lse, mask=in_m)
-    if RETURN_MASS:
-        mass_ptrs = Mass + pid_bh * Nq * R + offs_m[:, None] * R + offs_r[None, :]
-        tl.store(mass_ptrs, mass_acc * inv_l[:, None], mask=in_m[:, None] & (offs_r[None, :] < R))
+            # Epilogue. Rows with every key blocked have l = 0: O = 0 and lse = -inf.
+            blocked = l_i == 0.0
+            inv_l = 1.0 / tl.where(blocked, 1.0, l_i)
+            out_base = Out + b * stride_ob + h * stride_oh
+            tl.store(out_base + offs_m[:, None] * stride_on + cols0[None, :],
+                     (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=in_m[:, None] & (cols0[None, :] < OUT_DIM))
+            if D1 > 0:
+                tl.store(out_base + offs_m[:, None] * stride_on + cols1[None, :],
+                         (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                         mask=in_m[:, None] & (cols1[None, :] < OUT_DIM))
+            lse_log2 = tl.where(blocked, float("-inf"), m_i + tl.math.log2(tl.where(blocked, 1.0, l_i)))
+            tl.store(Lse + rows, lse_log2 * 0.6931471805599453, mask=in_m)
+            if RETURN_MASS:
+                mass_ptrs = Mass + rows[:, None] * R + offs_mass[None, :]
+                mass_mask = in_m[:, None] & (offs_mass[None, :] < R)
+                tl.debug_barrier()
+                tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
+            if SAVE_SHIFT:  # QW becomes the backward's shift table: p = exp2(qk qk_scale - shift[c, q])
+                if HAS_BIAS:
+                    qw_final = tl.load(qw_base + offs_r[None, :] * Nq + offs_m[:, None],
+                                       mask=in_m[:, None] & in_r[None, :], other=0.0)
+                else:
+                    qw_final = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
+                usable = (lse_log2 != float("-inf"))[:, None] & in_r[None, :]
+                if ANY_BLOCKED:
+                    usable = usable & (((q_bits[:, None] >> offs_r[None, :].to(q_bits.dtype)) & 1) != 0)
+                shift_table = tl.where(usable, lse_log2[:, None] - qw_final, float("inf"))
+                tl.debug_barrier()  # every thread has read its rows of QW before any is overwritten
+                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], shift_table,
+                         mask=in_m[:, None] & in_r[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,79 +409,87 @@ class ForwardConfig:
     num_warps: int
     num_stages: int
     fp32_precision: str = "ieee"  # fp32 inputs: "ieee" (FMA) or "tf32x3" (tensor cores, ~fp32 accurate)
-    reload_q: bool = False  # read the query tile per key tile instead of holding it in registers
+    maxnreg: int | None = None  # register cap a thread (see _runtime.launch)
 
 
 def kernel_precision(dtype: torch.dtype, config) -> str:
-    """The kernels' PRECISION: the interpreter computes in fp32 and ignores precision."""
+    """The kernels' PRECISION: "split" for 16-bit inputs; the interpreter computes fp32 and ignores precision."""
     if interpreting():
-        return "ieee"
+        return "ieee" if dtype == torch.float32 else "split"
     return config.fp32_precision if dtype == torch.float32 else "split"
 
 
-# The shipped configs, per (head-dim class, fp32 inputs, variant). tests/tune_configs.py
-# picks for each key the first of its candidates that compiles for sm_80 and sm_90 with
-# no spills; tests/test_compile_gate.py holds every entry to that.
+# The shipped configs, per (head-dim class, fp32 inputs, variant); see tests/tune_configs.py.
 FORWARD_CONFIGS = {
-    (64, False, "plain"): ForwardConfig(128, 64, 8, 2),
-    (64, False, "narrow"): ForwardConfig(128, 64, 8, 2),
-    (64, False, "wide"): ForwardConfig(64, 32, 4, 2),
-    (64, True, "plain"): ForwardConfig(32, 32, 4, 2),
-    (64, True, "narrow"): ForwardConfig(16, 16, 4, 1, "tf32x3"),
-    (64, True, "wide"): ForwardConfig(32, 32, 8, 2),
-    (128, False, "plain"): ForwardConfig(64, 32, 4, 2),
-    (128, False, "narrow"): ForwardConfig(64, 32, 4, 2),
-    (128, False, "wide"): ForwardConfig(16, 32, 4, 1),
-    (128, True, "plain"): ForwardConfig(16, 32, 4, 1, "tf32x3"),
-    (128, True, "narrow"): ForwardConfig(16, 16, 8, 1),
-    (128, True, "wide"): ForwardConfig(16, 16, 8, 1),
-    (256, False, "plain"): ForwardConfig(32, 32, 4, 2),
-    (256, False, "narrow"): ForwardConfig(16, 32, 4, 1),
-    (256, False, "wide"): ForwardConfig(16, 32, 4, 1),
-    (256, True, "plain"): ForwardConfig(16, 16, 8, 1, "tf32x3"),
-    (256, True, "narrow"): ForwardConfig(16, 16, 8, 2, "ieee", reload_q=True),
-    (256, True, "wide"): ForwardConfig(16, 16, 8, 2, "ieee", reload_q=True),
+    (64, False, "plain"): ForwardConfig(128, 64, 8, 3, maxnreg=128),
+    (64, False, "mass"): ForwardConfig(128, 64, 8, 3),
+    (64, False, "wide"): ForwardConfig(128, 64, 8, 2),
+    (64, True, "plain"): ForwardConfig(64, 32, 4, 2),
+    (64, True, "mass"): ForwardConfig(64, 32, 4, 2),
+    (64, True, "wide"): ForwardConfig(64, 32, 4, 2),
+    (128, False, "plain"): ForwardConfig(128, 64, 8, 2),
+    (128, False, "mass"): ForwardConfig(128, 64, 8, 2),
+    (128, False, "wide"): ForwardConfig(128, 64, 8, 2),
+    (128, True, "plain"): ForwardConfig(32, 32, 4, 2),
+    (128, True, "mass"): ForwardConfig(32, 32, 4, 2),
+    (128, True, "wide"): ForwardConfig(32, 32, 4, 2),
+    (256, False, "plain"): ForwardConfig(64, 64, 4, 2),
+    (256, False, "mass"): ForwardConfig(64, 64, 4, 2),
+    (256, False, "wide"): ForwardConfig(64, 64, 4, 2),
+    (256, True, "plain"): ForwardConfig(16, 32, 4, 2),
+    (256, True, "mass"): ForwardConfig(16, 32, 4, 2),
+    (256, True, "wide"): ForwardConfig(16, 32, 4, 2),
 }
 
-VARIANTS = ("plain", "narrow", "wide")
+VARIANTS = ("plain", "mass", "wide")
 
 
 def config_variant(soft: bool, mass: bool, num_regions: int) -> str:
-    """wide: R > 16; else plain (hard labels, no region mass) or narrow (soft or mass).
+    """wide: R > 16; else mass (the region mass asked for) or plain.
 
-    MILD runs a handful of regions: splitting by R first lets the common cases compile
-    with 16-wide region tiles instead of the 64 that R = 64 needs.
+    Hard labels and soft memberships share configs: they differ only in the mixed tiles'
+    launch, which never sets the pure launch's registers.
     """
     if num_regions > 16:
         return "wide"
-    return "narrow" if soft or mass else "plain"
+    return "mass" if mass else "plain"
 
 
-def padded_head_dim(head_dim: int) -> int:
-    return max(16, next_power_of_2(head_dim))
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): the head dim as a power-of-two block plus a second one (0 if none).
+
+    SD 1.5's 40, 80 and 160 run as 32+16, 64+16 and 128+32: 80 pays for 80 columns,
+    not the 128 a single power-of-two block would take (37% wasted). Only the second
+    block can reach past the head dim (40: its last 8 columns are masked).
+    """
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d0
+    return d0, (0 if rest <= 0 else max(16, next_power_of_2(rest)))
 
 
 def head_dim_class(head_dim: int) -> int:
-    """Config tables key head dims by 64 (any D <= 64), 128 and 256: a config that compiles
-    without spills at the class's largest D holds for the smaller ones."""
-    return max(64, padded_head_dim(head_dim))
-
-
-def padded_regions(num_regions: int, minimum: int = 32) -> int:
-    """BLOCK_R. The compile gate chose the floors: 32 for the forward kernel (16 made its
-    D=256 narrow variant spill), 16 for the backward's (32 spilled at R <= 16)."""
-    return max(minimum, next_power_of_2(num_regions))
+    """Config tables key head dims by 64 (any D <= 64), 128 and 256."""
+    return max(64, next_power_of_2(head_dim))
 
 
 def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
-    """Zero-pad the head dim to a multiple of 16.
-
-    Load masks along the head dim then fall on 16-element boundaries; at 8-element
-    boundaries (D = 40, say) Triton's loads cost about 100 more registers a thread and
-    spill. The copy is O(N * D), small against the O(N^2 * D) attention.
-    """
+    """Zero-pad a head dim that is not a multiple of 8 (16 bytes of fp16), so that loads stay vectorised."""
     D = x.shape[-1]
-    return x if D % 16 == 0 else torch.nn.functional.pad(x, (0, 16 - D % 16))
+    return x if D % 8 == 0 else torch.nn.functional.pad(x, (0, 8 - D % 8))
+
+
+def soft_operand_regions(num_regions: int) -> int:
+    """Regions per term of the 16-bit soft bias dot: 4 of them make its width 16, tl.dot's least."""
+    return max(4, next_power_of_2(num_regions))
+
+
+def bias_dot_shape(num_regions: int, soft: bool, precision: str) -> tuple[int, int, int]:
+    """(KR, TERMS_Q, TERMS_K): the bias dot's width and how many bf16 halves each side carries."""
+    if precision != "split":
+        return max(16, next_power_of_2(num_regions)), 1, 1
+    if soft:
+        return 4 * soft_operand_regions(num_regions), 2, 2
+    return 2 * max(8, next_power_of_2(num_regions)), 2, 1
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, num_regions: int) -> ForwardConfig:
@@ -331,53 +497,75 @@ def forward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, nu
     return FORWARD_CONFIGS[key]
 
 
-def sma_forward_triton(q, k, v, q_regions, k_regions, bias_log2, allow_bits, sparsity, scale,
-                       num_regions, return_mass, config: ForwardConfig):
-    """Launch the forward kernel. Inputs are already checked and laid out by the wrapper.
+def batch_stride(t: torch.Tensor) -> int:
+    return 0 if t.shape[0] == 1 else t.stride(0)
+
+
+def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config: ForwardConfig):
+    """Launch the forward kernel (twice when the layout has mixed tiles). Inputs are checked.
 
     Args:
-        q_regions, k_regions: Regions (labels (B|1, N) int32, memberships (B|1, N, R) or None).
-        bias_log2: (B|1, H|1, R, R) float32 bias table times log2(e), last two dims contiguous.
-        allow_bits: (B|1, R) int32/int64, bit s of row r set when allow[r, s].
-        sparsity: TileSparsity built with config.block_m / config.block_n.
+        layout: the SMALayout (its tile lists built).
+        bias: (B|1, H|1, R, R) float bias table in natural units (last dim contiguous), or None.
+        save_shift: also leave the shift table the backward pass reads.
     Returns:
-        out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32, mass (B, H, Nq, R) float32 or None.
+        out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32, mass (B, H, Nq, R) float32 or
+        None, and the shift table (B, H, R, Nq) float32 (scratch unless save_shift).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    R = num_regions
-    soft = q_regions.is_soft
+    R = layout.num_regions
+    qr, kr, tiles, info = layout.q_regions, layout.k_regions, layout.tiles, layout.info
+    soft = qr.is_soft
+    device = q.device
     out = empty_like(q)
     q, k, v = (pad_head_dim(t) for t in (q, k, v))
-    lse = empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    mass = empty((B, H, Nq, R), dtype=torch.float32, device=q.device) if return_mass else lse
-    q_mem = q_regions.memberships if soft else q_regions.labels
-    k_mem = k_regions.memberships if soft else k_regions.labels
-
-    def batch_stride(t):
-        return 0 if t.shape[0] == 1 else t.stride(0)
-
-    grid = (triton.cdiv(Nq, config.block_m), B * H)
-    launch(
-        _sma_fwd_kernel, grid, num_warps=config.num_warps, num_stages=config.num_stages,
-        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass,
-        QLabels=q_regions.labels, KLabels=k_regions.labels, QMem=q_mem, KMem=k_mem,
-        Bias=bias_log2, AllowBits=allow_bits,
-        PartialCount=sparsity.partial_count, PartialIndex=sparsity.partial_index,
-        FullCount=sparsity.full_count, FullIndex=sparsity.full_index,
+    lse = empty((B, H, Nq), dtype=torch.float32, device=device)
+    mass = empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse
+    shift = empty((B, H, R, Nq), dtype=torch.float32, device=device)
+    if info.has_mixed:
+        state = (empty((B, H, Nq, q.shape[-1]), dtype=torch.float32, device=device),
+                 empty((B, H, Nq), dtype=torch.float32, device=device),
+                 empty((B, H, Nq), dtype=torch.float32, device=device),
+                 empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse)
+    else:
+        state = (lse, lse, lse, lse)  # never read
+    precision = kernel_precision(q.dtype, config)
+    kr_width, terms_q, terms_k = bias_dot_shape(R, soft, precision)
+    q_mem = qr.memberships if soft else qr.labels
+    k_mem = kr.memberships if soft else kr.labels
+    k_op = layout.k_split if soft and terms_k == 2 else k_mem
+    d0, d1 = head_dim_split(q.shape[-1])
+    args = dict(
+        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=shift, StateAcc=state[0], StateM=state[1], StateL=state[2],
+        StateMass=state[3], QLabels=qr.labels, QMem=q_mem, KLabels=kr.labels, KMem=k_mem, KOperand=k_op,
+        Bias=bias if bias is not None else shift, AllowBits=layout.allow_bits,
+        RunCount=tiles.pure_run_count, Runs=tiles.pure_runs, MixedCount=tiles.mixed_count,
+        MixedIndex=tiles.mixed_index,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
-        stride_qlab_b=batch_stride(q_regions.labels), stride_klab_b=batch_stride(k_regions.labels),
-        stride_qmem_b=batch_stride(q_mem), stride_kmem_b=batch_stride(k_mem),
-        stride_bias_b=batch_stride(bias_log2), stride_bias_h=0 if bias_log2.shape[1] == 1 else bias_log2.stride(1),
-        stride_allow_b=batch_stride(allow_bits),
-        stride_count_b=batch_stride(sparsity.partial_count), stride_index_b=batch_stride(sparsity.partial_index),
-        H=H, Nq=Nq, Nk=Nk, R=R, num_k_tiles=sparsity.partial_index.shape[-1], qk_scale=scale * LOG2E,
-        HEAD_DIM=q.shape[-1], OUT_DIM=D, BLOCK_D=padded_head_dim(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_R=padded_regions(R), SOFT=soft, RETURN_MASS=return_mass,
-        UPCAST=interpreting() and q.dtype != torch.float32,
-        PRECISION=kernel_precision(q.dtype, config), RELOAD_Q=config.reload_q,
+        stride_qlab_b=batch_stride(qr.labels), stride_qmem_b=batch_stride(q_mem),
+        stride_klab_b=batch_stride(kr.labels), stride_kmem_b=batch_stride(k_mem),
+        stride_kop_b=batch_stride(k_op), stride_kop_n=k_op.stride(1) if soft else 0,
+        stride_bias_b=0 if bias is None else batch_stride(bias),
+        stride_bias_h=0 if bias is None or bias.shape[1] == 1 else bias.stride(1),
+        stride_bias_r=R if bias is None else bias.stride(2),
+        stride_allow_b=batch_stride(layout.allow_bits),
+        stride_count_b=batch_stride(tiles.mixed_count), stride_index_b=batch_stride(tiles.mixed_index),
+        stride_runs_b=batch_stride(tiles.pure_runs),
+        H=H, Nq=Nq, Nk=Nk, R=R, num_key_tiles=tiles.mixed_index.shape[-1], qk_scale=scale * LOG2E,
+        HEAD_DIM=q.shape[-1], OUT_DIM=D, D0=d0, D1=d1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        RP=max(16, next_power_of_2(R)), KR=kr_width, TERMS_Q=terms_q, TERMS_K=terms_k,
+        MASS_R=max(16, next_power_of_2(R)), SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
+        ANY_BLOCKED=info.any_blocked, RETURN_MASS=return_mass, SAVE_SHIFT=save_shift,
+        UPCAST=interpreting() and q.dtype != torch.float32, PRECISION=precision,
+        SUB_M=TILE_M // config.block_m, SUB_N=TILE_N // config.block_n, REGION_BITS=REGION_BITS,
     )
-    return out, lse, (mass if return_mass else None)
+    grid = (triton.cdiv(Nq, config.block_m), B * H)
+    if info.has_mixed:
+        launch(_sma_fwd_kernel, grid, num_warps=config.num_warps, num_stages=config.num_stages, MIXED=True, **args)
+    launch(_sma_fwd_kernel, grid, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
+           MIXED=False, **args)
+    return out, lse, (mass if return_mass else None), shift

@@ -1,0 +1,121 @@
+"""The static speed report (benchmarks/static_speed.py) and the SASS analysis under it (mild_kernels/_aot.py).
+
+The report compiles kernels, which interpreted kernels cannot be, so it runs in a
+subprocess with TRITON_INTERPRET unset (as the compile gate does); the SASS parser and
+the occupancy arithmetic are plain Python and run here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mild_kernels import _aot
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ("plain_fwd", "plain_bwd_dkdv", "plain_bwd_dq")
+
+
+def _run(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sm90_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("static_speed") / "rows.json"
+    proc = _run("-m", "benchmarks.static_speed", "--arch", "90", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    return json.loads(out.read_text())
+
+
+def test_plain_kernels_run_wgmma_main_loops_without_spills(sm90_rows):
+    for name in PLAIN:
+        rows = [row for row in sm90_rows if row["name"] == name]
+        assert rows and all(row["loop"] is not None for row in rows), f"{name}: no main loop"
+        for row in rows:
+            assert row["spill"] == 0, row
+            assert row["wgmma"] > 0 and row["mma_sync"] == 0, row
+            assert row["ctas_per_sm"] >= 1 and 0 < row["reg"] <= 255
+            # One exp2 per score per thread at least: BLOCK_M * BLOCK_N scores over the CTA's threads.
+            assert row["mufu_ex2"] >= row["pairs_per_iteration"] // (32 * row["num_warps"])
+            assert row["warp_instructions_per_1k_pairs"] > 0
+
+
+def test_jit_signature_specialises_as_a_launch():
+    proc = _run("-m", "mild_kernels._aot", timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# cuobjdump prints branch targets as addresses, nvdisasm as labels: one loop, both ways.
+SASS_ADDRESSES = """
+        Function : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;      /* 0x00000a0000017a02 */
+                                                                /* 0x000fe40000000f00 */
+        /*0010*/              @!P0 BRA 0x90 ;                  /* 0x0000000000008947 */
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   MUFU.EX2 R10, R10 ;
+        /*0040*/                   FFMA R3.reuse, R2, R4, -R5 ;
+        /*0050*/              @!PT LDS RZ, [RZ] ;
+        /*0060*/                   NOP ;
+        /*0070*/                   MUFU.RCP R2, R2 ;
+        /*0080*/               @P1 BRA 0x20 ;
+        /*0090*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*00a0*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*00b0*/              @!P2 BRA 0x90 ;
+        /*00c0*/                   BRA 0xc0;
+"""
+SASS_LABELS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 BRA `(.L_x_1) ;
+.L_x_0:
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   MUFU.EX2 R10, R10 ;
+        /*0040*/                   FFMA R3.reuse, R2, R4, -R5 ;
+        /*0050*/              @!PT LDS RZ, [RZ] ;
+        /*0060*/                   NOP ;
+        /*0070*/                   MUFU.RCP R2, R2 ;
+        /*0080*/               @P1 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0090*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*00a0*/                   IADD3 R5, R5, 0x1, RZ ;
+        /*00b0*/              @!P2 BRA `(.L_x_1) ;
+.L_x_2:
+        /*00c0*/                   BRA `(.L_x_2);
+"""
+
+
+@pytest.mark.parametrize("text", [SASS_ADDRESSES, SASS_LABELS], ids=["addresses", "labels"])
+def test_loops_from_sass(text):
+    found = _aot.loops(text)
+    assert [(loop.start, loop.end) for loop in found] == [(0x20, 0x80), (0x90, 0xb0)]
+    main, other = found
+    assert main.is_main and not other.is_main
+    assert main.instructions == 5  # the NOP and the never-run @!PT LDS are not counted
+    assert {k: v for k, v in main.families.items() if v} == {
+        "wgmma": 1, "mufu_ex2": 1, "mufu": 1, "fp32": 1, "control": 1}
+    assert {k: v for k, v in other.families.items() if v} == {"global_load": 1, "int/address": 1, "control": 1}
+    assert _aot.main_loops(text) == [main]
+
+
+def test_nested_loops_keep_the_innermost():
+    text = "\n".join(f"        /*{a:04x}*/  {op} ;" for a, op in [
+        (0x00, "IADD3 R1, R1, 0x1, RZ"), (0x10, "HMMA.16816.F32.BF16 R4, R8, R12, R4"),
+        (0x20, "@P0 BRA 0x10"), (0x30, "@P1 BRA 0x0"), (0x40, "EXIT")])
+    assert [(loop.start, loop.end, loop.families["mma_sync"]) for loop in _aot.loops(text)] == [(0x10, 0x20, 1)]
+
+
+def test_ctas_per_sm():
+    # 124 registers, 8 warps: 4096 registers a warp, 4 warps in each of 4 sub-partitions -> 2 CTAs;
+    # 64 KiB + 1 KiB reserved of shared memory fits 3.
+    assert _aot.ctas_per_sm(124, 65536, 8, 90) == 2
+    assert _aot.ctas_per_sm(205, 66048, 8, 90) == 1  # 6656 registers a warp: 2 warps per sub-partition
+    assert _aot.ctas_per_sm(32, 0, 4, 90) == 16      # the warp limit: 64 warps
+    assert _aot.ctas_per_sm(16, 0, 1, 90) == 32      # the block limit
+    assert _aot.ctas_per_sm(32, 100 * 1024, 4, 90) == 2 and _aot.ctas_per_sm(32, 100 * 1024, 4, 80) == 1
+    assert _aot.ctas_per_sm(32, 228 * 1024, 4, 90) == 0  # more than a block may have
