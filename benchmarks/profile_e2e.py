@@ -112,7 +112,7 @@ class DenseMaskSDPAProcessor:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        memberships = region_context.regions_at(tokens)[0].to(query)  # (B, N, R)
+        memberships = region_context.memberships_at(tokens).to(query)  # (B, N, R), raster order like query
         bias = region_context.bias_for(attn.heads).to(query)  # (B, H, R, R)
         dense = memberships[:, None] @ bias @ memberships[:, None].transpose(-1, -2)
         if region_context.allow is not None:

@@ -57,15 +57,18 @@ HEADLINE = dict(batch=1, heads=32, tokens=4096, head_dim=64, dtype=torch.bfloat1
 class Entry:
     """One kernel in the report.
 
-    record: returns the recorded launches of this kernel (usually one) at the headline shape;
+    record: returns the recorded launches of this kernel at the headline shape;
     pairs_per_iteration: the (query, key) pairs one main-loop iteration covers, from a launch;
-    baseline: the name of the entry this one's cost is divided by, or None.
+    baseline: the name of the entry this one's cost is divided by, or None;
+    useful_macs: the multiply-adds a (query, key) pair needs in this kernel (e.g. 2 D for a
+        forward: q.k and p.v), against which the tensor work the loop issues is measured.
     """
 
     name: str
     record: Callable[[], list[RecordedLaunch]]
     pairs_per_iteration: Callable[[RecordedLaunch], int]
     baseline: str | None = None
+    useful_macs: int | None = None
 
 
 def tile_pairs(launch: RecordedLaunch) -> int:
@@ -73,10 +76,12 @@ def tile_pairs(launch: RecordedLaunch) -> int:
     return launch.kwargs["BLOCK_M"] * launch.kwargs["BLOCK_N"]
 
 
-def _headline_tensors(count: int) -> list[torch.Tensor]:
+def _headline_tensors(count: int, head_dim: int = HEADLINE["head_dim"]) -> list[torch.Tensor]:
+    """(B, H, N, D) views of (B, N, H * D) tensors, as a UNet's attention makes them: the token
+    stride is H * D, which the JIT's divisibility hint covers for SD's 40 too."""
     # Launches are recorded, not run: uninitialised CPU memory is all a launch needs.
-    shape = (HEADLINE["batch"], HEADLINE["heads"], HEADLINE["tokens"], HEADLINE["head_dim"])
-    return [torch.empty(shape, dtype=HEADLINE["dtype"]) for _ in range(count)]
+    B, H, N = HEADLINE["batch"], HEADLINE["heads"], HEADLINE["tokens"]
+    return [torch.empty(B, N, H, head_dim, dtype=HEADLINE["dtype"]).transpose(1, 2) for _ in range(count)]
 
 
 def _only(launches: list[RecordedLaunch], kernel_name: str) -> list[RecordedLaunch]:
@@ -115,17 +120,19 @@ HEADLINE_REGIONS = 4
 REGION_SIZES = {"aligned": (1024, 1024, 1024, 1024), "boundary": (1000, 1100, 900, 1096)}
 
 
-def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False, mass: bool = False):
+def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False, mass: bool = False,
+                      head_dim: int = HEADLINE["head_dim"]):
     """Run sma_attention at the headline inside record_launches(); the recorded launches."""
-    from mild_kernels import sma_attention
+    from mild_kernels import prepare_regions, sma_attention
 
     R = HEADLINE_REGIONS
     labels = torch.arange(R).repeat_interleave(torch.tensor(REGION_SIZES[sizes]))
     regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
-    q, k, v = (t.requires_grad_(backward) for t in _headline_tensors(3))
+    layout = prepare_regions(regions)
+    q, k, v = (t.requires_grad_(backward) for t in _headline_tensors(3, head_dim))
     bias = torch.randn(HEADLINE["heads"], R, R).requires_grad_(backward)
     with record_launches() as forward:
-        result = sma_attention(q, k, v, regions, regions, bias, return_lse=True, return_region_mass=mass,
+        result = sma_attention(q, k, v, bias=bias, layout=layout, return_lse=True, return_region_mass=mass,
                                backend="triton")
     if not backward:
         return forward
@@ -135,28 +142,47 @@ def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False
     return launches
 
 
-def record_sma(kernel_name: str, soft: bool, sizes: str = "aligned", backward: bool = False):
+def record_sma(kernel_name: str, soft: bool, sizes: str = "aligned", backward: bool = False,
+               head_dim: int = HEADLINE["head_dim"]):
     def record():
-        return _only(sma_headline_call(soft, sizes, backward), kernel_name)
+        return _only(sma_headline_call(soft, sizes, backward, head_dim=head_dim), kernel_name)
 
     return record
 
 
+def _sma_entries():
+    """The SMA kernels at the headline (hard and soft regions, aligned and with boundaries), then
+    SD 1.5's head dims and 128, each against the plain kernel and its useful tensor work."""
+    d = HEADLINE["head_dim"]
+    yield Entry("sma_fwd_hard", record_sma("_sma_fwd_kernel", False), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_fwd_soft", record_sma("_sma_fwd_kernel", True), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_fwd_bnd", record_sma("_sma_fwd_kernel", True, "boundary"), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_dkdv_hard", record_sma("_sma_bwd_dkdv_kernel", False, backward=True), tile_pairs,
+                "plain_bwd_dkdv", 4 * d)
+    yield Entry("sma_dq_hard", record_sma("_sma_bwd_dq_kernel", False, backward=True), tile_pairs, "plain_bwd_dq",
+                3 * d)
+    yield Entry("sma_dkdv_bnd", record_sma("_sma_bwd_dkdv_kernel", True, "boundary", backward=True), tile_pairs,
+                "plain_bwd_dkdv", 4 * d)
+    yield Entry("sma_dq_bnd", record_sma("_sma_bwd_dq_kernel", True, "boundary", backward=True), tile_pairs,
+                "plain_bwd_dq", 3 * d)
+    for head_dim in SD_HEAD_DIMS:
+        yield Entry(f"sma_fwd_d{head_dim}", record_sma("_sma_fwd_kernel", True, head_dim=head_dim), tile_pairs,
+                    "sma_fwd_soft", 2 * head_dim)
+        yield Entry(f"sma_dkdv_d{head_dim}", record_sma("_sma_bwd_dkdv_kernel", True, backward=True, head_dim=head_dim),
+                    tile_pairs, "sma_dkdv_hard", 4 * head_dim)
+        yield Entry(f"sma_dq_d{head_dim}", record_sma("_sma_bwd_dq_kernel", True, backward=True, head_dim=head_dim),
+                    tile_pairs, "sma_dq_hard", 3 * head_dim)
+
+
+SD_HEAD_DIMS = (40, 80, 128, 160)
+d = HEADLINE["head_dim"]
 ENTRIES = [
-    Entry("plain_fwd", record_plain_forward, tile_pairs),
-    Entry("plain_bwd_dkdv", record_plain_backward("_plain_bwd_dkdv_kernel"), tile_pairs),
-    Entry("plain_bwd_dq", record_plain_backward("_plain_bwd_dq_kernel"), tile_pairs),
-    Entry("sma_fwd_hard", record_sma("_sma_fwd_kernel", soft=False), tile_pairs, "plain_fwd"),
-    Entry("sma_fwd_soft", record_sma("_sma_fwd_kernel", soft=True), tile_pairs, "plain_fwd"),
-    Entry("sma_fwd_boundary", record_sma("_sma_fwd_kernel", soft=True, sizes="boundary"), tile_pairs, "plain_fwd"),
-    Entry("sma_bwd_dkdv_hard", record_sma("_sma_bwd_dkdv_kernel", soft=False, backward=True), tile_pairs,
-          "plain_bwd_dkdv"),
-    Entry("sma_bwd_dq_hard", record_sma("_sma_bwd_dq_kernel", soft=False, backward=True), tile_pairs, "plain_bwd_dq"),
-    Entry("sma_bwd_dkdv_bnd", record_sma("_sma_bwd_dkdv_kernel", soft=True, sizes="boundary", backward=True),
-          tile_pairs, "plain_bwd_dkdv"),
-    Entry("sma_bwd_dq_bnd", record_sma("_sma_bwd_dq_kernel", soft=True, sizes="boundary", backward=True), tile_pairs,
-          "plain_bwd_dq"),
+    Entry("plain_fwd", record_plain_forward, tile_pairs, None, 2 * d),
+    Entry("plain_bwd_dkdv", record_plain_backward("_plain_bwd_dkdv_kernel"), tile_pairs, None, 4 * d),
+    Entry("plain_bwd_dq", record_plain_backward("_plain_bwd_dq_kernel"), tile_pairs, None, 3 * d),
+    *_sma_entries(),
 ]
+del d
 
 
 # ---------------------------------------------------------------- compiling
@@ -170,7 +196,8 @@ def _compile_job(index: int) -> dict:
         warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice
         compiled = _aot.compile_launch(launch, arch)
     usage = _aot.resource_usage(compiled)
-    main = [dataclasses.asdict(loop) for loop in _aot.main_loops(_aot.sass(compiled))]
+    main = [{**dataclasses.asdict(loop), "tensor_macs": loop.tensor_macs(launch.num_warps)}
+            for loop in _aot.main_loops(_aot.sass(compiled))]
     return {**usage, "loops": main}
 
 
@@ -212,37 +239,50 @@ def report(entries: list[Entry] = ENTRIES, arch: int = 90, workers: int | None =
         if not result["loops"]:
             rows.append({**common, "loop": None})
         for index, loop in enumerate(result["loops"]):
-            per_1k = loop["instructions"] * launch.num_warps / common["pairs_per_iteration"] * 1000
+            pairs = common["pairs_per_iteration"]
+            per_1k = loop["instructions"] * launch.num_warps / pairs * 1000
+            macs = loop["tensor_macs"] / pairs
             rows.append({**common, "loop": index, "loop_start": loop["start"], "loop_end": loop["end"],
                          "wgmma": loop["families"]["wgmma"], "mma_sync": loop["families"]["mma_sync"],
                          "mufu_ex2": loop["families"]["mufu_ex2"], "instructions": loop["instructions"],
-                         "families": loop["families"], "warp_instructions_per_1k_pairs": per_1k})
+                         "families": loop["families"], "warp_instructions_per_1k_pairs": per_1k,
+                         "tensor_macs_per_pair": macs, "useful_macs_per_pair": entry.useful_macs,
+                         "tensor_efficiency": entry.useful_macs / macs if entry.useful_macs and macs else None})
 
     # The baseline's figure is its cheapest main loop per pair: its steady state, not a tail.
     best = {}
     for row in rows:
         if row["loop"] is not None:
             best[row["entry"]] = min(best.get(row["entry"], float("inf")), row["warp_instructions_per_1k_pairs"])
+    useful = {entry.name: entry.useful_macs for entry in entries}
     for row in rows:
         base = best.get(row["baseline"]) if row["baseline"] else None
         row["ratio"] = row["warp_instructions_per_1k_pairs"] / base if base and row["loop"] is not None else None
+        # Per useful multiply-add: a head dim of 80 may cost 80/64 of 64's per pair, not more.
+        base_useful, own_useful = useful.get(row["baseline"]), row.get("useful_macs_per_pair")
+        row["ratio_per_flop"] = (row["ratio"] * base_useful / own_useful
+                                 if row["ratio"] is not None and base_useful and own_useful else None)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = (f"{'kernel':<18} {'arch':<5} {'warps':>5} {'tile':>7} {'reg':>4} {'spill':>5} {'smem':>7} "
-              f"{'CTA/SM':>6} {'loop':>4} {'wgmma':>5} {'mma':>4} {'ex2':>4} {'instr':>5} {'wi/1k':>6} {'ratio':>5}")
+    header = (f"{'kernel':<24} {'arch':<5} {'warps':>5} {'tile':>7} {'reg':>4} {'spill':>5} {'smem':>7} "
+              f"{'CTA/SM':>6} {'loop':>4} {'wgmma':>5} {'mma':>4} {'ex2':>4} {'instr':>5} {'wi/1k':>6} {'ratio':>5} "
+              f"{'r/flop':>6} {'mac/p':>6} {'eff':>5}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        line = (f"{row['name']:<18} {row['arch']:<5} {row['num_warps']:>5} "
+        line = (f"{row['name']:<24} {row['arch']:<5} {row['num_warps']:>5} "
                 f"{str(row['block_m']) + 'x' + str(row['block_n']):>7} {row['reg']:>4} {row['spill']:>5} "
                 f"{row['shared']:>7} {row['ctas_per_sm']:>6} ")
         if row["loop"] is None:
             line += f"{'-':>4} (no main loop)"
         else:
             ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+            efficiency = f"{row['tensor_efficiency']:.2f}" if row["tensor_efficiency"] else "-"
+            per_flop = f"{row['ratio_per_flop']:.2f}" if row["ratio_per_flop"] is not None else "-"
             line += (f"{row['loop']:>4} {row['wgmma']:>5} {row['mma_sync']:>4} {row['mufu_ex2']:>4} "
-                     f"{row['instructions']:>5} {row['warp_instructions_per_1k_pairs']:>6.1f} {ratio:>5}")
+                     f"{row['instructions']:>5} {row['warp_instructions_per_1k_pairs']:>6.1f} {ratio:>5} "
+                     f"{per_flop:>6} {row['tensor_macs_per_pair']:>6.0f} {efficiency:>5}")
         lines.append(line)
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from mild_kernels import default_modulation, region_sort, sma_attention, soft_regions
+from mild_kernels import SMALayout, default_modulation, prepare_regions, sma_attention, soft_regions
 
 from .cag import cross_domain_attention_gap
 
@@ -54,7 +54,8 @@ class RegionContext:
     text_regions: torch.Tensor | None = None
     sort_tokens: bool = True
     backend: str = "auto"
-    _regions: dict = dataclasses.field(default_factory=dict, repr=False)
+    _layouts: dict = dataclasses.field(default_factory=dict, repr=False)
+    _biases: dict = dataclasses.field(default_factory=dict, repr=False)
     _cag: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0]), repr=False)
 
     @property
@@ -69,19 +70,27 @@ class RegionContext:
             raise ValueError(f"region_context: {tokens} tokens match no resolution of latents {self.latent_size}")
         return h, w
 
-    def regions_at(self, tokens: int):
-        """(memberships (B, N, R), perm, inverse) at one resolution; perm is None when unsorted."""
-        if tokens not in self._regions:
-            per_image = soft_regions(self.instance_masks.float(), self.grid(tokens))  # (I, N, R)
-            memberships = per_image[self.row_image.to(per_image.device)]
-            perm = inverse = None
-            if self.sort_tokens:
-                perm, inverse = region_sort(memberships)
-                memberships = memberships.gather(1, perm[..., None].expand_as(memberships))
-            self._regions[tokens] = (memberships, perm, inverse)
-        return self._regions[tokens]
+    def memberships_at(self, tokens: int) -> torch.Tensor:
+        """(B, N, R) soft memberships of every row's tokens at one resolution, in raster order."""
+        per_image = soft_regions(self.instance_masks.float(), self.grid(tokens))  # (I, N, R)
+        return per_image[self.row_image.to(per_image.device)]
+
+    def layout_at(self, tokens: int, text_tokens: int | None, device) -> SMALayout:
+        """The prepared regions of self-attention (text_tokens None) or cross-attention at one
+        resolution: checked, sorted when ``sort_tokens`` and tiled once, then reused by every
+        attention module and denoising step."""
+        key = (tokens, text_tokens, str(device))
+        if key not in self._layouts:
+            memberships = self.memberships_at(tokens).to(device)
+            text = None if text_tokens is None else self.text_regions.to(device)
+            allow = None if self.allow is None else self.allow.to(device)
+            self._layouts[key] = prepare_regions(memberships, text, allow, sort=self.sort_tokens)
+        return self._layouts[key]
 
     def bias_for(self, heads: int) -> torch.Tensor:
+        """(B, H, R, R) bias tables; cached per head count unless they are being learned."""
+        if heads in self._biases:
+            return self._biases[heads]
         if self.bias is not None:
             table = self.bias
         else:
@@ -90,7 +99,10 @@ class RegionContext:
             beta = torch.as_tensor(self.beta, dtype=torch.float32).expand(rows)
             table = default_modulation(alpha, beta, self.num_regions)
         table = table.to(self.instance_masks.device)
-        return table[:, None].expand(-1, heads, -1, -1) if table.dim() == 3 else table
+        table = table[:, None].expand(-1, heads, -1, -1) if table.dim() == 3 else table
+        if not table.requires_grad:
+            self._biases[heads] = table
+        return table
 
     def record_cag(self, tokens: int, region_mass: torch.Tensor, memberships: torch.Tensor) -> None:
         gaps = cross_domain_attention_gap(region_mass.float(), memberships, self.domains)
@@ -103,11 +115,6 @@ class RegionContext:
     def cag(self) -> dict:
         """{(row, (h, w)): mean CAG over the attention modules and calls seen so far}."""
         return {key: total / count for key, (total, count) in self._cag.items()}
-
-
-def _permute_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N, D) with tokens reordered per batch row by index (B, N)."""
-    return x.gather(2, index[:, None, :, None].expand_as(x))
 
 
 class SMAAttnProcessor:
@@ -146,21 +153,15 @@ class SMAAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        memberships, perm, inverse = ctx.regions_at(tokens)
-        if perm is not None:
-            query = _permute_tokens(query, perm)
-            if not cross:
-                key, value = _permute_tokens(key, perm), _permute_tokens(value, perm)
-        k_regions = ctx.text_regions if cross else memberships
+        layout = ctx.layout_at(tokens, key.shape[2] if cross else None, query.device)
+        query, key, value = layout.sort(query, "q"), layout.sort(key, "k"), layout.sort(value, "k")
         want_mass = ctx.domains is not None and not cross
-        result = sma_attention(query, key, value, memberships.to(query.device), k_regions.to(query.device),
-                               ctx.bias_for(attn.heads).to(query.device), ctx.allow, scale=attn.scale,
-                               return_region_mass=want_mass, backend=ctx.backend)
+        result = sma_attention(query, key, value, bias=ctx.bias_for(attn.heads).to(query.device), scale=attn.scale,
+                               layout=layout, return_region_mass=want_mass, backend=ctx.backend)
         out = result.out if want_mass else result
         if want_mass:
-            ctx.record_cag(tokens, result.region_mass, memberships)
-        if inverse is not None:
-            out = _permute_tokens(out, inverse)
+            ctx.record_cag(tokens, result.region_mass, layout.q_regions.memberships)
+        out = layout.unsort(out)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))

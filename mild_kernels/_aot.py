@@ -295,6 +295,27 @@ def _never_runs(ins: Instruction) -> bool:
     return ins.opcode.split(".", 1)[0] == "NOP" or ins.predicate in ("@!PT", "@!UPT")
 
 
+_HGMMA_SHAPE = re.compile(r"^[HIQB]GMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA_SHAPE = re.compile(r"^[HIDB]MMA\.(16|8)(8)(\d+)")  # HMMA.16816: m16 n8 k16; HMMA.1688: m16 n8 k8
+
+
+def mma_macs(opcode: str) -> tuple[int, bool]:
+    """(multiply-adds of one MMA instruction, whether a warpgroup issues it together) or (0, False).
+
+    A wgmma (HGMMA.64x64x16) is one warpgroup's 64x64x16 product, issued by each of its four
+    warps; an mma.sync (HMMA.16816) is one warp's m16 n8 k16.
+    """
+    match = _HGMMA_SHAPE.match(opcode)
+    if match:
+        m, n, k = map(int, match.groups())
+        return m * n * k, True
+    match = _HMMA_SHAPE.match(opcode)
+    if match:
+        m, n, k = map(int, match.groups())
+        return m * n * k, False
+    return 0, False
+
+
 @dataclasses.dataclass
 class Loop:
     """An innermost loop: the instructions from a backward branch's target to the branch."""
@@ -304,6 +325,14 @@ class Loop:
     instructions: int  # per iteration; NOPs and never-run (@!PT) instructions are not counted
     families: dict     # family -> count per iteration, over FAMILIES (zeros included)
     opcodes: dict      # full opcode -> count per iteration
+
+    def tensor_macs(self, num_warps: int) -> int:
+        """The multiply-adds the CTA's tensor cores do per iteration (all warps together)."""
+        total = 0
+        for opcode, count in self.opcodes.items():
+            macs, per_warpgroup = mma_macs(opcode)
+            total += count * macs * (num_warps // 4 if per_warpgroup else num_warps)
+        return total
 
     @property
     def is_main(self) -> bool:

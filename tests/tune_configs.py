@@ -1,15 +1,20 @@
-"""Pick the shipped Triton configs by compiling candidates ahead of time (no GPU).
+"""Pick the shipped SMA Triton configs by compiling candidates ahead of time (no GPU).
 
-For every config key, the candidates are tried in order of preference (larger tiles
-first); the first that compiles for sm_80 and sm_90 with no spill in any kernel
-variant it serves is kept, and keys with none are named (see compile_gate.KNOWN_SPILLS).
-Prints the table to paste into the kernel module. The lists hold every shipped config.
+Each config key (head-dim class, fp32 inputs, variant) holds one KernelConfig per launch
+role: the forward's pure and mixed launches, the backward's dK/dV launch and dQ's pure and
+mixed launches. For every (key, role) the candidates are tried in order of preference
+(larger tiles, more stages first); the first whose launches compile for sm_80 and sm_90
+with no spill, in every case of the compile gate for that key, is kept. Roles tune
+independently: a launch's registers depend only on its own config.
 
-    python tests/tune_configs.py forward     # or: backward; then optionally variants (plain ...)
+    python tests/tune_configs.py [forward|backward] [--keys 64,False,plain ...] [--workers 2]
+
+Prints the tables to paste into triton_forward.py and triton_backward.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import multiprocessing
 import os
@@ -22,78 +27,102 @@ os.environ.pop("TRITON_INTERPRET", None)
 import compile_gate as gate  # noqa: E402
 from mild_kernels._runtime import record_launches  # noqa: E402
 from mild_kernels.sma import triton_backward, triton_forward  # noqa: E402
-from mild_kernels.sma.triton_forward import VARIANTS  # noqa: E402
+from mild_kernels.sma.triton_forward import KernelConfig  # noqa: E402
 
-# op: (the module's config table, its config class, the gate's cases for one key)
-OPS = {
-    "forward": (triton_forward.FORWARD_CONFIGS, triton_forward.ForwardConfig, gate.sma_forward_cases),
-    "backward": (triton_backward.BACKWARD_CONFIGS, triton_backward.BackwardConfig, gate.sma_backward_cases),
+# role: (kernel name, its MIXED constexpr or None)
+ROLES = {
+    "forward": {"pure": ("_sma_fwd_kernel", False), "mixed": ("_sma_fwd_kernel", True)},
+    "backward": {"dkdv": ("_sma_bwd_dkdv_kernel", None), "dq": ("_sma_bwd_dq_kernel", False),
+                 "dq_mixed": ("_sma_bwd_dq_kernel", True)},
 }
+TABLES = {"forward": triton_forward.FORWARD_CONFIGS, "backward": triton_backward.BACKWARD_CONFIGS}
+CASES = {"forward": gate.sma_forward_cases, "backward": gate.sma_backward_cases}
 
-# Per op: candidates for 16-bit and for fp32 inputs, most preferred first. A fifth field is the
-# fp32 dot precision (see ForwardConfig), a sixth the config's reload flag (reload_q forward,
-# reload_kv backward).
-CANDIDATES = {
-    "forward": ([(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                 (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-                [(64, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1, "tf32x3"),
-                 (16, 16, 4, 1, "tf32x3"), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 2, "ieee", True)]),
-    # dK/dV keeps a key tile (block_n) resident and walks query tiles (block_m). The sixth field
-    # (reload_kv) rereads the key and value tiles per query tile.
-    "backward": ([(64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 1), (32, 32, 4, 2), (16, 32, 4, 1),
-                  (16, 16, 4, 1), (16, 16, 8, 1), (16, 32, 4, 1, "ieee", True),
-                  (16, 16, 4, 1, "ieee", True), (16, 16, 8, 1, "ieee", True)],
-                 [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 8, 1, "tf32x3"), (16, 16, 8, 1, "ieee", True),
-                  (16, 16, 8, 1, "tf32x3", True), (16, 16, 4, 1, "ieee", True)]),
+# KernelConfig fields: block_m, block_n, num_warps, num_stages, maxnreg, fp32_precision.
+WIDE = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+        (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]
+CANDIDATES_16 = {
+    "pure": [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128)] + WIDE,
+    "mixed": WIDE,
+    # dK/dV: block_m queries per iteration, block_n keys per program (at most the 64 of a layout tile).
+    # A wgmma needs 64 rows a warpgroup: key blocks of 64 on one warpgroup, the query block shrinking first.
+    "dkdv": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+             (16, 32, 4, 2), (16, 16, 4, 1)],
+    "dq": WIDE,
+    "dq_mixed": WIDE,
 }
+CANDIDATES_32 = [(64, 64, 4, 2, None, "tf32x3"), (64, 32, 4, 2, None, "tf32x3"), (32, 32, 4, 2, None, "tf32x3"),
+                 (32, 32, 4, 2), (16, 32, 4, 2, None, "tf32x3"), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)]
 
 
-def jobs_for(op, key, candidate):
-    table, config_class, cases = OPS[op]
-    table[key] = config_class(*candidate)
+def candidates(role: str, is_fp32: bool) -> list[KernelConfig]:
+    return [KernelConfig(*c) for c in (CANDIDATES_32 if is_fp32 else CANDIDATES_16[role])]
+
+
+def with_role(config, role: str, kernel_config: KernelConfig):
+    import dataclasses
+
+    return dataclasses.replace(config, **{role: kernel_config})
+
+
+def jobs_for(op, key, role, kernel_config):
+    table = TABLES[op]
+    table[key] = with_role(table[key], role, kernel_config)
+    name, mixed_flag = ROLES[op][role]
     jobs = []
-    for name, run in cases([key]):
+    for case, run in CASES[op]([key]):
         with record_launches() as launches:
             run()
         for launch in launches:
-            for arch in gate.TARGETS.values():
-                jobs.append((name, launch, arch))
+            if launch.kernel.__name__ == name and (mixed_flag is None or launch.kwargs.get("MIXED") == mixed_flag):
+                for arch in gate.TARGETS.values():
+                    jobs.append((case, launch, arch))
     return jobs
 
 
-def main():
-    op = sys.argv[1] if len(sys.argv) > 1 else "forward"
-    variants = sys.argv[2:] or VARIANTS
-    keys = [(d, f32, v) for d in gate.GATE_HEAD_DIMS for f32 in (False, True) for v in variants]
-    position = {key: 0 for key in keys}
+def tune(op: str, keys, workers: int):
+    """{(key, role): KernelConfig or None} for the first candidate of each that passes."""
+    pending = {(key, role): 0 for key in keys for role in ROLES[op]}
     chosen = {}
     context = multiprocessing.get_context("fork")
-    while position:
+    while pending:
         batch, owners = [], []
-        for key, index in position.items():
-            candidates = CANDIDATES[op][key[1]]
-            jobs = jobs_for(op, key, candidates[index])
+        for (key, role), index in pending.items():
+            jobs = jobs_for(op, key, role, candidates(role, key[1])[index])
             batch += jobs
-            owners += [key] * len(jobs)
+            owners += [(key, role)] * len(jobs)
         gate._JOBS[:] = batch
-        with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             rows = list(pool.map(gate.compile_one, range(len(batch))))
         failed = {owner for owner, row in zip(owners, rows) if gate.failures(row, known_spills={})}
-        for key in list(position):
-            candidates = CANDIDATES[op][key[1]]
-            if key not in failed:
-                chosen[key] = candidates[position.pop(key)]
-                print(f"{key}: {chosen[key]}", file=sys.stderr, flush=True)
-            elif position[key] + 1 == len(candidates):
-                position.pop(key)
-                print(f"{key}: NONE (no candidate compiles without spills)", file=sys.stderr, flush=True)
+        for owner in list(pending):
+            options = candidates(owner[1], owner[0][1])
+            if owner not in failed:
+                chosen[owner] = options[pending.pop(owner)]
+                print(f"{owner}: {chosen[owner]}", flush=True)
+            elif pending[owner] + 1 == len(options):
+                pending.pop(owner)
+                chosen[owner] = None
+                print(f"{owner}: NONE compiles without spills", flush=True)
             else:
-                position[key] += 1
-    table, config_class, _ = OPS[op]
-    print(f"{op.upper()}_CONFIGS = {{")
-    for key in sorted(chosen):
-        print(f"    {key!r}: {config_class.__name__}{chosen[key]!r},")
-    print("}")
+                pending[owner] += 1
+    return chosen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("op", choices=sorted(ROLES), nargs="?", default="forward")
+    parser.add_argument("--keys", nargs="*", help="config keys as 64,False,plain")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    keys = sorted(TABLES[args.op])
+    if args.keys:
+        wanted = {(int(d), f == "True", v) for d, f, v in (k.split(",") for k in args.keys)}
+        keys = [key for key in keys if key in wanted]
+    chosen = tune(args.op, keys, args.workers)
+    print(f"{args.op}:")
+    for key in keys:
+        print(f"    {key!r}: " + ", ".join(f"{role}={chosen[(key, role)]}" for role in ROLES[args.op]))
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         scale: score scale, default D ** -0.5.
         layout: an SMALayout from ``prepare_regions`` instead of q_regions, k_regions and allow:
             the regions checked and the tile lists built once, for many calls. Such a call reads
-            no tensor value on the host (no GPU sync): on a GPU the bias is then not checked for
-            finiteness (a NaN or inf entry gives NaN rows).
+            no tensor value on the host (no GPU sync), so the bias is not checked for finiteness
+            there: a NaN or inf entry gives NaN rows instead of a ValueError.
         return_lse: also return the natural-log logsumexp of each score row, (B, H, Nq).
         return_region_mass: also return softmax(S) Mk, (B, H, Nq, R).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, any
@@ -128,7 +128,7 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         require(q_regions is None and k_regions is None and allow is None,
                 "layout: carries the regions and the allow table; pass q_regions, k_regions and allow to "
                 "prepare_regions instead")
-        check_bias = q.device.type != "cuda"  # reading it would sync a GPU
+        check_bias = False  # a prepared call reads no tensor value: on a GPU each read is a sync
     _check_layout(layout, q, k)
     bias4 = _check_bias(bias, B, H, layout.num_regions, q.device)
     scale = D ** -0.5 if scale is None else float(scale)

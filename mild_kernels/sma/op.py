@@ -69,7 +69,7 @@ def _dense_bias(bias: Optional[Tensor], num_regions: int, device) -> Tensor:
 def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
                 bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_bias: bool,
                 backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, region mass or empty, shift table or empty). See interface.sma_attention.
+    """(out, lse, region mass or empty, [QW, shift] tables or empty). See interface.sma_attention.
 
     ``check_bias`` reads the bias on the host to refuse non-finite entries; ``deterministic``
     only shapes the backward pass, where autograd reads it from here.
@@ -100,7 +100,7 @@ def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift
     R = layout_ints[0]
     stats = _stats_dtype(q, backend)
     mass = q.new_empty((B, H, Nq, R), dtype=stats) if return_mass else q.new_empty((0,), dtype=torch.float32)
-    shift = (q.new_empty((B, H, Nq, R), dtype=torch.float32) if save_shift and backend != "torch"
+    shift = (q.new_empty((2, B, H, R, Nq), dtype=torch.float32) if save_shift and backend != "torch"
              else q.new_empty((0,), dtype=torch.float32))
     return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=stats), mass, shift
 

@@ -18,10 +18,11 @@ In the FlashAttention-2 arrangement, with no atomics (so bitwise repeatable):
   runs the exact path (bias dot, element mask, key tail). Mixed key tiles come first in
   the grid, so their slower programs do not form the tail.
 - ``_sma_bwd_dq_kernel``: one program per query block, walking mixed then pure key tiles
-  like the forward. It also makes the bias gradient: on a pure tile all keys are in
-  region c, so the tile adds ``rowsum(dS)`` to column c of a per-row table; mixed tiles
-  add ``dS Mk`` with one small dot. The block's (R, R) partial ``Mq^T table`` is summed
-  over blocks by torch, in a fixed order.
+  like the forward (two launches, the mixed one handing over per-row state). It also
+  makes the bias gradient's region sums ``(dS Mk)[q, r]``: on a pure run all keys are in
+  region c, so the run adds ``rowsum(dS)`` to column c; mixed tiles add ``dS Mk`` with
+  one small dot.
+- ``_sma_bwd_dbias_kernel``: ``dW[b, h] = Mq^T sums``, summed over queries in a fixed order.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ import triton
 import triton.language as tl
 
 from .._runtime import empty, interpreting, launch, next_power_of_2
-from .layout import REGION_BITS, TILE_M, TILE_N
-from .triton_forward import (LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols,
-                             _query_bias_columns, _split_operand, batch_stride, bias_dot_shape, config_variant,
-                             head_dim_class, head_dim_split, kernel_precision, pad_head_dim)
+from .layout import REGION_BITS, TILE_N
+from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols,
+                             _split_operand, batch_stride, bias_dot_shape, config_variant,
+                             head_dim_class, head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 @triton.jit
@@ -73,14 +74,20 @@ def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable,
 
 
 @triton.jit
-def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
-                         QLabels, QMem, KLabels, KOperand, Bias, AllowBits,
+def _qw_columns(qw_base, offs_m, in_m, R, Nq, COLS: tl.constexpr, TERMS: tl.constexpr):
+    """(rows, COLS): column t holds the forward's qw[q, t // TERMS] (log2 units; 0 past R)."""
+    region = tl.arange(0, COLS) // TERMS
+    return tl.load(qw_base + region[None, :] * Nq + offs_m[:, None], mask=in_m[:, None] & (region[None, :] < R),
+                   other=0.0)
+
+
+@triton.jit
+def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, DV,
+                         QLabels, KLabels, KOperand, AllowBits,
                          KVRunCount, KVRuns, KeyOrder, KeyRegion,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                         stride_qlab_b, stride_qmem_b, stride_klab_b, stride_kop_b, stride_kop_n,
-                         stride_bias_b, stride_bias_h, stride_bias_r,
-                         stride_allow_b, stride_count_b, stride_index_b, stride_key_b,
+                         stride_qlab_b, stride_klab_b, stride_kop_b, stride_kop_n, stride_allow_b, stride_count_b, stride_index_b, stride_key_b,
                          H, Nq, Nk, R, num_query_tiles, qk_scale, scale,
                          HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
@@ -88,9 +95,14 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
                          SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MIXED: tl.constexpr,
                          ANY_BLOCKED: tl.constexpr, MASS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                         REGION_BITS: tl.constexpr):
+                         REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
     """One program per key block (SUB_N per layout key tile), walking runs of query blocks."""
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
+    # Strides in units of STRIDE_UNIT elements (see triton_forward.stride_unit).
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -118,10 +130,11 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
     do_base = DO + b * stride_dob + h * stride_doh
     stats_base = pid_bh * Nq
     offs_block = tl.arange(0, BLOCK_M)
-    q_offs0 = offs_block[:, None] * stride_qn + tl.arange(0, D0)[None, :]
-    do_offs0 = offs_block[:, None] * stride_don + tl.arange(0, D0)[None, :]
-    q_offs1 = offs_block[:, None] * stride_qn + (D0 + tl.arange(0, D1 if D1 > 0 else 16))[None, :]
-    do_offs1 = offs_block[:, None] * stride_don + (D0 + tl.arange(0, D1 if D1 > 0 else 16))[None, :]
+    # Pointer blocks moved by scalar offsets (see _fwd_pure_runs).
+    q_block0 = q_base + offs_block[:, None] * stride_qn + tl.arange(0, D0)[None, :]
+    do_block0 = do_base + offs_block[:, None] * stride_don + tl.arange(0, D0)[None, :]
+    q_block1 = q_base + offs_block[:, None] * stride_qn + (D0 + tl.arange(0, D1 if D1 > 0 else 16))[None, :]
+    do_block1 = do_base + offs_block[:, None] * stride_don + (D0 + tl.arange(0, D1 if D1 > 0 else 16))[None, :]
     run_base = KVRuns + b * stride_index_b + tile * num_query_tiles * 2
     run_count = tl.load(KVRunCount + b * stride_count_b + tile)
     if region >= 0:
@@ -132,27 +145,24 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
         else:
             delta_base = Delta + stats_base
         for r in range(run_count):
-            start_m = tl.load(run_base + 2 * r) * (SUB_M * BLOCK_M)
-            offs_m = start_m + offs_block
-            q_ptrs0 = q_base + start_m * stride_qn + q_offs0
-            do_ptrs0 = do_base + start_m * stride_don + do_offs0
-            q_ptrs1 = q_base + start_m * stride_qn + q_offs1
-            do_ptrs1 = do_base + start_m * stride_don + do_offs1
+            first_m = tl.load(run_base + 2 * r) * (SUB_M * BLOCK_M)
             for j in range(tl.load(run_base + 2 * r + 1) * SUB_M):
+                start_m = first_m + j * BLOCK_M
+                offs_m = start_m + offs_block
                 in_m = offs_m < Nq
-                q0 = _as_operand(_load_rows(q_ptrs0, in_m, 0, D0, HEAD_DIM), UPCAST)
+                q0 = _as_operand(_load_rows(q_block0 + start_m * stride_qn, in_m, 0, D0, HEAD_DIM), UPCAST)
                 qk_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
                 if D1 > 0:
-                    q1 = _as_operand(_load_rows(q_ptrs1, in_m, D0, D1, HEAD_DIM), UPCAST)
+                    q1 = _as_operand(_load_rows(q_block1 + start_m * stride_qn, in_m, D0, D1, HEAD_DIM), UPCAST)
                     qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=DOT_PRECISION)
                 shift = tl.load(shift_base + offs_m, mask=in_m, other=float("inf"))
                 p_t = tl.math.exp2(qk_t * qk_scale - shift[None, :])
                 p_op = _as_operand(p_t.to(DO.dtype.element_ty), UPCAST)
-                do0 = _as_operand(_load_rows(do_ptrs0, in_m, 0, D0, HEAD_DIM), UPCAST)
+                do0 = _as_operand(_load_rows(do_block0 + start_m * stride_don, in_m, 0, D0, HEAD_DIM), UPCAST)
                 dv0 = tl.dot(p_op, do0, dv0, input_precision=DOT_PRECISION)
                 dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
                 if D1 > 0:
-                    do1 = _as_operand(_load_rows(do_ptrs1, in_m, D0, D1, HEAD_DIM), UPCAST)
+                    do1 = _as_operand(_load_rows(do_block1 + start_m * stride_don, in_m, D0, D1, HEAD_DIM), UPCAST)
                     dv1 = tl.dot(p_op, do1, dv1, input_precision=DOT_PRECISION)
                     dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
                 delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
@@ -160,28 +170,18 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
                 dk0 = tl.dot(ds_op, q0, dk0, input_precision=DOT_PRECISION)
                 if D1 > 0:
                     dk1 = tl.dot(ds_op, q1, dk1, input_precision=DOT_PRECISION)
-                q_ptrs0 += BLOCK_M * stride_qn
-                do_ptrs0 += BLOCK_M * stride_don
-                q_ptrs1 += BLOCK_M * stride_qn
-                do_ptrs1 += BLOCK_M * stride_don
-                offs_m += BLOCK_M
     else:
         # Mixed key tile: the exact bias dot, the element mask and the key tail.
         if HAS_MIXED:
             lk = tl.load(KLabels + b * stride_klab_b + offs_n, mask=in_n, other=0)
-            bias_base = Bias + b * stride_bias_b + h * stride_bias_h
-            qmem_base = QMem + b * stride_qmem_b
+            qw_base = QW + pid_bh * R * Nq
             k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q,
                                      TERMS_K, SOFT, UPCAST)
             mass_cols = tl.arange(0, KR) // (TERMS_Q * TERMS_K)
-            # Query blocks half the pure loop's: this branch's extra operands then fit in the
-            # registers the pure branch sets for the whole kernel.
-            MIXED_M: tl.constexpr = BLOCK_M // 2 if BLOCK_M >= 32 else BLOCK_M
-            MIXED_SUB: tl.constexpr = SUB_M * BLOCK_M // MIXED_M
             for r in range(run_count):
-                first_block = tl.load(run_base + 2 * r) * MIXED_SUB
-                for j in range(tl.load(run_base + 2 * r + 1) * MIXED_SUB):
-                    offs_m = (first_block + j) * MIXED_M + tl.arange(0, MIXED_M)
+                first_block = tl.load(run_base + 2 * r) * SUB_M
+                for j in range(tl.load(run_base + 2 * r + 1) * SUB_M):
+                    offs_m = (first_block + j) * BLOCK_M + offs_block
                     in_m = offs_m < Nq
                     lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
                     q0 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, 0, D0, HEAD_DIM, True), UPCAST)
@@ -191,8 +191,8 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DK, DV,
                         s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
                     s_t = s_t * qk_scale
                     if HAS_BIAS:
-                        q_op = _split_operand(_query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r,
-                                                                  R, KR, TERMS_Q * TERMS_K, RP, SOFT), TERMS_Q, UPCAST)
+                        q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q,
+                                              UPCAST)
                         s_t = tl.dot(k_op, tl.trans(q_op), s_t, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                     allowed = in_n[:, None] & in_m[None, :]
                     if ANY_BLOCKED:
@@ -245,14 +245,12 @@ def _load_rows(ptrs, in_rows, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM:
 
 
 @triton.jit
-def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, StateDQ, StateSums,
-                       QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits,
+def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, StateDQ, StateSums,
+                       QLabels, KLabels, KMem, KOperand, AllowBits,
                        RunCount, Runs, MixedCount, MixedIndex,
                        stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                        stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
-                       stride_qlab_b, stride_qmem_b, stride_klab_b, stride_kmem_b, stride_kop_b, stride_kop_n,
-                       stride_bias_b, stride_bias_h, stride_bias_r,
-                       stride_allow_b, stride_count_b, stride_index_b, stride_runs_b,
+                       stride_qlab_b, stride_klab_b, stride_kmem_b, stride_kop_b, stride_kop_n, stride_allow_b, stride_count_b, stride_index_b, stride_runs_b,
                        H, Nq, Nk, R, num_key_tiles, qk_scale, scale,
                        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
@@ -260,11 +258,18 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, St
                        SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, HAS_MIXED: tl.constexpr,
                        ANY_BLOCKED: tl.constexpr, MASS_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                       REGION_BITS: tl.constexpr):
-    """As the forward: MIXED=True walks the mixed key tiles and leaves dq and the region sums in
-    the State buffers; MIXED=False resumes from them, walks the pure runs and writes dq and
-    this block's bias-gradient partial."""
+                       REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
+    """As the forward: MIXED=True walks the mixed key tiles and leaves dq and the region sums
+    (dS Mk)[q, r] in the State buffers; MIXED=False resumes from them, walks the pure runs and
+    writes dq and the region sums, which _sma_bwd_dbias_kernel turns into dW. The pure launch keeps them in
+    the StateSums rows, one column per run, rather than as a (BLOCK_M, 16) register tensor that
+    the accumulator's layout would pad to its width."""
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
+    # Strides in units of STRIDE_UNIT elements (see triton_forward.stride_unit).
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_dob, stride_doh, stride_don = stride_dob * STRIDE_UNIT, stride_doh * STRIDE_UNIT, stride_don * STRIDE_UNIT
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -292,18 +297,16 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, St
         in_r = offs_r < R
         delta = tl.load(Delta + rows, mask=in_m, other=0.0)
         lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
-        qmem_base = QMem + b * stride_qmem_b
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         if MIXED:
             dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
             dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
             region_sums = tl.zeros((BLOCK_M, RP), dtype=tl.float32)  # (dS Mk)[q, r]
-            bias_base = Bias + b * stride_bias_b + h * stride_bias_h
             q_op = q0
             if HAS_BIAS:
-                q_op = _split_operand(_query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R,
-                                                          KR, TERMS_Q * TERMS_K, RP, SOFT), TERMS_Q, UPCAST)
+                q_op = _split_operand(_qw_columns(QW + pid_bh * R * Nq, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K),
+                                      TERMS_Q, UPCAST)
             dmass_op = q_op
             if MASS_GRAD:
                 mass_cols = tl.arange(0, KR) // (TERMS_Q * TERMS_K)
@@ -364,7 +367,7 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, St
                         if SOFT:
                             region_sums = tl.dot(ds_hi, mk_lo, region_sums)
                     else:
-                        region_sums = tl.dot(ds, mk, region_sums, input_precision=PRECISION)
+                        region_sums = tl.dot(ds, mk, region_sums, input_precision="tf32x3")
             tl.store(StateDQ + rows[:, None] * HEAD_DIM + cols0[None, :], dq0,
                      mask=in_m[:, None] & (cols0[None, :] < HEAD_DIM))
             if D1 > 0:
@@ -383,16 +386,16 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, St
             if D1 > 0:
                 dq1 = tl.load(StateDQ + rows[:, None] * HEAD_DIM + cols1[None, :],
                               mask=resume[:, None] & (cols1[None, :] < HEAD_DIM), other=0.0)
-            region_sums = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
-            if BIAS_GRAD:
-                region_sums = tl.load(StateSums + rows[:, None] * R + offs_r[None, :],
-                                      mask=resume[:, None] & in_r[None, :], other=0.0)
+            if BIAS_GRAD:  # the region sums live in the StateSums rows: zero those the mixed launch left none in
+                tl.store(StateSums + rows[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_M, RP), dtype=tl.float32),
+                         mask=(in_m & ~resume)[:, None] & in_r[None, :])
+                tl.debug_barrier()
             # Pure runs: P from the shift table; the bias gradient is a row sum per run.
-            offs_block = tl.arange(0, BLOCK_N)
-            k_offs0 = offs_block[:, None] * stride_kn + cols0[None, :]
-            v_offs0 = offs_block[:, None] * stride_vn + cols0[None, :]
-            k_offs1 = offs_block[:, None] * stride_kn + cols1[None, :]
-            v_offs1 = offs_block[:, None] * stride_vn + cols1[None, :]
+            offs_block = tl.arange(0, BLOCK_N)  # pointer blocks moved by scalar offsets (see _fwd_pure_runs)
+            k_block0 = k_base + offs_block[:, None] * stride_kn + cols0[None, :]
+            v_block0 = v_base + offs_block[:, None] * stride_vn + cols0[None, :]
+            k_block1 = k_base + offs_block[:, None] * stride_kn + cols1[None, :]
+            v_block1 = v_base + offs_block[:, None] * stride_vn + cols1[None, :]
             run_base = Runs + b * stride_runs_b + list_row * num_key_tiles * 2
             for r in range(tl.load(RunCount + b * stride_count_b + list_row)):
                 head = tl.load(run_base + 2 * r)
@@ -404,93 +407,100 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, Shift, DQ, DW, St
                 else:
                     row_delta = delta
                 run_sum = tl.zeros_like(delta)
-                k_ptrs0 = k_base + start_n * stride_kn + k_offs0
-                v_ptrs0 = v_base + start_n * stride_vn + v_offs0
-                k_ptrs1 = k_base + start_n * stride_kn + k_offs1
-                v_ptrs1 = v_base + start_n * stride_vn + v_offs1
                 for j in range(tl.load(run_base + 2 * r + 1) * SUB_N):
-                    k0 = _as_operand(_load_cols(k_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+                    k_offset = (start_n + j * BLOCK_N) * stride_kn
+                    v_offset = (start_n + j * BLOCK_N) * stride_vn
+                    k0 = _as_operand(_load_cols(k_block0 + k_offset, 0, D0, HEAD_DIM), UPCAST)
                     qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
                     if D1 > 0:
-                        k1 = _as_operand(_load_cols(k_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                        k1 = _as_operand(_load_cols(k_block1 + k_offset, D0, D1, HEAD_DIM), UPCAST)
                         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
                     p = tl.math.exp2(qk * qk_scale - shift[:, None])
-                    v0 = _as_operand(_load_cols(v_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+                    v0 = _as_operand(_load_cols(v_block0 + v_offset, 0, D0, HEAD_DIM), UPCAST)
                     dp = tl.dot(do0, tl.trans(v0), input_precision=DOT_PRECISION)
                     if D1 > 0:
-                        v1 = _as_operand(_load_cols(v_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                        v1 = _as_operand(_load_cols(v_block1 + v_offset, D0, D1, HEAD_DIM), UPCAST)
                         dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
                     ds = p * (dp - row_delta[:, None])
                     ds_op = _as_operand(ds.to(K.dtype.element_ty), UPCAST)
                     dq0 = tl.dot(ds_op, k0, dq0, input_precision=DOT_PRECISION)
                     if D1 > 0:
                         dq1 = tl.dot(ds_op, k1, dq1, input_precision=DOT_PRECISION)
-                        k_ptrs1 += BLOCK_N * stride_kn
-                        v_ptrs1 += BLOCK_N * stride_vn
                     if BIAS_GRAD:
                         run_sum += tl.sum(ds, 1)
-                    k_ptrs0 += BLOCK_N * stride_kn
-                    v_ptrs0 += BLOCK_N * stride_vn
-                if BIAS_GRAD:  # every key of the run is in region c
-                    region_sums += tl.where(offs_r[None, :] == region, run_sum[:, None], 0.0)
+                if BIAS_GRAD:  # every key of the run is in region c: one column of the sums
+                    sums_ptrs = StateSums + rows * R + region
+                    tl.store(sums_ptrs, tl.load(sums_ptrs, mask=in_m, other=0.0) + run_sum, mask=in_m)
 
             tl.store(DQ + rows[:, None] * HEAD_DIM + cols0[None, :], (dq0 * scale).to(DQ.dtype.element_ty),
                      mask=in_m[:, None] & (cols0[None, :] < HEAD_DIM))
             if D1 > 0:
                 tl.store(DQ + rows[:, None] * HEAD_DIM + cols1[None, :], (dq1 * scale).to(DQ.dtype.element_ty),
                          mask=in_m[:, None] & (cols1[None, :] < HEAD_DIM))
-            if BIAS_GRAD:  # this block's (R, R) partial: Mq^T region_sums, exact in fp32
-                if SOFT:
-                    mq = tl.load(qmem_base + offs_m[:, None] * R + offs_r[None, :], mask=in_m[:, None] & in_r[None, :],
-                                 other=0.0)
-                else:
-                    mq = tl.where(in_m[:, None] & (lq[:, None] == offs_r[None, :]), 1.0, 0.0)
-                partial = tl.dot(tl.trans(mq), region_sums, input_precision="ieee")
-                dw_base = DW + (pid_bh * tl.num_programs(0) + pid_m) * R * R
-                tl.store(dw_base + offs_r[:, None] * R + offs_r[None, :], partial, mask=in_r[:, None] & in_r[None, :])
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    block_m: int  # query block: per dK/dV iteration, or per dQ program
-    block_n: int  # key block: per dK/dV program, or per dQ iteration
-    num_warps: int
-    num_stages: int
+@triton.jit
+def _sma_bwd_dbias_kernel(Sums, QLabels, QMem, DW, stride_qlab_b, stride_qmem_b, H, Nq, R,
+                          BLOCK_M: tl.constexpr, RP: tl.constexpr, RM: tl.constexpr, SOFT: tl.constexpr):
+    """dW[b, h] = Mq^T (dS Mk): one program per (batch row, head) sums the region sums of every
+    query in a fixed order, on tensor cores in tf32x3 (~fp32-exact). The rows of dW are padded
+    to RM >= 64, the least a warpgroup MMA takes."""
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    offs_r = tl.arange(0, RP)
+    rows_r = tl.arange(0, RM)
+    acc = tl.zeros((RM, RP), dtype=tl.float32)
+    for start in range(0, Nq, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        in_m = offs_m < Nq
+        sums = tl.load(Sums + (pid_bh * Nq + offs_m[:, None]) * R + offs_r[None, :],
+                       mask=in_m[:, None] & (offs_r[None, :] < R), other=0.0)
+        if SOFT:
+            mq_t = tl.load(QMem + b * stride_qmem_b + offs_m[None, :] * R + rows_r[:, None],
+                           mask=in_m[None, :] & (rows_r[:, None] < R), other=0.0)
+        else:
+            lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
+            mq_t = tl.where(in_m[None, :] & (lq[None, :] == rows_r[:, None]), 1.0, 0.0)
+        acc = tl.dot(mq_t, sums, acc, input_precision="tf32x3")
+    tl.store(DW + pid_bh * R * R + rows_r[:, None] * R + offs_r[None, :], acc,
+             mask=(rows_r[:, None] < R) & (offs_r[None, :] < R))
 
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
+    """dK/dV (block_m: query block per iteration, block_n: keys per program), and dQ's two
+    launches (block_m: queries per program, block_n: key block per iteration)."""
+
     dkdv: KernelConfig
     dq: KernelConfig
-    fp32_precision: str = "ieee"  # as ForwardConfig's
+    dq_mixed: KernelConfig
 
 
-def _config(dkdv, dq, precision="ieee"):
-    return BackwardConfig(KernelConfig(*dkdv), KernelConfig(*dq), precision)
+def _backward(dkdv, dq, dq_mixed):
+    return BackwardConfig(KernelConfig(*dkdv), KernelConfig(*dq), KernelConfig(*dq_mixed))
 
 
-# Per (head-dim class, fp32 inputs, variant), as FORWARD_CONFIGS; see tests/tune_configs.py.
-# A dK/dV program owns 64 keys at most (the layout's key tile), so it runs one warpgroup:
-# with two, both would compute the same 64-row products.
+# Per (head-dim class, fp32 inputs, variant), as FORWARD_CONFIGS. A dK/dV program owns 64 keys at
+# most (the layout's key tile), so it runs one warpgroup: two would compute the same 64-row products.
 BACKWARD_CONFIGS = {
-    (64, False, "plain"): _config((64, 64, 4, 2), (128, 64, 8, 2)),
-    (64, False, "mass"): _config((64, 64, 4, 2), (128, 64, 8, 2)),
-    (64, False, "wide"): _config((64, 64, 4, 2), (64, 64, 4, 2)),
-    (64, True, "plain"): _config((32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "mass"): _config((32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "wide"): _config((32, 32, 4, 2), (32, 32, 4, 2)),
-    (128, False, "plain"): _config((64, 64, 4, 2), (64, 64, 4, 2)),
-    (128, False, "mass"): _config((64, 64, 4, 2), (64, 64, 4, 2)),
-    (128, False, "wide"): _config((64, 64, 4, 2), (64, 64, 4, 2)),
-    (128, True, "plain"): _config((16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "mass"): _config((16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "wide"): _config((16, 32, 4, 2), (16, 32, 4, 2)),
-    (256, False, "plain"): _config((64, 32, 4, 2), (64, 32, 4, 2)),
-    (256, False, "mass"): _config((64, 32, 4, 2), (64, 32, 4, 2)),
-    (256, False, "wide"): _config((64, 32, 4, 2), (64, 32, 4, 2)),
-    (256, True, "plain"): _config((16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "mass"): _config((16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "wide"): _config((16, 16, 4, 2), (16, 16, 4, 2)),
+    (64, False, "plain"): _backward((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (64, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (128, False, "plain"): _backward((64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
+    (128, False, "mass"): _backward((64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
+    (128, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
+    (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
+    (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
+    (256, False, "plain"): _backward((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
+    (256, False, "mass"): _backward((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
+    (256, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "wide"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
 }
 
 
@@ -499,7 +509,7 @@ def backward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, n
                              config_variant(soft, mass, num_regions))]
 
 
-def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout, bias, scale,
+def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, tables, layout, bias, scale,
                         config: BackwardConfig):
     """dq, dk, dv in the inputs' dtype and dbias as (B, H, R, R) float32 (zeros without a bias)."""
     B, H, Nq, D = q.shape
@@ -523,67 +533,64 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
            H=H, Nq=Nq, R=R, HEAD_DIM=D, BLOCK_D=next_power_of_2(D), BLOCK_M=pre_block, RP=rp,
            MASS_GRAD=mass_grad, LSE_GRAD=grad_lse is not None)
 
-    precision = kernel_precision(q.dtype, config)
-    kr_width, terms_q, terms_k = bias_dot_shape(R, soft, precision)
+    kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
     q_mem = qr.memberships if soft else qr.labels
     k_mem = kr.memberships if soft else kr.labels
     k_op = layout.k_split if soft and terms_k == 2 else k_mem
-    table = bias if bias is not None else delta  # unread without a bias
     d0, d1 = head_dim_split(Dp)
     dq = empty((B, H, Nq, Dp), dtype=q.dtype, device=device)
     dk = empty((B, H, Nk, Dp), dtype=k.dtype, device=device)
     dv = empty((B, H, Nk, Dp), dtype=v.dtype, device=device)
     bias_grad = bias is not None
     q_blocks = triton.cdiv(Nq, config.dq.block_m)
-    dw = empty((B, H, q_blocks, R, R), dtype=torch.float32, device=device) if bias_grad else delta
-    if info.has_mixed:
-        state = (empty((B, H, Nq, Dp), dtype=torch.float32, device=device),
-                 empty((B, H, Nq, R), dtype=torch.float32, device=device) if bias_grad else delta)
-    else:
-        state = (delta, delta)  # never read
+    state_dq = empty((B, H, Nq, Dp), dtype=torch.float32, device=device) if info.has_mixed else delta
+    region_sums = empty((B, H, Nq, R), dtype=torch.float32, device=device) if bias_grad else delta
+    state = (state_dq, region_sums)
+    unit = stride_unit(q, k, v, grad_out)
     common = dict(
         Q=q, K=k, V=v, DO=grad_out, Lse=lse, Delta=delta, DTable=dtable, DMass=grad_mass if mass_grad else delta,
-        Shift=shift, QLabels=qr.labels, QMem=q_mem, KLabels=kr.labels, KOperand=k_op, Bias=table,
+        QW=tables[0], Shift=tables[-1], QLabels=qr.labels, KLabels=kr.labels, KOperand=k_op,
         AllowBits=layout.allow_bits,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        stride_dob=grad_out.stride(0), stride_doh=grad_out.stride(1), stride_don=grad_out.stride(2),
-        stride_qlab_b=batch_stride(qr.labels), stride_qmem_b=batch_stride(q_mem),
+        **dict(zip(("stride_qb", "stride_qh", "stride_qn"), unit_strides(q, unit))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_kn"), unit_strides(k, unit))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vn"), unit_strides(v, unit))),
+        **dict(zip(("stride_dob", "stride_doh", "stride_don"), unit_strides(grad_out, unit))),
+        stride_qlab_b=batch_stride(qr.labels),
         stride_klab_b=batch_stride(kr.labels), stride_kop_b=batch_stride(k_op),
         stride_kop_n=k_op.stride(1) if soft else 0,
-        stride_bias_b=0 if bias is None else batch_stride(bias),
-        stride_bias_h=0 if bias is None or bias.shape[1] == 1 else bias.stride(1),
-        stride_bias_r=R if bias is None else bias.stride(2),
         stride_allow_b=batch_stride(layout.allow_bits),
         H=H, Nq=Nq, Nk=Nk, R=R, qk_scale=scale * LOG2E, scale=scale,
         HEAD_DIM=Dp, D0=d0, D1=d1, RP=rp, KR=kr_width,
         TERMS_Q=terms_q, TERMS_K=terms_k, SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
         ANY_BLOCKED=info.any_blocked, MASS_GRAD=mass_grad, UPCAST=interpreting() and q.dtype != torch.float32,
-        PRECISION=precision, REGION_BITS=REGION_BITS,
+        REGION_BITS=REGION_BITS, STRIDE_UNIT=unit,
     )
     dkdv = config.dkdv
     key_programs = tiles.key_order.shape[-1] * (TILE_N // dkdv.block_n)
-    launch(_sma_bwd_dkdv_kernel, (key_programs, B * H), num_warps=dkdv.num_warps, num_stages=dkdv.num_stages,
-           BLOCK_M=dkdv.block_m, BLOCK_N=dkdv.block_n, SUB_M=TILE_M // dkdv.block_m, SUB_N=TILE_N // dkdv.block_n,
-           DK=dk, DV=dv, KVRunCount=tiles.kv_run_count, KVRuns=tiles.kv_runs, KeyOrder=tiles.key_order,
+    launch(_sma_bwd_dkdv_kernel, (key_programs, B * H), **dkdv.launch_options(), **dkdv.tile_args(),
+           PRECISION=kernel_precision(q.dtype, dkdv), DK=dk, DV=dv, KVRunCount=tiles.kv_run_count, KVRuns=tiles.kv_runs, KeyOrder=tiles.key_order,
            KeyRegion=tiles.key_region, stride_count_b=batch_stride(tiles.kv_run_count),
            stride_index_b=batch_stride(tiles.kv_runs), stride_key_b=batch_stride(tiles.key_order),
            num_query_tiles=tiles.kv_runs.shape[-2], **common)
-    dq_config = config.dq
     dq_args = dict(
-        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, SUB_M=TILE_M // dq_config.block_m,
-        SUB_N=TILE_N // dq_config.block_n, DQ=dq, DW=dw, StateDQ=state[0], StateSums=state[1], KMem=k_mem,
+        DQ=dq, StateDQ=state[0], StateSums=state[1], KMem=k_mem,
         RunCount=tiles.pure_run_count, Runs=tiles.pure_runs, MixedCount=tiles.mixed_count,
         MixedIndex=tiles.mixed_index, stride_kmem_b=batch_stride(k_mem),
         stride_count_b=batch_stride(tiles.mixed_count), stride_index_b=batch_stride(tiles.mixed_index),
-        stride_runs_b=batch_stride(tiles.pure_runs),
-        num_key_tiles=tiles.mixed_index.shape[-1], BIAS_GRAD=bias_grad, **common)
-    grid = (q_blocks, B * H)
+        stride_runs_b=batch_stride(tiles.pure_runs), num_key_tiles=tiles.mixed_index.shape[-1],
+        BIAS_GRAD=bias_grad, **common)
     if info.has_mixed:
-        launch(_sma_bwd_dq_kernel, grid, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, MIXED=True,
-               **dq_args)
-    launch(_sma_bwd_dq_kernel, grid, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages, MIXED=False,
-           **dq_args)
-    dbias = dw.sum(2) if bias_grad else torch.zeros(B, H, R, R, device=device)
+        mixed = config.dq_mixed
+        launch(_sma_bwd_dq_kernel, (triton.cdiv(Nq, mixed.block_m), B * H), **mixed.launch_options(),
+               **mixed.tile_args(), MIXED=True, PRECISION=kernel_precision(q.dtype, mixed), **dq_args)
+    pure = config.dq
+    launch(_sma_bwd_dq_kernel, (q_blocks, B * H), **pure.launch_options(), **pure.tile_args(), MIXED=False,
+           PRECISION=kernel_precision(q.dtype, pure), **dq_args)
+    if bias_grad:
+        dbias = empty((B, H, R, R), dtype=torch.float32, device=device)
+        launch(_sma_bwd_dbias_kernel, (B * H,), num_warps=4, num_stages=2, Sums=region_sums, QLabels=qr.labels,
+               QMem=q_mem, DW=dbias, stride_qlab_b=batch_stride(qr.labels), stride_qmem_b=batch_stride(q_mem), H=H,
+               Nq=Nq, R=R, BLOCK_M=64, RP=rp, RM=max(64, rp), SOFT=soft)
+    else:
+        dbias = torch.zeros(B, H, R, R, device=device)
     return dq[..., :D], dk[..., :D], dv[..., :D], dbias

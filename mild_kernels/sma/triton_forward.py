@@ -6,7 +6,7 @@ are kept in log2 units (``qk_scale = scale * log2(e)``, bias times log2(e)), so 
 softmax uses exp2.
 
 - Prologue: the query block's bias rows ``qw = Mq W`` (hard labels: rows of the table;
-  soft: one small fp32 dot), written to a per-row scratch table ``QW`` (B, H, Nq, R).
+  soft: one small fp32 dot), written to a table ``QW`` (B, H, R, Nq).
 - Pure tiles (uniform key tile of region c): the bias of query row q is ``qw[q, c]``, one
   gather per row and tile, folded into the exp2 shift with the running max, so the loop
   is FlashAttention-2's with a per-row constant. ``allow`` applies per row.
@@ -16,9 +16,9 @@ softmax uses exp2.
   (16 at R <= 4); the key operand is split once, in the layout. Then the element-wise
   allow mask and the key tail.
 - Epilogue: out, lse (natural log), region mass, and, when a backward pass will run, the
-  ``QW`` scratch is overwritten with the shift table ``lse_log2[q] - qw[q, c]`` (+inf where
-  (label(q), c) is blocked or the row sees nothing) that the backward kernels exponentiate
-  against.
+  shift table ``lse_log2[q] - qw[q, c]`` (+inf where (label(q), c) is blocked or the row
+  sees nothing) that the backward kernels exponentiate against; the ``QW`` table then
+  stays too, for the backward's mixed tiles with soft memberships.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R
                         TERMS: tl.constexpr, RP: tl.constexpr, SOFT: tl.constexpr):
     """(BLOCK_M, COLS) float32 in log2 units: column t holds (Mq W)[q, t // TERMS] (0 past R).
 
-    Hard labels gather rows of the table; soft memberships take one small exact dot.
+    Hard labels gather rows of the table; soft memberships take one small dot, exact to ~fp32.
     """
     cols = tl.arange(0, COLS)
     region = cols // TERMS
@@ -78,7 +78,7 @@ def _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R
                      other=0.0)
         w = tl.load(bias_base + offs_r[:, None] * stride_bias_r + region[None, :],
                     mask=(offs_r[:, None] < R) & (region[None, :] < R), other=0.0).to(tl.float32)
-        x = tl.dot(mq, w, input_precision="ieee")
+        x = tl.dot(mq, w, input_precision="tf32x3")  # ~fp32-exact; an FMA dot holds whole rows a thread
     else:
         x = tl.load(bias_base + lq[:, None] * stride_bias_r + region[None, :], mask=region[None, :] < R,
                     other=0.0).to(tl.float32)
@@ -191,12 +191,14 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
     unnormalised running mass): kept in registers across the loop, a (BLOCK_M, 16) tensor in
     the accumulator's layout costs as many registers as a (BLOCK_M, 64) one.
     """
+    # One pointer block per operand, moved by a scalar offset: pointer blocks carried through the
+    # loops would each hold a register per element.
     offs_block = tl.arange(0, BLOCK_N)
-    k_offs0 = offs_block[:, None] * stride_kn + tl.arange(0, D0)[None, :]
-    v_offs0 = offs_block[:, None] * stride_vn + tl.arange(0, D0)[None, :]
+    k_block0 = k_base + offs_block[:, None] * stride_kn + tl.arange(0, D0)[None, :]
+    v_block0 = v_base + offs_block[:, None] * stride_vn + tl.arange(0, D0)[None, :]
     if D1 > 0:
-        k_offs1 = offs_block[:, None] * stride_kn + (D0 + tl.arange(0, D1))[None, :]
-        v_offs1 = offs_block[:, None] * stride_vn + (D0 + tl.arange(0, D1))[None, :]
+        k_block1 = k_base + offs_block[:, None] * stride_kn + (D0 + tl.arange(0, D1))[None, :]
+        v_block1 = v_base + offs_block[:, None] * stride_vn + (D0 + tl.arange(0, D1))[None, :]
     offs_mass = tl.arange(0, MASS_R)
     for r in range(run_count):
         head = tl.load(run_base + 2 * r)
@@ -212,16 +214,13 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
         if RETURN_MASS:
             m_start = m_i
             l_start = l_i
-        k_ptrs0 = k_base + start_n * stride_kn + k_offs0
-        v_ptrs0 = v_base + start_n * stride_vn + v_offs0
-        if D1 > 0:
-            k_ptrs1 = k_base + start_n * stride_kn + k_offs1
-            v_ptrs1 = v_base + start_n * stride_vn + v_offs1
         for j in range(length * SUB_N):
-            k0 = _as_operand(_load_cols(k_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+            k_offset = (start_n + j * BLOCK_N) * stride_kn
+            v_offset = (start_n + j * BLOCK_N) * stride_vn
+            k0 = _as_operand(_load_cols(k_block0 + k_offset, 0, D0, HEAD_DIM), UPCAST)
             qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
             if D1 > 0:
-                k1 = _as_operand(_load_cols(k_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                k1 = _as_operand(_load_cols(k_block1 + k_offset, D0, D1, HEAD_DIM), UPCAST)
                 qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
             row_max = tl.max(qk, 1) * qk_scale + b_row
             if ANY_BLOCKED:
@@ -236,15 +235,11 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             p_op = _as_operand(p.to(OUT_TY), UPCAST)
-            v0 = _as_operand(_load_cols(v_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+            v0 = _as_operand(_load_cols(v_block0 + v_offset, 0, D0, HEAD_DIM), UPCAST)
             acc0 = tl.dot(p_op, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
             if D1 > 0:
-                v1 = _as_operand(_load_cols(v_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+                v1 = _as_operand(_load_cols(v_block1 + v_offset, D0, D1, HEAD_DIM), UPCAST)
                 acc1 = tl.dot(p_op, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
-                k_ptrs1 += BLOCK_N * stride_kn
-                v_ptrs1 += BLOCK_N * stride_vn
-            k_ptrs0 += BLOCK_N * stride_kn
-            v_ptrs0 += BLOCK_N * stride_vn
             m_i = m_new
         if RETURN_MASS:  # the run's share of l is its mass in region c; rescale the rest once
             factor = tl.where(m_i == float("-inf"), 1.0, tl.math.exp2(m_start - m_i))
@@ -259,7 +254,7 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
 
 
 @triton.jit
-def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, StateMass,
+def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL, StateMass,
                     QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits,
                     RunCount, Runs, MixedCount, MixedIndex,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -274,7 +269,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, State
                     SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, HAS_MIXED: tl.constexpr,
                     ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr, SAVE_SHIFT: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                    REGION_BITS: tl.constexpr):
+                    REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
     """Launched twice when the layout has mixed tiles: MIXED=True walks them and leaves the
     online-softmax state (acc, m, l, mass) of each row in the State buffers; MIXED=False starts
     from that state, walks the pure runs and writes the results. Separate launches keep the
@@ -284,6 +279,11 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, State
     """
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     OUT_TY: tl.constexpr = V.dtype.element_ty
+    # The strides come in units of STRIDE_UNIT elements (see stride_unit): rows provably on 16 bytes.
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -387,7 +387,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, State
                 mass_mask = in_m[:, None] & (offs_mass[None, :] < R)
                 tl.debug_barrier()
                 tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
-            if SAVE_SHIFT:  # QW becomes the backward's shift table: p = exp2(qk qk_scale - shift[c, q])
+            if SAVE_SHIFT:  # the backward's shift table: p = exp2(qk qk_scale - shift[c, q])
                 if HAS_BIAS:
                     qw_final = tl.load(qw_base + offs_r[None, :] * Nq + offs_m[:, None],
                                        mask=in_m[:, None] & in_r[None, :], other=0.0)
@@ -397,48 +397,71 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, State
                 if ANY_BLOCKED:
                     usable = usable & (((q_bits[:, None] >> offs_r[None, :].to(q_bits.dtype)) & 1) != 0)
                 shift_table = tl.where(usable, lse_log2[:, None] - qw_final, float("inf"))
-                tl.debug_barrier()  # every thread has read its rows of QW before any is overwritten
-                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], shift_table,
+                tl.store(Shift + pid_bh * R * Nq + offs_r[None, :] * Nq + offs_m[:, None], shift_table,
                          mask=in_m[:, None] & in_r[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardConfig:
+class KernelConfig:
+    """One launch's tiles: a query block of block_m and a key block of block_n tokens."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    fp32_precision: str = "ieee"  # fp32 inputs: "ieee" (FMA) or "tf32x3" (tensor cores, ~fp32 accurate)
     maxnreg: int | None = None  # register cap a thread (see _runtime.launch)
+    fp32_precision: str = "ieee"  # fp32 inputs: "ieee" (FMA) or "tf32x3" (tensor cores, ~fp32 accurate)
+
+    def launch_options(self) -> dict:
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
+
+    def tile_args(self) -> dict:
+        """The kernels' block constexprs; blocks divide the layout's tiles."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, SUB_M=TILE_M // self.block_m,
+                    SUB_N=TILE_N // self.block_n)
 
 
-def kernel_precision(dtype: torch.dtype, config) -> str:
-    """The kernels' PRECISION: "split" for 16-bit inputs; the interpreter computes fp32 and ignores precision."""
+@dataclasses.dataclass(frozen=True)
+class ForwardConfig:
+    """The forward's two launches tile independently: the mixed one hands over per-row state."""
+
+    pure: KernelConfig
+    mixed: KernelConfig
+
+
+def _forward(pure, mixed):
+    return ForwardConfig(KernelConfig(*pure), KernelConfig(*mixed))
+
+
+def kernel_precision(dtype: torch.dtype, config: KernelConfig) -> str:
+    """A launch's PRECISION: "split" for 16-bit inputs; the interpreter computes fp32 and ignores precision."""
     if interpreting():
         return "ieee" if dtype == torch.float32 else "split"
     return config.fp32_precision if dtype == torch.float32 else "split"
 
 
-# The shipped configs, per (head-dim class, fp32 inputs, variant); see tests/tune_configs.py.
+# The shipped configs, per (head-dim class, fp32 inputs, variant): for each launch, the first
+# of tests/tune_configs.py's candidates that compiles for sm_80 and sm_90 without spills;
+# tests/test_compile_gate.py holds every entry to that.
 FORWARD_CONFIGS = {
-    (64, False, "plain"): ForwardConfig(128, 64, 8, 3, maxnreg=128),
-    (64, False, "mass"): ForwardConfig(128, 64, 8, 3),
-    (64, False, "wide"): ForwardConfig(128, 64, 8, 2),
-    (64, True, "plain"): ForwardConfig(64, 32, 4, 2),
-    (64, True, "mass"): ForwardConfig(64, 32, 4, 2),
-    (64, True, "wide"): ForwardConfig(64, 32, 4, 2),
-    (128, False, "plain"): ForwardConfig(128, 64, 8, 2),
-    (128, False, "mass"): ForwardConfig(128, 64, 8, 2),
-    (128, False, "wide"): ForwardConfig(128, 64, 8, 2),
-    (128, True, "plain"): ForwardConfig(32, 32, 4, 2),
-    (128, True, "mass"): ForwardConfig(32, 32, 4, 2),
-    (128, True, "wide"): ForwardConfig(32, 32, 4, 2),
-    (256, False, "plain"): ForwardConfig(64, 64, 4, 2),
-    (256, False, "mass"): ForwardConfig(64, 64, 4, 2),
-    (256, False, "wide"): ForwardConfig(64, 64, 4, 2),
-    (256, True, "plain"): ForwardConfig(16, 32, 4, 2),
-    (256, True, "mass"): ForwardConfig(16, 32, 4, 2),
-    (256, True, "wide"): ForwardConfig(16, 32, 4, 2),
+    (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 2)),
+    (64, False, "mass"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
+    (64, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (128, False, "plain"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
+    (128, False, "mass"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
+    (128, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
+    (256, False, "plain"): _forward((64, 64, 4, 2), (64, 32, 4, 2)),
+    (256, False, "mass"): _forward((64, 64, 4, 2), (64, 32, 4, 2)),
+    (256, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "wide"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
 }
 
 VARIANTS = ("plain", "mass", "wide")
@@ -501,6 +524,23 @@ def batch_stride(t: torch.Tensor) -> int:
     return 0 if t.shape[0] == 1 else t.stride(0)
 
 
+def stride_unit(*tensors: torch.Tensor) -> int:
+    """STRIDE_UNIT: the elements in 16 bytes if every batch, head and token stride of these
+    (B, H, N, D) tensors is a multiple of it, else 1.
+
+    The strides are passed divided by it and multiplied back in the kernel, so the compiler
+    knows that rows start on 16 bytes: the JIT hints only 16-divisible ints, and SD 1.5's
+    head dim of 40 makes a head stride of 40, which would leave every row load scalar and
+    out of the cp.async pipeline.
+    """
+    unit = 16 // tensors[0].element_size()
+    return unit if all(s % unit == 0 for t in tensors for s in t.stride()[:3]) else 1
+
+
+def unit_strides(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
+    return tuple(s // unit for s in t.stride()[:3])
+
+
 def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config: ForwardConfig):
     """Launch the forward kernel (twice when the layout has mixed tiles). Inputs are checked.
 
@@ -510,7 +550,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
         save_shift: also leave the shift table the backward pass reads.
     Returns:
         out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32, mass (B, H, Nq, R) float32 or
-        None, and the shift table (B, H, R, Nq) float32 (scratch unless save_shift).
+        None, and the tables (2, B, H, R, Nq) float32: [QW, shift] (valid when save_shift).
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -522,7 +562,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
     q, k, v = (pad_head_dim(t) for t in (q, k, v))
     lse = empty((B, H, Nq), dtype=torch.float32, device=device)
     mass = empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse
-    shift = empty((B, H, R, Nq), dtype=torch.float32, device=device)
+    tables = empty((2 if save_shift else 1, B, H, R, Nq), dtype=torch.float32, device=device)
     if info.has_mixed:
         state = (empty((B, H, Nq, q.shape[-1]), dtype=torch.float32, device=device),
                  empty((B, H, Nq), dtype=torch.float32, device=device),
@@ -530,22 +570,24 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
                  empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse)
     else:
         state = (lse, lse, lse, lse)  # never read
-    precision = kernel_precision(q.dtype, config)
-    kr_width, terms_q, terms_k = bias_dot_shape(R, soft, precision)
+    # The bias dot's operand layout is the same in both launches: "split" for 16-bit inputs, else 1 term.
+    kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
     q_mem = qr.memberships if soft else qr.labels
     k_mem = kr.memberships if soft else kr.labels
     k_op = layout.k_split if soft and terms_k == 2 else k_mem
     d0, d1 = head_dim_split(q.shape[-1])
+    unit = stride_unit(q, k, v, out)
     args = dict(
-        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=shift, StateAcc=state[0], StateM=state[1], StateL=state[2],
+        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=tables[0], Shift=tables[-1], StateAcc=state[0],
+        StateM=state[1], StateL=state[2],
         StateMass=state[3], QLabels=qr.labels, QMem=q_mem, KLabels=kr.labels, KMem=k_mem, KOperand=k_op,
-        Bias=bias if bias is not None else shift, AllowBits=layout.allow_bits,
+        Bias=bias if bias is not None else lse, AllowBits=layout.allow_bits,
         RunCount=tiles.pure_run_count, Runs=tiles.pure_runs, MixedCount=tiles.mixed_count,
         MixedIndex=tiles.mixed_index,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
+        **dict(zip(("stride_qb", "stride_qh", "stride_qn"), unit_strides(q, unit))),
+        **dict(zip(("stride_kb", "stride_kh", "stride_kn"), unit_strides(k, unit))),
+        **dict(zip(("stride_vb", "stride_vh", "stride_vn"), unit_strides(v, unit))),
+        **dict(zip(("stride_ob", "stride_oh", "stride_on"), unit_strides(out, unit))),
         stride_qlab_b=batch_stride(qr.labels), stride_qmem_b=batch_stride(q_mem),
         stride_klab_b=batch_stride(kr.labels), stride_kmem_b=batch_stride(k_mem),
         stride_kop_b=batch_stride(k_op), stride_kop_n=k_op.stride(1) if soft else 0,
@@ -556,16 +598,17 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
         stride_count_b=batch_stride(tiles.mixed_count), stride_index_b=batch_stride(tiles.mixed_index),
         stride_runs_b=batch_stride(tiles.pure_runs),
         H=H, Nq=Nq, Nk=Nk, R=R, num_key_tiles=tiles.mixed_index.shape[-1], qk_scale=scale * LOG2E,
-        HEAD_DIM=q.shape[-1], OUT_DIM=D, D0=d0, D1=d1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        HEAD_DIM=q.shape[-1], OUT_DIM=D, D0=d0, D1=d1,
         RP=max(16, next_power_of_2(R)), KR=kr_width, TERMS_Q=terms_q, TERMS_K=terms_k,
         MASS_R=max(16, next_power_of_2(R)), SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
         ANY_BLOCKED=info.any_blocked, RETURN_MASS=return_mass, SAVE_SHIFT=save_shift,
-        UPCAST=interpreting() and q.dtype != torch.float32, PRECISION=precision,
-        SUB_M=TILE_M // config.block_m, SUB_N=TILE_N // config.block_n, REGION_BITS=REGION_BITS,
+        UPCAST=interpreting() and q.dtype != torch.float32, REGION_BITS=REGION_BITS, STRIDE_UNIT=unit,
     )
-    grid = (triton.cdiv(Nq, config.block_m), B * H)
     if info.has_mixed:
-        launch(_sma_fwd_kernel, grid, num_warps=config.num_warps, num_stages=config.num_stages, MIXED=True, **args)
-    launch(_sma_fwd_kernel, grid, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
-           MIXED=False, **args)
-    return out, lse, (mass if return_mass else None), shift
+        mixed = config.mixed
+        launch(_sma_fwd_kernel, (triton.cdiv(Nq, mixed.block_m), B * H), **mixed.launch_options(),
+               **mixed.tile_args(), MIXED=True, PRECISION=kernel_precision(q.dtype, mixed), **args)
+    pure = config.pure
+    launch(_sma_fwd_kernel, (triton.cdiv(Nq, pure.block_m), B * H), **pure.launch_options(), **pure.tile_args(),
+           MIXED=False, PRECISION=kernel_precision(q.dtype, pure), **args)
+    return out, lse, (mass if return_mass else None), tables
