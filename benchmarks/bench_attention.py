@@ -8,7 +8,9 @@ blocked region pairs):
 - ``sdpa-mask``: F.scaled_dot_product_attention with a prebuilt dense float mask;
 - ``flex``: compiled FlexAttention, the bias as a score_mod and the allow table as a BlockMask;
 - ``xformers``: memory_efficient_attention with a tensor bias, where installed (GPU);
-- ``naive``: the materialised softmax(QK^T * scale + mask) V.
+- ``naive``: the materialised softmax(QK^T * scale + mask) V;
+- ``plain-flash``: the project's plain Triton flash attention with no bias and no regions
+  (benchmarks/plain_flash.py), the ceiling of this design in Triton (GPU, power-of-two D).
 
 Reports ms, TFLOP/s counted dense (4 B H Nq Nk D) and the speedup of sma_attention
 over each peer; writes benchmarks/results/<device>/attention.json and a plot.
@@ -178,10 +180,19 @@ def xformers_provider(p: Problem):
     return lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
 
 
+def plain_flash_provider(p: Problem):
+    """The ceiling: the project's plain Triton flash attention (no bias, no regions, nothing skipped)."""
+    from benchmarks.plain_flash import plain_flash_attention
+
+    return lambda: plain_flash_attention(p.q, p.k, p.v)
+
+
 def providers(p: Problem, gpu: bool, backward: bool = False) -> dict:
     chosen = {"mild-triton": lambda: mild_provider(p, "triton")} if gpu else {"mild-torch": lambda: mild_provider(p, "torch")}
     chosen.update({"sdpa-mask": lambda: sdpa_provider(p), "flex": lambda: flex_provider(p),
                    "naive": lambda: naive_provider(p)})
+    if gpu and p.q.shape[-1] in (16, 32, 64, 128, 256):
+        chosen["plain-flash"] = lambda: plain_flash_provider(p)
     if gpu:
         try:
             import xformers.ops  # noqa: F401

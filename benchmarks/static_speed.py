@@ -304,7 +304,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: up to 2)")
     args = parser.parse_args(argv)
 
-    rows = report(ENTRIES, args.arch, args.workers)
+    from mild_kernels._runtime import target_arch
+
+    with target_arch(args.arch):  # the launches take that architecture's config tables
+        rows = report(ENTRIES, args.arch, args.workers)
     shape = ", ".join(f"{k}={v}" for k, v in HEADLINE.items()).replace("torch.", "")
     print(f"static speed, sm_{args.arch}, {shape}")
     print("per main loop: instructions one warp issues per iteration; wi/1k: warp-instructions per 1,000 "

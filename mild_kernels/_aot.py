@@ -122,7 +122,8 @@ def compile_launch(launch, arch: int = 90):
     kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
     signature, constexprs, attrs = jit_signature(launch.kernel, kwargs, arch)
     source = ASTSource(launch.kernel, signature, constexprs, attrs)
-    options = getattr(launch, "options", None) or {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+    options = (launch.options_for(arch) if hasattr(launch, "options_for")
+               else {"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     return triton.compile(source, target=_target(arch), options=options)
 
 

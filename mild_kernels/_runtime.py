@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterator
 
@@ -78,15 +79,42 @@ class RecordedLaunch:
     kwargs: dict
     num_warps: int
     num_stages: int
-    maxnreg: int | None = None
+    maxnreg: int | None = None  # applies on Hopper (sm_90) and later only, as in launch()
 
-    @property
-    def options(self) -> dict:
-        """The compile options the launch gives, as ``triton.compile`` takes them."""
+    def options_for(self, arch: int) -> dict:
+        """The compile options the launch gives on sm_<arch>, as ``triton.compile`` takes them."""
         options = {"num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.maxnreg is not None:
+        if self.maxnreg is not None and arch >= 90:
             options["maxnreg"] = self.maxnreg
         return options
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+_target_arch = 90
+
+
+@contextlib.contextmanager
+def target_arch(arch: int) -> Iterator[None]:
+    """Pick configs for sm_<arch> where no GPU says which (recording, the interpreter): the
+    compile gate and the tuner record each architecture's launches under it."""
+    global _target_arch
+    previous, _target_arch = _target_arch, arch
+    try:
+        yield
+    finally:
+        _target_arch = previous
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability (90 for sm_90) whose configs a launch on ``device`` takes."""
+    if device.type == "cuda" and not interpreting() and _recorder is None:
+        return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _target_arch
 
 
 _recorder: list | None = None
@@ -105,8 +133,12 @@ def record_launches() -> Iterator[list]:
 
 def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, maxnreg: int | None = None,
            **kwargs) -> None:
-    """Launch (or record) a kernel. ``maxnreg`` caps registers a thread: 128 lets two 8-warp
-    programs share an SM, where ptxas left alone may take a few more and halve occupancy."""
+    """Launch (or record) a kernel.
+
+    ``maxnreg`` caps registers a thread on Hopper: 128 lets two 8-warp programs share an SM,
+    where ptxas left alone may take a few more and halve occupancy. On sm_80 the same code
+    (mma.sync, not wgmma) needs more registers, so the cap applies from sm_90 on.
+    """
     recorded = RecordedLaunch(kernel, tuple(grid), kwargs, num_warps, num_stages, maxnreg)
     if _recorder is not None:
         _recorder.append(recorded)
@@ -115,4 +147,5 @@ def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, ma
         # The interpreter ignores these; some Triton versions reject them.
         kernel[grid](**kwargs)
     else:
-        kernel[grid](**kwargs, **recorded.options)
+        device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
+        kernel[grid](**kwargs, **recorded.options_for(device_arch(device)))

@@ -39,18 +39,21 @@ TORCH_TO_TRITON = {
 
 
 # ---------------------------------------------------------------- cases
-# Each head-dim class compiled at its heaviest members: the largest power of two (the widest
-# accumulator) and SD 1.5's dim (two head-dim blocks, one of them masked: 40 = 32 + 16).
-GATE_HEAD_DIMS = {64: (64, 40), 128: (128, 80), 256: (256, 160)}
+# Each head-dim class compiled at its widest member, and where the class splits head dims
+# differently (two blocks, one masked: 40 = 32 + 16) at that member too.
+GATE_HEAD_DIMS = {48: (48, 40), 64: (64,), 96: (96, 80), 128: (128,), 160: (160, 144), 256: (256, 192)}
+GATE_HEAD_DIMS_FP32 = {64: (64, 40), 128: (128, 80), 256: (256, 160)}
 GATE_TOKENS = 1024  # SD's token counts are multiples of 16: the JIT's divisibility hints apply
 # Per variant: (soft, region mass, R, head dims to compile). Regions of uneven sizes, so that
 # key tiles at their boundaries take the mixed path, and a blocked pair: every kernel variant
 # a launch can pick (mixed and pure launches, masks, shift table) is compiled.
 SMA_VARIANT_CASES = {
-    "plain": [(True, False, 4, "both"), (False, False, 4, "pow2")],
-    "mass": [(True, True, 16, "pow2"), (False, True, 16, "pow2")],
+    "plain": [(True, False, 4, "both")],  # soft: its mixed tiles' bias operands are the widest at R <= 4
+    "mass": [(True, True, 16, "pow2")],
     "wide": [(True, True, 64, "pow2")],
 }
+# Kernels whose code no config sets: compiled once per distinct variant of these constexprs.
+CONFIG_FREE = {"_sma_bwd_preprocess": ("MASS_GRAD", "LSE_GRAD"), "_sma_bwd_dbias_kernel": ("SOFT",)}
 
 
 def _region_labels(R: int, tokens: int) -> torch.Tensor:
@@ -69,7 +72,8 @@ def sma_launch(head_dim, soft, mass, R, dtype, backward=False):
     from mild_kernels._runtime import record_launches
 
     def run():
-        q = torch.randn(1, 2, GATE_TOKENS, head_dim).to(dtype).requires_grad_()
+        # (B, H, N, D) views of (B, N, H * D), as a UNet's attention makes them.
+        q = torch.randn(1, GATE_TOKENS, 2, head_dim).to(dtype).transpose(1, 2).requires_grad_()
         labels = _region_labels(R, GATE_TOKENS)
         regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
         allow = torch.ones(R, R, dtype=torch.bool)
@@ -91,9 +95,9 @@ def _config_cases(table, prefix, backward):
     for key in sorted(table):
         block_d, is_fp32, variant = key
         dtype = torch.float32 if is_fp32 else torch.float16  # bf16's codegen is fp16's
-        pow2, sd = GATE_HEAD_DIMS[block_d]
+        widest, *others = (GATE_HEAD_DIMS_FP32 if is_fp32 else GATE_HEAD_DIMS)[block_d]
         for soft, mass, R, dims in SMA_VARIANT_CASES[variant]:
-            for head_dim in ((pow2, sd) if dims == "both" else (pow2,)):
+            for head_dim in ((widest, *others) if dims == "both" else (widest,)):
                 flags = ("soft" if soft else "hard") + (",mass" if mass else "")
                 name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},D{head_dim},R{R},{flags}]"
                 yield name, sma_launch(head_dim, soft, mass, R, dtype, backward)
@@ -227,7 +231,7 @@ def compile_one(index):
 
     name, launch, arch = _JOBS[index]
     row = {"case": name, "kernel": launch.kernel.__name__, "arch": f"sm_{arch}", "num_warps": launch.num_warps,
-           "num_stages": launch.num_stages, "maxnreg": launch.maxnreg}
+           "num_stages": launch.num_stages, "maxnreg": launch.options_for(arch).get("maxnreg")}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice
@@ -238,25 +242,34 @@ def compile_one(index):
     return {**row, "ctas_per_sm": _aot.ctas_per_sm(usage["reg"], usage["shared"], launch.num_warps, arch), **usage}
 
 
-def collect_jobs(selected=None):
-    """(case name, recorded launch, arch) for every distinct compile the selected cases need."""
+def collect_jobs(selected=None, archs=None):
+    """(case name, recorded launch, arch) for every distinct compile the selected cases need.
+
+    Each architecture's launches are recorded under target_arch(arch), so they use the config
+    tables the wrappers would pick on that GPU (sm_90's, or sm_80's).
+    """
     from mild_kernels import _aot
-    from mild_kernels._runtime import record_launches
+    from mild_kernels._runtime import record_launches, target_arch
 
     jobs, seen = [], set()
-    for cases in CASES:
-        for name, run in cases():
-            if selected and not any(s in name for s in selected):
-                continue
-            with record_launches() as launches:
-                run()
-            assert launches, f"{name}: the wrapper launched no Triton kernel"
-            for launch in launches:
-                launch.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in launch.kwargs.items()}
-                for arch in TARGETS.values():
+    for arch in archs or TARGETS.values():
+        for cases in CASES:
+            for name, run in cases():
+                if selected and not any(s in name for s in selected):
+                    continue
+                with target_arch(arch), record_launches() as launches:
+                    run()
+                assert launches, f"{name}: the wrapper launched no Triton kernel"
+                for launch in launches:
+                    launch.kwargs = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                                     for k, v in launch.kwargs.items()}
                     signature, constexprs, attrs = _aot.jit_signature(launch.kernel, launch.kwargs, arch)
                     key = (launch.kernel.__name__, repr(signature), repr(constexprs), repr(attrs),
-                           repr(launch.options), arch)
+                           repr(launch.options_for(arch)), arch)
+                    if launch.kernel.__name__ in CONFIG_FREE:
+                        first_tensor = next(v for v in launch.kwargs.values() if isinstance(v, torch.Tensor))
+                        key = (launch.kernel.__name__, arch, *(launch.kwargs[c] for c in CONFIG_FREE[key[0]]),
+                               first_tensor.dtype)
                     if key not in seen:
                         seen.add(key)
                         jobs.append((name, launch, arch))

@@ -6,8 +6,8 @@ time, so it overlaps the interpreter tests; see tests/compile_gate.py.
 """
 
 import compile_gate
-from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS
-from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
+from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS, BACKWARD_CONFIGS_SM80
+from mild_kernels.sma.triton_forward import FORWARD_CONFIGS, FORWARD_CONFIGS_SM80
 
 
 def test_every_shipped_config_compiles_within_its_spill_budget(compile_gate_run):
@@ -23,12 +23,13 @@ def test_every_shipped_config_compiles_within_its_spill_budget(compile_gate_run)
 
 def test_gate_covers_every_config_table_entry(compile_gate_run):
     _, _, rows = compile_gate_run
-    compiled = {row["case"] for row in rows}
-    for prefix, table in (("sma_fwd", FORWARD_CONFIGS), ("sma_bwd", BACKWARD_CONFIGS)):
-        for block_d, is_fp32, variant in table:
-            dtype = "fp32" if is_fp32 else "fp16"
-            assert any(name.startswith(f"{prefix}[d{block_d},{dtype},{variant},") for name in compiled), \
-                f"{prefix} config {(block_d, is_fp32, variant)} was not compiled"
+    for arch, tables in ((90, (FORWARD_CONFIGS, BACKWARD_CONFIGS)), (80, (FORWARD_CONFIGS_SM80, BACKWARD_CONFIGS_SM80))):
+        compiled = {row["case"] for row in rows if row["arch"] == f"sm_{arch}"}
+        for prefix, table in zip(("sma_fwd", "sma_bwd"), tables):
+            for block_d, is_fp32, variant in table:
+                dtype = "fp32" if is_fp32 else "fp16"
+                assert any(name.startswith(f"{prefix}[d{block_d},{dtype},{variant},") for name in compiled), \
+                    f"{prefix} config {(block_d, is_fp32, variant)} was not compiled for sm_{arch}"
 
 
 def test_known_spills_are_current(compile_gate_run):
@@ -40,5 +41,6 @@ def test_known_spills_are_current(compile_gate_run):
         worst[key] = max(worst.get(key, 0), row.get("local", 0) + row.get("stack", 0))
     for key in compile_gate.KNOWN_SPILLS:
         prefix, block_d, dtype, variant = key
-        assert prefix == "sma_bwd" and (block_d, dtype == "fp32", variant) in BACKWARD_CONFIGS, key
+        table = BACKWARD_CONFIGS if prefix == "sma_bwd" else FORWARD_CONFIGS
+        assert (block_d, dtype == "fp32", variant) in table, key
         assert worst.get(key, 0) > 0, f"{key} no longer spills: remove it from KNOWN_SPILLS"

@@ -3,11 +3,12 @@
 Each config key (head-dim class, fp32 inputs, variant) holds one KernelConfig per launch
 role: the forward's pure and mixed launches, the backward's dK/dV launch and dQ's pure and
 mixed launches. For every (key, role) the candidates are tried in order of preference
-(larger tiles, more stages first); the first whose launches compile for sm_80 and sm_90
+(larger tiles, more stages first); the first whose launches compile for the architecture
 with no spill, in every case of the compile gate for that key, is kept. Roles tune
-independently: a launch's registers depend only on its own config.
+independently: a launch's registers depend only on its own config. sm_90 and sm_80 have
+tables of their own (mma.sync needs more registers than wgmma for the same tiles).
 
-    python tests/tune_configs.py [forward|backward] [--keys 64,False,plain ...] [--workers 2]
+    python tests/tune_configs.py [forward|backward] [--arch 90|80] [--keys 64,False,plain ...]
 
 Prints the tables to paste into triton_forward.py and triton_backward.py.
 """
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.pop("TRITON_INTERPRET", None)
 
 import compile_gate as gate  # noqa: E402
-from mild_kernels._runtime import record_launches  # noqa: E402
+from mild_kernels._runtime import record_launches, target_arch  # noqa: E402
 from mild_kernels.sma import triton_backward, triton_forward  # noqa: E402
 from mild_kernels.sma.triton_forward import KernelConfig  # noqa: E402
 
@@ -35,7 +36,8 @@ ROLES = {
     "backward": {"dkdv": ("_sma_bwd_dkdv_kernel", None), "dq": ("_sma_bwd_dq_kernel", False),
                  "dq_mixed": ("_sma_bwd_dq_kernel", True)},
 }
-TABLES = {"forward": triton_forward.FORWARD_CONFIGS, "backward": triton_backward.BACKWARD_CONFIGS}
+TABLES = {("forward", 90): triton_forward.FORWARD_CONFIGS, ("forward", 80): triton_forward.FORWARD_CONFIGS_SM80,
+          ("backward", 90): triton_backward.BACKWARD_CONFIGS, ("backward", 80): triton_backward.BACKWARD_CONFIGS_SM80}
 CASES = {"forward": gate.sma_forward_cases, "backward": gate.sma_backward_cases}
 
 # KernelConfig fields: block_m, block_n, num_warps, num_stages, maxnreg, fp32_precision.
@@ -65,22 +67,21 @@ def with_role(config, role: str, kernel_config: KernelConfig):
     return dataclasses.replace(config, **{role: kernel_config})
 
 
-def jobs_for(op, key, role, kernel_config):
-    table = TABLES[op]
+def jobs_for(op, arch, key, role, kernel_config):
+    table = TABLES[(op, arch)]
     table[key] = with_role(table[key], role, kernel_config)
     name, mixed_flag = ROLES[op][role]
     jobs = []
     for case, run in CASES[op]([key]):
-        with record_launches() as launches:
+        with target_arch(arch), record_launches() as launches:
             run()
         for launch in launches:
             if launch.kernel.__name__ == name and (mixed_flag is None or launch.kwargs.get("MIXED") == mixed_flag):
-                for arch in gate.TARGETS.values():
-                    jobs.append((case, launch, arch))
+                jobs.append((case, launch, arch))
     return jobs
 
 
-def tune(op: str, keys, workers: int):
+def tune(op: str, arch: int, keys, workers: int):
     """{(key, role): KernelConfig or None} for the first candidate of each that passes."""
     pending = {(key, role): 0 for key in keys for role in ROLES[op]}
     chosen = {}
@@ -88,7 +89,7 @@ def tune(op: str, keys, workers: int):
     while pending:
         batch, owners = [], []
         for (key, role), index in pending.items():
-            jobs = jobs_for(op, key, role, candidates(role, key[1])[index])
+            jobs = jobs_for(op, arch, key, role, candidates(role, key[1])[index])
             batch += jobs
             owners += [(key, role)] * len(jobs)
         gate._JOBS[:] = batch
@@ -113,14 +114,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("op", choices=sorted(ROLES), nargs="?", default="forward")
     parser.add_argument("--keys", nargs="*", help="config keys as 64,False,plain")
+    parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    keys = sorted(TABLES[args.op])
+    keys = sorted(TABLES[(args.op, args.arch)])
     if args.keys:
         wanted = {(int(d), f == "True", v) for d, f, v in (k.split(",") for k in args.keys)}
         keys = [key for key in keys if key in wanted]
-    chosen = tune(args.op, keys, args.workers)
-    print(f"{args.op}:")
+    chosen = tune(args.op, args.arch, keys, args.workers)
+    print(f"{args.op}, sm_{args.arch}:")
     for key in keys:
         print(f"    {key!r}: " + ", ".join(f"{role}={chosen[(key, role)]}" for role in ROLES[args.op]))
 

@@ -87,7 +87,7 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
     else:
         from .triton_forward import forward_config, sma_forward_triton
 
-        config = forward_config(q.shape[-1], q.dtype, layout.q_regions.is_soft, return_mass, R)
+        config = forward_config(q.shape[-1], q.dtype, return_mass, R, q.device)
         out, lse, mass, shift = sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config)
     return (out, lse, mass if return_mass else lse.new_empty(0),
             shift if save_shift and shift is not None else lse.new_empty(0))
@@ -118,7 +118,7 @@ def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Option
                                   layout.k_regions, _dense_bias(bias, R, q.device), layout.allow, scale, R)
     from .triton_backward import backward_config, sma_backward_triton
 
-    config = backward_config(q.shape[-1], q.dtype, layout.q_regions.is_soft, grad_mass is not None, R)
+    config = backward_config(q.shape[-1], q.dtype, grad_mass is not None, R, q.device)
     return sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout, bias, scale,
                                config)
 

@@ -33,11 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import empty, interpreting, launch, next_power_of_2
+from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2
 from .layout import REGION_BITS, TILE_N
-from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols,
-                             _split_operand, batch_stride, bias_dot_shape, config_variant,
-                             head_dim_class, head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
+from .triton_forward import (LOG2E, KernelConfig, config_key, _as_operand, _qw_columns, _bias_key_operand, _load_block, _load_cols,
+                             _split_operand, batch_stride, bias_dot_shape,
+                             head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 @triton.jit
@@ -71,14 +71,6 @@ def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable,
     if MASS_GRAD:
         # (R, Nq) per (batch row, head), like the shift table: region c's row is contiguous over queries
         tl.store(DTable + (pid_bh * R + offs_r[None, :]) * Nq + offs_m[:, None], delta[:, None] - dmass, mask=mask_r)
-
-
-@triton.jit
-def _qw_columns(qw_base, offs_m, in_m, R, Nq, COLS: tl.constexpr, TERMS: tl.constexpr):
-    """(rows, COLS): column t holds the forward's qw[q, t // TERMS] (log2 units; 0 past R)."""
-    region = tl.arange(0, COLS) // TERMS
-    return tl.load(qw_base + region[None, :] * Nq + offs_m[:, None], mask=in_m[:, None] & (region[None, :] < R),
-                   other=0.0)
 
 
 @triton.jit
@@ -175,8 +167,10 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
         if HAS_MIXED:
             lk = tl.load(KLabels + b * stride_klab_b + offs_n, mask=in_n, other=0)
             qw_base = QW + pid_bh * R * Nq
-            k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q,
-                                     TERMS_K, SOFT, UPCAST)
+            RELOAD_K_OP: tl.constexpr = KR > 64  # R > 16: read the key operand per block, not held in registers
+            if not RELOAD_K_OP:
+                k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q,
+                                         TERMS_K, SOFT, UPCAST)
             mass_cols = tl.arange(0, KR) // (TERMS_Q * TERMS_K)
             for r in range(run_count):
                 first_block = tl.load(run_base + 2 * r) * SUB_M
@@ -190,6 +184,9 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                         q1 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, D0, D1, HEAD_DIM, True), UPCAST)
                         s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
                     s_t = s_t * qk_scale
+                    if RELOAD_K_OP and (HAS_BIAS or MASS_GRAD):
+                        k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR,
+                                                 TERMS_Q, TERMS_K, SOFT, UPCAST)
                     if HAS_BIAS:
                         q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q,
                                               UPCAST)
@@ -303,13 +300,12 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
             dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
             dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
             region_sums = tl.zeros((BLOCK_M, RP), dtype=tl.float32)  # (dS Mk)[q, r]
-            q_op = q0
-            if HAS_BIAS:
+            RELOAD_OPS: tl.constexpr = KR > 64  # R > 16: read the query operands per tile, not held in registers
+            mass_cols = tl.arange(0, KR) // (TERMS_Q * TERMS_K)
+            if HAS_BIAS and not RELOAD_OPS:
                 q_op = _split_operand(_qw_columns(QW + pid_bh * R * Nq, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K),
                                       TERMS_Q, UPCAST)
-            dmass_op = q_op
-            if MASS_GRAD:
-                mass_cols = tl.arange(0, KR) // (TERMS_Q * TERMS_K)
+            if MASS_GRAD and not RELOAD_OPS:
                 dmass_op = _split_operand(tl.load(DMass + rows[:, None] * R + mass_cols[None, :],
                                                   mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0),
                                           TERMS_Q, UPCAST)
@@ -332,6 +328,9 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
                 k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR,
                                          TERMS_Q, TERMS_K, SOFT, UPCAST)
                 if HAS_BIAS:
+                    if RELOAD_OPS:
+                        q_op = _split_operand(_qw_columns(QW + pid_bh * R * Nq, offs_m, in_m, R, Nq, KR,
+                                                          TERMS_Q * TERMS_K), TERMS_Q, UPCAST)
                     s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                 allowed = in_n[None, :]
                 if ANY_BLOCKED:
@@ -343,6 +342,10 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
                     v1 = _as_operand(_load_block(v_base, offs_n, stride_vn, Nk, D0, D1, HEAD_DIM, True), UPCAST)
                     dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
                 if MASS_GRAD:
+                    if RELOAD_OPS:
+                        dmass_op = _split_operand(tl.load(DMass + rows[:, None] * R + mass_cols[None, :],
+                                                          mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0),
+                                                  TERMS_Q, UPCAST)
                     dp = tl.dot(dmass_op, tl.trans(k_op), dp, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                 ds = p * (dp - delta[:, None])
                 ds_op = _as_operand(ds.to(K.dtype.element_ty), UPCAST)
@@ -483,20 +486,60 @@ def _backward(dkdv, dq, dq_mixed):
 # Per (head-dim class, fp32 inputs, variant), as FORWARD_CONFIGS. A dK/dV program owns 64 keys at
 # most (the layout's key tile), so it runs one warpgroup: two would compute the same 64-row products.
 BACKWARD_CONFIGS = {
-    (64, False, "plain"): _backward((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
-    (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)),
+    (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (64, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (96, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
+    (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
+    (128, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
+    (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
+    (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
+    (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
+    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (256, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
+    (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "wide"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+}
+
+# sm_80 (Ampere), as FORWARD_CONFIGS_SM80.
+BACKWARD_CONFIGS_SM80 = {
+    (48, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
+    (48, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (64, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
     (64, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
     (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (128, False, "plain"): _backward((64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
-    (128, False, "mass"): _backward((64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
+    (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (96, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (96, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (128, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
     (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
-    (256, False, "plain"): _backward((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
-    (256, False, "mass"): _backward((64, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
+    (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
+    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (256, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
     (256, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
     (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
     (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
@@ -504,9 +547,10 @@ BACKWARD_CONFIGS = {
 }
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, num_regions: int) -> BackwardConfig:
-    return BACKWARD_CONFIGS[(head_dim_class(head_dim), dtype == torch.float32,
-                             config_variant(soft, mass, num_regions))]
+def backward_config(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int, device) -> BackwardConfig:
+    """The shipped config for the device's architecture, as triton_forward.forward_config."""
+    table = BACKWARD_CONFIGS if device_arch(device) >= 90 else BACKWARD_CONFIGS_SM80
+    return table[config_key(head_dim, dtype, mass, num_regions)]
 
 
 def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, tables, layout, bias, scale,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import empty, empty_like, interpreting, launch, next_power_of_2
+from .._runtime import device_arch, empty, empty_like, interpreting, launch, next_power_of_2
 from .layout import REGION_BITS, TILE_M, TILE_N
 
 LOG2E = 1.4426950408889634
@@ -86,6 +86,14 @@ def _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R
 
 
 @triton.jit
+def _qw_columns(qw_base, offs_m, in_m, R, Nq, COLS: tl.constexpr, TERMS: tl.constexpr):
+    """(rows, COLS) from the QW table (B, H, R, Nq): column t holds qw[q, t // TERMS] (log2 units; 0 past R)."""
+    region = tl.arange(0, COLS) // TERMS
+    return tl.load(qw_base + region[None, :] * Nq + offs_m[:, None], mask=in_m[:, None] & (region[None, :] < R),
+                   other=0.0)
+
+
+@triton.jit
 def _split_operand(x, TERMS_Q: tl.constexpr, UPCAST: tl.constexpr):
     """A float32 dot operand whose columns come in (hi, lo) pairs when TERMS_Q == 2: the bf16
     high half in even columns and the bf16 rest in odd ones (16 mantissa bits in all)."""
@@ -127,15 +135,22 @@ def _load_cols(ptrs, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_op, q_bits, k_base, v_base, klab_base, kmem_base, kop_base,
-                     tile_index, tile_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale,
-                     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m, in_m, Nq, k_base, v_base,
+                     klab_base, kmem_base, kop_base, tile_index, tile_count, stride_kn, stride_vn, stride_kop_n, Nk, R,
+                     qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr,
                      SUB_N: tl.constexpr, KR: tl.constexpr, TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr,
                      MASS_R: tl.constexpr, SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
                      RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, OUT_TY: tl.constexpr):
-    """Online softmax over mixed key tiles: the bias as a dot, the element-wise mask, the key tail."""
+    """Online softmax over mixed key tiles: the bias as a dot, the element-wise mask, the key tail.
+
+    The bias dot's query operand comes from the QW table; past 64 columns (R > 16 regions) it is
+    read again for every tile rather than held across the loop.
+    """
+    RELOAD_Q_OP: tl.constexpr = KR > 64
     offs_mass = tl.arange(0, MASS_R)
+    if HAS_BIAS and not RELOAD_Q_OP:
+        q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q, UPCAST)
     for j in range(tile_count * SUB_N):
         offs_n = (tl.load(tile_index + j // SUB_N) * SUB_N + j % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = offs_n < Nk
@@ -147,6 +162,9 @@ def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_op, q_bits, k_base, v
             s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
         s = s * qk_scale
         if HAS_BIAS:
+            if RELOAD_Q_OP:
+                q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q,
+                                      UPCAST)
             k_op = _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT, UPCAST)
             s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
         allowed = in_n[None, :]
@@ -199,7 +217,6 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
     if D1 > 0:
         k_block1 = k_base + offs_block[:, None] * stride_kn + (D0 + tl.arange(0, D1))[None, :]
         v_block1 = v_base + offs_block[:, None] * stride_vn + (D0 + tl.arange(0, D1))[None, :]
-    offs_mass = tl.arange(0, MASS_R)
     for r in range(run_count):
         head = tl.load(run_base + 2 * r)
         length = tl.load(run_base + 2 * r + 1)
@@ -243,13 +260,14 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
             m_i = m_new
         if RETURN_MASS:  # the run's share of l is its mass in region c; rescale the rest once
             factor = tl.where(m_i == float("-inf"), 1.0, tl.math.exp2(m_start - m_i))
-            mass_ptrs = mass_rows[:, None] + offs_mass[None, :]
-            mass_mask = in_m[:, None] & (offs_mass[None, :] < R)
             tl.debug_barrier()
-            mass = tl.load(mass_ptrs, mask=mass_mask, other=0.0)
-            mass = mass * factor[:, None] + tl.where(offs_mass[None, :] == region, (l_i - l_start * factor)[:, None],
-                                                     0.0)
-            tl.store(mass_ptrs, mass, mask=mass_mask)
+            for c0 in tl.static_range(0, MASS_R, 16):  # 16 regions at a time: registers stay flat in R
+                cols = c0 + tl.arange(0, 16)
+                mass_ptrs = mass_rows[:, None] + cols[None, :]
+                mass_mask = in_m[:, None] & (cols[None, :] < R)
+                mass = tl.load(mass_ptrs, mask=mass_mask, other=0.0) * factor[:, None]
+                mass += tl.where(cols[None, :] == region, (l_i - l_start * factor)[:, None], 0.0)
+                tl.store(mass_ptrs, mass, mask=mass_mask)
     return acc0, acc1, m_i, l_i
 
 
@@ -319,12 +337,12 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
             m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             mass = tl.zeros((BLOCK_M, MASS_R), dtype=tl.float32)
-            q_op = q0
-            if HAS_BIAS:
-                q_op = _split_operand(_query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R,
-                                                          KR, TERMS_Q * TERMS_K, RP, SOFT), TERMS_Q, UPCAST)
+            if HAS_BIAS:  # this launch writes the QW table too (the pure launch writes the same values)
+                qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
+                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & in_r[None, :])
+                tl.debug_barrier()
             acc0, acc1, m_i, l_i, mass = _fwd_mixed_tiles(
-                acc0, acc1, m_i, l_i, mass, q0, q1, q_op, q_bits, K + b * stride_kb + h * stride_kh,
+                acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m, in_m, Nq, K + b * stride_kb + h * stride_kh,
                 V + b * stride_vb + h * stride_vh, KLabels + b * stride_klab_b, KMem + b * stride_kmem_b,
                 KOperand + b * stride_kop_b, MixedIndex + b * stride_index_b + list_row * num_key_tiles,
                 mixed_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, SUB_N,
@@ -355,10 +373,11 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
             m_i = tl.load(StateM + rows, mask=resume, other=float("-inf"))
             l_i = tl.load(StateL + rows, mask=resume, other=0.0)
             if RETURN_MASS:  # the running mass lives in the Mass rows (see _fwd_pure_runs)
-                mass = tl.load(StateMass + rows[:, None] * R + offs_mass[None, :],
-                               mask=resume[:, None] & (offs_mass[None, :] < R), other=0.0)
-                tl.store(Mass + rows[:, None] * R + offs_mass[None, :], mass,
-                         mask=in_m[:, None] & (offs_mass[None, :] < R))
+                for c0 in tl.static_range(0, MASS_R, 16):
+                    cols = c0 + tl.arange(0, 16)
+                    mass = tl.load(StateMass + rows[:, None] * R + cols[None, :],
+                                   mask=resume[:, None] & (cols[None, :] < R), other=0.0)
+                    tl.store(Mass + rows[:, None] * R + cols[None, :], mass, mask=in_m[:, None] & (cols[None, :] < R))
             if HAS_BIAS:  # the bias rows qw = Mq W (log2 units), gathered once per run below
                 qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
                 tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & in_r[None, :])
@@ -383,22 +402,25 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
             lse_log2 = tl.where(blocked, float("-inf"), m_i + tl.math.log2(tl.where(blocked, 1.0, l_i)))
             tl.store(Lse + rows, lse_log2 * 0.6931471805599453, mask=in_m)
             if RETURN_MASS:
-                mass_ptrs = Mass + rows[:, None] * R + offs_mass[None, :]
-                mass_mask = in_m[:, None] & (offs_mass[None, :] < R)
                 tl.debug_barrier()
-                tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
+                for c0 in tl.static_range(0, MASS_R, 16):
+                    cols = c0 + tl.arange(0, 16)
+                    mass_ptrs = Mass + rows[:, None] * R + cols[None, :]
+                    mass_mask = in_m[:, None] & (cols[None, :] < R)
+                    tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
             if SAVE_SHIFT:  # the backward's shift table: p = exp2(qk qk_scale - shift[c, q])
-                if HAS_BIAS:
-                    qw_final = tl.load(qw_base + offs_r[None, :] * Nq + offs_m[:, None],
-                                       mask=in_m[:, None] & in_r[None, :], other=0.0)
-                else:
-                    qw_final = tl.zeros((BLOCK_M, RP), dtype=tl.float32)
-                usable = (lse_log2 != float("-inf"))[:, None] & in_r[None, :]
-                if ANY_BLOCKED:
-                    usable = usable & (((q_bits[:, None] >> offs_r[None, :].to(q_bits.dtype)) & 1) != 0)
-                shift_table = tl.where(usable, lse_log2[:, None] - qw_final, float("inf"))
-                tl.store(Shift + pid_bh * R * Nq + offs_r[None, :] * Nq + offs_m[:, None], shift_table,
-                         mask=in_m[:, None] & in_r[None, :])
+                for c0 in tl.static_range(0, RP, 16):
+                    cols = c0 + tl.arange(0, 16)
+                    table_mask = in_m[:, None] & (cols[None, :] < R)
+                    if HAS_BIAS:
+                        qw_final = tl.load(qw_base + cols[None, :] * Nq + offs_m[:, None], mask=table_mask, other=0.0)
+                    else:
+                        qw_final = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+                    usable = (lse_log2 != float("-inf"))[:, None] & (cols[None, :] < R)
+                    if ANY_BLOCKED:
+                        usable = usable & (((q_bits[:, None] >> cols[None, :].to(q_bits.dtype)) & 1) != 0)
+                    tl.store(Shift + pid_bh * R * Nq + cols[None, :] * Nq + offs_m[:, None],
+                             tl.where(usable, lse_log2[:, None] - qw_final, float("inf")), mask=table_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,20 +466,60 @@ def kernel_precision(dtype: torch.dtype, config: KernelConfig) -> str:
 # of tests/tune_configs.py's candidates that compiles for sm_80 and sm_90 without spills;
 # tests/test_compile_gate.py holds every entry to that.
 FORWARD_CONFIGS = {
-    (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 2)),
-    (64, False, "mass"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
+    (48, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
+    (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
+    (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (128, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
+    (160, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (160, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
+    (160, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (256, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
+    (256, False, "mass"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
+    (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
+    (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "wide"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+}
+
+# sm_80 (Ampere): mma.sync needs more registers than wgmma for the same tiles; its own table.
+FORWARD_CONFIGS_SM80 = {
+    (48, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
     (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
-    (128, False, "plain"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
-    (128, False, "mass"): _forward((128, 64, 8, 2), (64, 64, 4, 2)),
+    (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
     (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
-    (256, False, "plain"): _forward((64, 64, 4, 2), (64, 32, 4, 2)),
-    (256, False, "mass"): _forward((64, 64, 4, 2), (64, 32, 4, 2)),
+    (160, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (160, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
+    (160, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (256, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (256, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
     (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
@@ -467,7 +529,7 @@ FORWARD_CONFIGS = {
 VARIANTS = ("plain", "mass", "wide")
 
 
-def config_variant(soft: bool, mass: bool, num_regions: int) -> str:
+def config_variant(mass: bool, num_regions: int) -> str:
     """wide: R > 16; else mass (the region mass asked for) or plain.
 
     Hard labels and soft memberships share configs: they differ only in the mixed tiles'
@@ -490,9 +552,15 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
     return d0, (0 if rest <= 0 else max(16, next_power_of_2(rest)))
 
 
-def head_dim_class(head_dim: int) -> int:
-    """Config tables key head dims by 64 (any D <= 64), 128 and 256."""
-    return max(64, next_power_of_2(head_dim))
+HEAD_DIM_CLASSES = (48, 64, 96, 128, 160, 256)  # 16-bit inputs; SD 1.5's 40, 80, 160 and SD2/XL's 64 apart
+HEAD_DIM_CLASSES_FP32 = (64, 128, 256)  # fp32 is the correctness path: coarser classes
+
+
+def head_dim_class(head_dim: int, fp32: bool = False) -> int:
+    """Config tables key head dims by the smallest class at least as wide. A config that compiles
+    without spills at the class's widest member holds for the narrower ones; the 16-bit classes
+    keep the common dims apart, so that D=40 does not set D=64's registers."""
+    return next(c for c in (HEAD_DIM_CLASSES_FP32 if fp32 else HEAD_DIM_CLASSES) if head_dim <= c)
 
 
 def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
@@ -515,9 +583,15 @@ def bias_dot_shape(num_regions: int, soft: bool, precision: str) -> tuple[int, i
     return 2 * max(8, next_power_of_2(num_regions)), 2, 1
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, soft: bool, mass: bool, num_regions: int) -> ForwardConfig:
-    key = (head_dim_class(head_dim), dtype == torch.float32, config_variant(soft, mass, num_regions))
-    return FORWARD_CONFIGS[key]
+def config_key(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int) -> tuple[int, bool, str]:
+    fp32 = dtype == torch.float32
+    return head_dim_class(head_dim, fp32), fp32, config_variant(mass, num_regions)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int, device) -> ForwardConfig:
+    """The shipped config for the device's architecture: Hopper's table, or sm_80's for Ampere."""
+    table = FORWARD_CONFIGS if device_arch(device) >= 90 else FORWARD_CONFIGS_SM80
+    return table[config_key(head_dim, dtype, mass, num_regions)]
 
 
 def batch_stride(t: torch.Tensor) -> int:
