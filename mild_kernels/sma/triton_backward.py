@@ -35,9 +35,9 @@ import triton.language as tl
 
 from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2
 from .layout import REGION_BITS, TILE_N
-from .triton_forward import (LOG2E, KernelConfig, config_key, _as_operand, _qw_columns, _bias_key_operand, _load_block, _load_cols,
-                             _split_operand, batch_stride, bias_dot_shape,
-                             head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
+from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns,
+                             _region_product, _split_operand, batch_stride, bias_dot_shape, config_key, head_dim_split,
+                             kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 @triton.jit
@@ -184,13 +184,16 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                         q1 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, D0, D1, HEAD_DIM, True), UPCAST)
                         s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
                     s_t = s_t * qk_scale
-                    if RELOAD_K_OP and (HAS_BIAS or MASS_GRAD):
-                        k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR,
-                                                 TERMS_Q, TERMS_K, SOFT, UPCAST)
                     if HAS_BIAS:
-                        q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q,
-                                              UPCAST)
-                        s_t = tl.dot(k_op, tl.trans(q_op), s_t, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                        if RELOAD_K_OP:
+                            s_t = _region_product(s_t, qw_base, Nq, 1, offs_m, in_m, lk, offs_n, in_n,
+                                                  KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
+                                                  SOFT, UPCAST, PRECISION, True)
+                        else:
+                            q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K),
+                                                  TERMS_Q, UPCAST)
+                            s_t = tl.dot(k_op, tl.trans(q_op), s_t,
+                                         input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                     allowed = in_n[:, None] & in_m[None, :]
                     if ANY_BLOCKED:
                         q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
@@ -207,10 +210,15 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                         dv1 = tl.dot(p_op, do1, dv1, input_precision=DOT_PRECISION)
                         dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
                     if MASS_GRAD:  # dP += dMass Mk^T, one dot of split operands like the bias
-                        dmass = tl.load(DMass + (stats_base + offs_m[:, None]) * R + mass_cols[None, :],
-                                        mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0)
-                        dp_t = tl.dot(k_op, tl.trans(_split_operand(dmass, TERMS_Q, UPCAST)), dp_t,
-                                      input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                        if RELOAD_K_OP:
+                            dp_t = _region_product(dp_t, DMass + stats_base * R, 1, R, offs_m, in_m, lk, offs_n, in_n,
+                                                   KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
+                                                   SOFT, UPCAST, PRECISION, True)
+                        else:
+                            dmass = tl.load(DMass + (stats_base + offs_m[:, None]) * R + mass_cols[None, :],
+                                            mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0)
+                            dp_t = tl.dot(k_op, tl.trans(_split_operand(dmass, TERMS_Q, UPCAST)), dp_t,
+                                          input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                     delta = tl.load(Delta + stats_base + offs_m, mask=in_m, other=0.0)
                     ds_op = _as_operand((p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty), UPCAST)
                     dk0 = tl.dot(ds_op, q0, dk0, input_precision=DOT_PRECISION)
@@ -325,13 +333,16 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
                     k1 = _as_operand(_load_block(k_base, offs_n, stride_kn, Nk, D0, D1, HEAD_DIM, True), UPCAST)
                     s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PRECISION)
                 s = s * qk_scale
-                k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR,
-                                         TERMS_Q, TERMS_K, SOFT, UPCAST)
+                if not RELOAD_OPS:
+                    k_op = _bias_key_operand(lk, offs_n, in_n, KOperand + b * stride_kop_b, stride_kop_n, R, KR,
+                                             TERMS_Q, TERMS_K, SOFT, UPCAST)
                 if HAS_BIAS:
                     if RELOAD_OPS:
-                        q_op = _split_operand(_qw_columns(QW + pid_bh * R * Nq, offs_m, in_m, R, Nq, KR,
-                                                          TERMS_Q * TERMS_K), TERMS_Q, UPCAST)
-                    s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                        s = _region_product(s, QW + pid_bh * R * Nq, Nq, 1, offs_m, in_m, lk, offs_n, in_n,
+                                            KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT,
+                                            UPCAST, PRECISION, False)
+                    else:
+                        s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                 allowed = in_n[None, :]
                 if ANY_BLOCKED:
                     allowed = allowed & (((q_bits[:, None] >> lk[None, :].to(q_bits.dtype)) & 1) != 0)
@@ -343,10 +354,11 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
                     dp = tl.dot(do1, tl.trans(v1), dp, input_precision=DOT_PRECISION)
                 if MASS_GRAD:
                     if RELOAD_OPS:
-                        dmass_op = _split_operand(tl.load(DMass + rows[:, None] * R + mass_cols[None, :],
-                                                          mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0),
-                                                  TERMS_Q, UPCAST)
-                    dp = tl.dot(dmass_op, tl.trans(k_op), dp, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                        dp = _region_product(dp, DMass + pid_bh * Nq * R, 1, R, offs_m, in_m, lk, offs_n, in_n,
+                                             KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT,
+                                             UPCAST, PRECISION, False)
+                    else:
+                        dp = tl.dot(dmass_op, tl.trans(k_op), dp, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
                 ds = p * (dp - delta[:, None])
                 ds_op = _as_operand(ds.to(K.dtype.element_ty), UPCAST)
                 dq0 = tl.dot(ds_op, k0, dq0, input_precision=DOT_PRECISION)
@@ -495,8 +507,8 @@ BACKWARD_CONFIGS = {
     (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (96, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
+    (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
@@ -504,10 +516,10 @@ BACKWARD_CONFIGS = {
     (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
-    (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
-    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
-    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (256, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (160, False, "plain"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (160, False, "mass"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (160, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
     (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
@@ -517,30 +529,30 @@ BACKWARD_CONFIGS = {
 
 # sm_80 (Ampere), as FORWARD_CONFIGS_SM80.
 BACKWARD_CONFIGS_SM80 = {
-    (48, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
-    (48, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "wide"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
-    (64, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
     (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (96, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (96, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
-    (128, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
+    (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
+    (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
+    (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (128, False, "wide"): _backward((32, 64, 4, 2), (64, 64, 4, 2), (32, 32, 4, 2)),
+    (128, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
     (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
-    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
-    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
-    (256, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
-    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
-    (256, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
+    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
+    (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)),
+    (256, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
     (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
     (256, True, "wide"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),

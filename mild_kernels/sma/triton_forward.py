@@ -106,10 +106,10 @@ def _split_operand(x, TERMS_Q: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop, R, KR: tl.constexpr, TERMS_Q: tl.constexpr,
-                      TERMS_K: tl.constexpr, SOFT: tl.constexpr, UPCAST: tl.constexpr):
-    """The key side (BLOCK_N, KR) of the bias dot: one-hot rows for hard labels (exact in bf16),
-    else the layout's pre-split memberships (16-bit kernels) or the fp32 memberships."""
-    cols = tl.arange(0, KR)
+                      TERMS_K: tl.constexpr, SOFT: tl.constexpr, UPCAST: tl.constexpr, COL0: tl.constexpr = 0):
+    """The key side (BLOCK_N, KR) of the bias dot (its columns from COL0 on): one-hot rows for hard
+    labels (exact in bf16), else the layout's pre-split memberships (16-bit) or fp32 memberships."""
+    cols = COL0 + tl.arange(0, KR)
     region = cols // (TERMS_Q * TERMS_K)
     if SOFT:
         if TERMS_K == 2:
@@ -122,6 +122,29 @@ def _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop, R, KR: tl.constexp
         if TERMS_Q == 2:
             x = x.to(tl.bfloat16)
     return _as_operand(x, UPCAST)
+
+
+@triton.jit
+def _region_product(acc, side_base, stride_r, stride_q, offs_m, in_m, lk, offs_n, in_n, kop_base, stride_kop, R,
+                    KR: tl.constexpr, TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr, SOFT: tl.constexpr,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """acc + X Mk^T for wide region counts (R > 16, KR > 64), 64 columns of the split operands at
+    a time, both sides read per call: held across a loop, 256 columns would not fit in registers.
+
+    X[q, r] is read at side_base + r * stride_r + q * stride_q (the QW table, or dMass); the
+    product is (queries, keys), or (keys, queries) with KEYS_FIRST, as dK/dV holds its scores.
+    """
+    for c0 in tl.static_range(0, KR, 64):
+        region = (c0 + tl.arange(0, 64)) // (TERMS_Q * TERMS_K)
+        x = tl.load(side_base + region[None, :] * stride_r + offs_m[:, None] * stride_q,
+                    mask=in_m[:, None] & (region[None, :] < R), other=0.0)
+        q_op = _split_operand(x, TERMS_Q, UPCAST)  # chunks start at even columns: the hi/lo parity holds
+        k_op = _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop, R, 64, TERMS_Q, TERMS_K, SOFT, UPCAST, c0)
+        if KEYS_FIRST:
+            acc = tl.dot(k_op, tl.trans(q_op), acc, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+        else:
+            acc = tl.dot(q_op, tl.trans(k_op), acc, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+    return acc
 
 
 @triton.jit
@@ -163,10 +186,12 @@ def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m
         s = s * qk_scale
         if HAS_BIAS:
             if RELOAD_Q_OP:
-                q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K), TERMS_Q,
-                                      UPCAST)
-            k_op = _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT, UPCAST)
-            s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                s = _region_product(s, qw_base, Nq, 1, offs_m, in_m, lk, offs_n, in_n, kop_base, stride_kop_n, R, KR,
+                                    TERMS_Q, TERMS_K, SOFT, UPCAST, PRECISION, False)
+            else:
+                k_op = _bias_key_operand(lk, offs_n, in_n, kop_base, stride_kop_n, R, KR, TERMS_Q, TERMS_K, SOFT,
+                                         UPCAST)
+                s = tl.dot(q_op, tl.trans(k_op), s, input_precision=PRECISION if TERMS_Q == 1 else "tf32")
         allowed = in_n[None, :]
         if ANY_BLOCKED:
             allowed = allowed & (((q_bits[:, None] >> lk[None, :].to(q_bits.dtype)) & 1) != 0)
@@ -472,55 +497,55 @@ FORWARD_CONFIGS = {
     (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
     (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
-    (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "plain"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "mass"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3')),
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
-    (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
-    (160, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (160, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
-    (160, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (128, True, "plain"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
+    (128, True, "mass"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
+    (128, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
+    (160, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (160, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (160, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (256, False, "mass"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "plain"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
     (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
-    (256, True, "wide"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "wide"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
 }
 
 # sm_80 (Ampere): mma.sync needs more registers than wgmma for the same tiles; its own table.
 FORWARD_CONFIGS_SM80 = {
-    (48, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (48, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
-    (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (48, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
+    (64, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
-    (64, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (64, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
     (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
-    (96, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (96, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
-    (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
-    (128, False, "wide"): _forward((128, 64, 8, 2), (64, 32, 4, 2)),
+    (128, False, "mass"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "wide"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
     (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
-    (160, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (160, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
-    (160, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (160, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 3)),
+    (160, False, "mass"): _forward((64, 64, 4, 3), (128, 64, 8, 3)),
+    (160, False, "wide"): _forward((16, 32, 4, 2), (64, 32, 4, 2)),
     (256, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (256, False, "mass"): _forward((32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "wide"): _forward((64, 64, 4, 2), (32, 32, 4, 2)),
+    (256, False, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
     (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
