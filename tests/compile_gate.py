@@ -5,8 +5,8 @@ so the gate compiles exactly the kernels, argument types and constexprs the
 wrapper would launch. Each recorded launch is compiled with ``triton.compile`` for
 every target, and the cubin's resource usage is read with the cuobjdump bundled
 with Triton. A kernel fails the gate if it uses local memory or stack (register
-spills) beyond its config's KNOWN_SPILLS budget (zero for all but a few backward
-configs), or more shared memory than the target has.
+spills) beyond its config's KNOWN_SPILLS budget (zero for every head-dim class up to
+128, and for all but a few above), or more shared memory than the target has.
 
 Run as ``python tests/compile_gate.py [--json OUT]``; tests/test_compile_gate.py
 runs it in a subprocess with TRITON_INTERPRET unset, because interpreted kernels
@@ -242,7 +242,8 @@ def compile_one(index):
 
     name, launch, arch = _JOBS[index]
     row = {"case": name, "kernel": launch.kernel.__name__, "arch": f"sm_{arch}", "num_warps": launch.num_warps,
-           "num_stages": launch.num_stages, "maxnreg": launch.options_for(arch).get("maxnreg")}
+           "num_stages": launch.num_stages, "maxnreg": launch.options_for(arch).get("maxnreg"),
+           "mixed": launch.kwargs.get("MIXED")}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice
@@ -287,9 +288,13 @@ def collect_jobs(selected=None, archs=None):
     return jobs
 
 
-# Per config key, the most stack bytes a thread may use, for configs that no candidate of
-# tests/tune_configs.py got spill-free; every key not listed must not spill at all.
-KNOWN_SPILLS: dict = {}
+# Per (arch, config key), the most stack bytes a thread may use, for configs that no candidate
+# of tests/tune_configs.py got spill-free; every key not listed must not spill at all, and
+# no head-dim class up to 128 may be listed (tests/test_compile_gate.py).
+KNOWN_SPILLS: dict = {
+    ("sm_90", ("sma_bwd", 256, "fp16", "plain")): 16,  # dQ's mixed launch at D=192..256
+    ("sm_80", ("sma_bwd", 256, "fp32", "mass")): 8,  # dK/dV: one pointer, outside the loop
+}
 
 
 def config_key(case: str):
@@ -305,7 +310,7 @@ def failures(row, known_spills=None) -> list[str]:
         return [f"does not compile: {row['error']}"]
     problems = []
     spill = row.get("local", 0) + row.get("stack", 0)
-    if spill > known_spills.get(config_key(row["case"]), 0):
+    if spill > known_spills.get((row["arch"], config_key(row["case"])), 0):
         problems.append(f"spills: local={row.get('local', 0)} stack={row.get('stack', 0)}")
     limit = SHARED_LIMIT[int(row["arch"][3:])]
     if row.get("shared", 0) > limit:

@@ -80,6 +80,13 @@ def test_gradients_with_heavy_blocking(backend, head_dim, device):
     check_grads(case, backend, torch.float32, R=5)
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_gradients_with_wide_regions_at_sd15_head_dim(backend, soft, device):
+    """R > 16 at D=40: the dK/dV launch runs one 64-column block there (two spill), its tail masked."""
+    case = make_case(B=1, H=2, Nq=70, Nk=83, D=40, R=20, dtype=torch.float16, soft=soft, device=device)
+    check_grads(case, backend, torch.float16, R=20)
+
+
 def test_blocked_rows_get_zero_gradient(backend, device):
     case = make_case(B=1, H=2, Nq=40, Nk=30, D=16, R=3, allow_kind="RR", blocked=0.0, batched_labels=False,
                      device=device)

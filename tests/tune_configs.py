@@ -9,6 +9,10 @@ independently: a launch's registers depend only on its own config. sm_90 and sm_
 tables of their own (mma.sync needs more registers than wgmma for the same tiles).
 
     python tests/tune_configs.py [forward|backward] [--arch 90|80] [--keys 64,False,plain ...]
+    python tests/tune_configs.py backward --arch 80 --retune gate.json   # only what the gate failed
+
+``--retune`` takes the rows of ``compile_gate.py --json`` and resumes each failing (key, role)
+at the candidate after the one it ships with.
 
 Prints the tables to paste into triton_forward.py and triton_backward.py.
 """
@@ -41,20 +45,25 @@ TABLES = {("forward", 90): triton_forward.FORWARD_CONFIGS, ("forward", 80): trit
 CASES = {"forward": gate.sma_forward_cases, "backward": gate.sma_backward_cases}
 
 # KernelConfig fields: block_m, block_n, num_warps, num_stages, maxnreg, fp32_precision.
+# Past the tiles that fit one warpgroup's registers, 8 warps split the accumulators (D >= 160).
 WIDE = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-        (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 1)]
+        (32, 16, 4, 2), (16, 32, 4, 2), (32, 16, 8, 2), (16, 16, 8, 2), (16, 16, 4, 1)]
 CANDIDATES_16 = {
     "pure": [(128, 64, 8, 3, 128), (128, 64, 8, 2, 128)] + WIDE,
     "mixed": WIDE,
     # dK/dV: block_m queries per iteration, block_n keys per program (at most the 64 of a layout tile).
     # A wgmma needs 64 rows a warpgroup: key blocks of 64 on one warpgroup, the query block shrinking first.
     "dkdv": [(64, 64, 4, 3), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-             (16, 32, 4, 2), (16, 16, 4, 1)],
+             (16, 32, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)],
     "dq": WIDE,
     "dq_mixed": WIDE,
 }
+# fp32: three-pass TF32 on the tensor cores first, at any tile, then IEEE FMA (8 warps spread
+# its registers: a 4-warp 32x32 IEEE tile can spill where an 8-warp 64x32 one does not).
 CANDIDATES_32 = [(64, 64, 4, 2, None, "tf32x3"), (64, 32, 4, 2, None, "tf32x3"), (32, 32, 4, 2, None, "tf32x3"),
-                 (32, 32, 4, 2), (16, 32, 4, 2, None, "tf32x3"), (16, 32, 4, 2), (16, 16, 4, 2), (16, 16, 4, 1)]
+                 (64, 32, 8, 2, None, "tf32x3"), (16, 32, 4, 2, None, "tf32x3"), (32, 16, 4, 2, None, "tf32x3"),
+                 (64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2),
+                 (16, 16, 4, 1)]
 
 
 def candidates(role: str, is_fp32: bool) -> list[KernelConfig]:
@@ -81,9 +90,29 @@ def jobs_for(op, arch, key, role, kernel_config):
     return jobs
 
 
-def tune(op: str, arch: int, keys, workers: int):
+def failing_roles(op: str, arch: int, rows) -> dict:
+    """{(key, role): first candidate index to try} for the gate rows of ``op`` on ``arch`` that fail."""
+    prefix = {"forward": "sma_fwd", "backward": "sma_bwd"}[op]
+    starts = {}
+    for row in rows:
+        case_key = gate.config_key(row["case"])
+        if row["arch"] != f"sm_{arch}" or not case_key or case_key[0] != prefix or not gate.failures(row, {}):
+            continue
+        key = (case_key[1], case_key[2] == "fp32", case_key[3])
+        role = next((r for r, (name, mixed) in ROLES[op].items()
+                     if name == row["kernel"] and (mixed is None or mixed == row.get("mixed"))), None)
+        if role is None:  # a kernel with a fixed config (the backward's preprocess)
+            continue
+        options = candidates(role, key[1])
+        shipped = getattr(TABLES[(op, arch)][key], role)
+        starts[(key, role)] = options.index(shipped) + 1 if shipped in options else 0
+    return starts
+
+
+def tune(op: str, arch: int, keys, workers: int, starts=None):
     """{(key, role): KernelConfig or None} for the first candidate of each that passes."""
-    pending = {(key, role): 0 for key in keys for role in ROLES[op]}
+    pending = dict(starts) if starts is not None else {(key, role): 0 for key in keys for role in ROLES[op]}
+    pending = {owner: index for owner, index in pending.items() if index < len(candidates(owner[1], owner[0][1]))}
     chosen = {}
     context = multiprocessing.get_context("fork")
     while pending:
@@ -116,15 +145,22 @@ def main():
     parser.add_argument("--keys", nargs="*", help="config keys as 64,False,plain")
     parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--retune", metavar="GATE_JSON", help="resume only the (key, role) pairs this gate run failed")
     args = parser.parse_args()
     keys = sorted(TABLES[(args.op, args.arch)])
     if args.keys:
         wanted = {(int(d), f == "True", v) for d, f, v in (k.split(",") for k in args.keys)}
         keys = [key for key in keys if key in wanted]
-    chosen = tune(args.op, args.arch, keys, args.workers)
+    starts = None
+    if args.retune:
+        import json
+
+        starts = failing_roles(args.op, args.arch, json.loads(Path(args.retune).read_text()))
+        starts = {owner: index for owner, index in starts.items() if owner[0] in keys}
+    chosen = tune(args.op, args.arch, keys, args.workers, starts)
     print(f"{args.op}, sm_{args.arch}:")
     for key in keys:
-        print(f"    {key!r}: " + ", ".join(f"{role}={chosen[(key, role)]}" for role in ROLES[args.op]))
+        print(f"    {key!r}: " + ", ".join(f"{role}={chosen.get((key, role), 'kept')}" for role in ROLES[args.op]))
 
 
 if __name__ == "__main__":

@@ -402,7 +402,8 @@ def fused_lora_gemm(x2: torch.Tensor, weight: torch.Tensor, bias, lora_a: torch.
     )
     if M // tokens > 1 and tokens % config.block_m != 0:  # some row tile may hold several adapters
         launch(
-            _multi_lora_fixup_kernel, (m_tiles,), num_warps=config.num_warps, num_stages=config.num_stages,
+            # two stages: the fixup also holds a tile's per-row adapter operands, and three spill on sm_80
+            _multi_lora_fixup_kernel, (m_tiles,), num_warps=config.num_warps, num_stages=min(config.num_stages, 2),
             X=x2, A=lora_a, B=lora_b, Ids=ids, Scales=scales if scales is not None else y, Y=y,
             Shrink=shrink if shrink is not None else y, M=M, N=N, K=K, R=rank, tokens=tokens, num_n_tiles=n_tiles,
             scale=float(scale), stride_xm=x2.stride(0), stride_aa=lora_a.stride(0), stride_ar=lora_a.stride(1),

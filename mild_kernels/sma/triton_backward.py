@@ -504,58 +504,58 @@ BACKWARD_CONFIGS = {
     (64, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (64, True, "plain"): _backward((32, 32, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "mass"): _backward((16, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "wide"): _backward((16, 16, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
     (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
-    (160, False, "plain"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (160, False, "mass"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, True, "plain"): _backward((32, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)),
+    (128, True, "mass"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (64, 32, 8, 2)),
+    (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
+    (160, False, "plain"): _backward((32, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (160, False, "mass"): _backward((16, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (160, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (16, 16, 4, 1)),
+    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 8, 2)),
     (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "wide"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    (256, True, "mass"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+    (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
 }
 
 # sm_80 (Ampere), as FORWARD_CONFIGS_SM80.
 BACKWARD_CONFIGS_SM80 = {
     (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "wide"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
-    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (64, True, "plain"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "mass"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)),
+    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
+    (64, True, "plain"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
+    (64, True, "mass"): _backward((64, 32, 8, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
+    (64, True, "wide"): _backward((32, 16, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
     (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "plain"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "mass"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
-    (128, True, "wide"): _backward((16, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)),
+    (128, True, "plain"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    (128, True, "mass"): _backward((32, 32, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (32, 32, 8, 2)),
+    (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2)),
     (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
     (160, False, "mass"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
-    (160, False, "wide"): _backward((32, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
+    (160, False, "wide"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
     (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "wide"): _backward((32, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "mass"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "wide"): _backward((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
+    (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
+    (256, True, "mass"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
 }
 
 
@@ -580,7 +580,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     rp = max(16, next_power_of_2(R))
     delta = empty((B, H, Nq), dtype=torch.float32, device=device)
     dtable = empty((B, H, R, Nq), dtype=torch.float32, device=device) if mass_grad else delta
-    pre_block = 64
+    pre_block = 32 if q.dtype == torch.float32 else 64  # 64 fp32 rows at D=64: ptxas spills a pointer
     launch(_sma_bwd_preprocess, (triton.cdiv(Nq, pre_block), B * H), num_warps=4, num_stages=1,
            Out=out, DO=grad_out, Mass=mass if mass_grad else delta, DMass=grad_mass if mass_grad else delta,
            DLse=grad_lse if grad_lse is not None else delta, Delta=delta, DTable=dtable,
@@ -623,11 +623,16 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     )
     dkdv = config.dkdv
     key_programs = tiles.key_order.shape[-1] * (TILE_N // dkdv.block_n)
+    dkdv_args = dict(common)
+    if R > 16 and d1 > 0 and Dp <= 64:
+        # Wide regions at D=40/48: two head-dim blocks spill even at 16x16 tiles beside the
+        # region-wide operands; one 64-column block (its tail masked) does not.
+        dkdv_args.update(D0=64, D1=0)
     launch(_sma_bwd_dkdv_kernel, (key_programs, B * H), **dkdv.launch_options(), **dkdv.tile_args(),
            PRECISION=kernel_precision(q.dtype, dkdv), DK=dk, DV=dv, KVRunCount=tiles.kv_run_count, KVRuns=tiles.kv_runs, KeyOrder=tiles.key_order,
            KeyRegion=tiles.key_region, stride_count_b=batch_stride(tiles.kv_run_count),
            stride_index_b=batch_stride(tiles.kv_runs), stride_key_b=batch_stride(tiles.key_order),
-           num_query_tiles=tiles.kv_runs.shape[-2], **common)
+           num_query_tiles=tiles.kv_runs.shape[-2], **dkdv_args)
     dq_args = dict(
         DQ=dq, StateDQ=state[0], StateSums=state[1], KMem=k_mem,
         RunCount=tiles.pure_run_count, Runs=tiles.pure_runs, MixedCount=tiles.mixed_count,

@@ -491,7 +491,7 @@ def kernel_precision(dtype: torch.dtype, config: KernelConfig) -> str:
 # of tests/tune_configs.py's candidates that compiles for sm_80 and sm_90 without spills;
 # tests/test_compile_gate.py holds every entry to that.
 FORWARD_CONFIGS = {
-    (48, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (48, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
@@ -516,7 +516,7 @@ FORWARD_CONFIGS = {
     (256, False, "mass"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
-    (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "mass"): _forward((16, 16, 8, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
 }
 
@@ -528,18 +528,18 @@ FORWARD_CONFIGS_SM80 = {
     (64, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
-    (64, True, "plain"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "mass"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
-    (64, True, "wide"): _forward((64, 32, 4, 2), (32, 32, 4, 2)),
+    (64, True, "plain"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
+    (64, True, "mass"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
+    (64, True, "wide"): _forward((32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
-    (128, False, "wide"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
-    (128, True, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "wide"): _forward((32, 32, 4, 2), (16, 32, 4, 2)),
+    (128, False, "wide"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (128, True, "plain"): _forward((16, 16, 4, 2), (32, 32, 4, 2)),
+    (128, True, "mass"): _forward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
+    (128, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2)),
     (160, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 3)),
     (160, False, "mass"): _forward((64, 64, 4, 3), (128, 64, 8, 3)),
     (160, False, "wide"): _forward((16, 32, 4, 2), (64, 32, 4, 2)),
@@ -547,8 +547,8 @@ FORWARD_CONFIGS_SM80 = {
     (256, False, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
-    (256, True, "mass"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
-    (256, True, "wide"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "mass"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
+    (256, True, "wide"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
 }
 
 VARIANTS = ("plain", "mass", "wide")
