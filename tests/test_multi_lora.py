@@ -1,5 +1,7 @@
 """multi_lora_linear (both backends) against a float64 per-row loop; the module and UNet helpers."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -215,7 +217,10 @@ def test_compile_gate_cases_drive_every_shipped_config():
                 config = triton_kernels.GemmConfig(args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"],
                                                    launch.num_warps, launch.num_stages)
                 key = (is_fp32, args["BLOCK_R"], triton_kernels.output_tile_class(args["N"]))
-                assert triton_kernels.GEMM_CONFIGS[key] == config, name
+                shipped = triton_kernels.GEMM_CONFIGS[key]
+                if launch.kernel.__name__ == "_multi_lora_fixup_kernel":  # at most two stages (sm_80 spilled)
+                    shipped = dataclasses.replace(shipped, num_stages=min(shipped.num_stages, 2))
+                assert shipped == config, name
                 gemm_seen.add(key)
     assert gemm_seen == set(triton_kernels.GEMM_CONFIGS)
     assert grad_seen == set(triton_kernels.GRAD_CONFIGS)
