@@ -36,7 +36,7 @@ import triton.language as tl
 from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2
 from .layout import REGION_BITS, TILE_N
 from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns,
-                             _region_product, _split_operand, batch_stride, bias_dot_shape, config_key, head_dim_split,
+                             _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, config_key, head_dim_split,
                              kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
@@ -395,12 +395,7 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
                 resume = in_m & (tl.zeros_like(lq) + mixed_count > 0)  # a block: the interpreter rejects 0-d masks
             else:
                 resume = offs_m < 0
-            dq0 = tl.load(StateDQ + rows[:, None] * HEAD_DIM + cols0[None, :],
-                          mask=resume[:, None] & (cols0[None, :] < HEAD_DIM), other=0.0)
-            dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
-            if D1 > 0:
-                dq1 = tl.load(StateDQ + rows[:, None] * HEAD_DIM + cols1[None, :],
-                              mask=resume[:, None] & (cols1[None, :] < HEAD_DIM), other=0.0)
+            dq0, dq1 = _resume_blocks(StateDQ, rows, resume, cols0, cols1, HEAD_DIM, D1, BLOCK_M)
             if BIAS_GRAD:  # the region sums live in the StateSums rows: zero those the mixed launch left none in
                 tl.store(StateSums + rows[:, None] * R + offs_r[None, :], tl.zeros((BLOCK_M, RP), dtype=tl.float32),
                          mask=(in_m & ~resume)[:, None] & in_r[None, :])

@@ -148,6 +148,19 @@ def _region_product(acc, side_base, stride_r, stride_q, offs_m, in_m, lk, offs_n
 
 
 @triton.jit
+def _resume_blocks(State, rows, resume, cols0, cols1, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """The two head-dim blocks of fp32 rows a mixed launch left in ``State`` (zeros where ``resume`` is off)."""
+    block0 = tl.load(State + rows[:, None] * HEAD_DIM + cols0[None, :],
+                     mask=resume[:, None] & (cols0[None, :] < HEAD_DIM), other=0.0)
+    block1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
+    if D1 > 0:
+        block1 = tl.load(State + rows[:, None] * HEAD_DIM + cols1[None, :],
+                         mask=resume[:, None] & (cols1[None, :] < HEAD_DIM), other=0.0)
+    return block0, block1
+
+
+@triton.jit
 def _load_cols(ptrs, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     """A block whose rows are all in range: mask only columns past the head dim, if any."""
     if COL0 + WIDTH > HEAD_DIM:
@@ -389,12 +402,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
                 resume = in_m & (tl.zeros_like(lq) + mixed_count > 0)  # a block: the interpreter rejects 0-d masks
             else:
                 resume = offs_m < 0
-            acc0 = tl.load(StateAcc + rows[:, None] * HEAD_DIM + cols0[None, :],
-                           mask=resume[:, None] & (cols0[None, :] < HEAD_DIM), other=0.0)
-            acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
-            if D1 > 0:
-                acc1 = tl.load(StateAcc + rows[:, None] * HEAD_DIM + cols1[None, :],
-                               mask=resume[:, None] & (cols1[None, :] < HEAD_DIM), other=0.0)
+            acc0, acc1 = _resume_blocks(StateAcc, rows, resume, cols0, cols1, HEAD_DIM, D1, BLOCK_M)
             m_i = tl.load(StateM + rows, mask=resume, other=float("-inf"))
             l_i = tl.load(StateL + rows, mask=resume, other=0.0)
             if RETURN_MASS:  # the running mass lives in the Mass rows (see _fwd_pure_runs)
