@@ -2,8 +2,12 @@
 
     mild erase IMAGE --masks m1.png m2.png [--erase 1] -o out.png [--model DIR | --tiny]
     mild erase --input-dir D --output-dir O [--model DIR | --tiny]     (torchrun-able)
+    mild synth --out D [--count N] [--cutouts C --backgrounds B]        paired training data
+    mild train --data D (--model DIR | --tiny) --out CKPT [--resume]    (torchrun-able)
+    mild eval --data D (--model DIR | --tiny) [--checkpoint CKPT]       against single-layer and Telea
+    mild train-tiny                 rebuild the shipped tiny model's weights (CPU, ~25 min)
     mild profile [profiler arguments]                                   (benchmarks/profile_e2e.py)
-    mild demo [--out DIR]           a built-in scene erased by the tiny model: no weights, no data
+    mild demo [--out DIR]           a built-in scene erased by the trained tiny model
 
 Dataset layout: every sample is a folder ``D/<name>/`` holding ``image.png`` (or .jpg),
 ``mask_1.png``, ``mask_2.png``, ... (persons counted from 1) and optionally
@@ -60,6 +64,8 @@ def build_pipeline(args):
 
     from .pipeline import MILDPipeline
 
+    from .train import TrainError, load_checkpoint
+
     if args.tiny:
         pipe = MILDPipeline.tiny(seed=args.seed, backend=args.backend)
     else:
@@ -67,6 +73,11 @@ def build_pipeline(args):
             raise CLIError("give --model DIR (a local diffusers inpainting folder) or --tiny")
         pipe = MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_weights=args.lora,
                                             hmg_weights=args.hmg)
+    if args.checkpoint:
+        try:
+            load_checkpoint(pipe, args.checkpoint)
+        except TrainError as error:
+            raise CLIError(str(error)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if device == "cuda" and not args.tiny:
@@ -162,6 +173,19 @@ def run_dataset(args):
     return 1 if failures else 0
 
 
+def add_model_arguments(parser, with_lora: bool = True) -> None:
+    """--model/--tiny, --checkpoint, --device and --backend: how erase and eval build the pipeline."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="a local diffusers inpainting model folder")
+    source.add_argument("--tiny", action="store_true", help="the tiny model with its shipped weights (no download)")
+    parser.add_argument("--checkpoint", help="a `mild train` checkpoint (CKPT or CKPT/step-N) loaded on top")
+    if with_lora:
+        parser.add_argument("--lora", help="safetensors with the background/foreground LoRA adapters")
+        parser.add_argument("--hmg", help="safetensors with the HMG adapter")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="mild", description="MILD: erase people from photos, layer by layer.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,16 +196,21 @@ def parse_args(argv):
     erase.add_argument("-o", "--output", help="output image (single-image mode)")
     erase.add_argument("--input-dir", help="dataset mode: a folder of sample folders")
     erase.add_argument("--output-dir", help="dataset mode: where results go")
-    source = erase.add_mutually_exclusive_group()
-    source.add_argument("--model", help="a local diffusers inpainting model folder")
-    source.add_argument("--tiny", action="store_true", help="a tiny random model (demo; no weights needed)")
-    erase.add_argument("--lora", help="safetensors with the background/foreground LoRA adapters")
-    erase.add_argument("--hmg", help="safetensors with the HMG adapter")
+    add_model_arguments(erase)
     erase.add_argument("--steps", type=int, default=30)
     erase.add_argument("--guidance", type=float, default=7.5)
     erase.add_argument("--seed", type=int, default=0)
-    erase.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    erase.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    from .data import add_synth_arguments
+    from .evaluate import add_eval_arguments
+    from .train import add_train_arguments, add_train_tiny_arguments
+
+    add_synth_arguments(commands.add_parser("synth", help="build paired training samples (procedural or cut-outs)"))
+    add_train_arguments(commands.add_parser("train", help="train MILD's adapters on paired samples (torchrun-able)"))
+    evaluation = commands.add_parser("eval", help="PSNR/SSIM/CAG on held-out samples against baselines")
+    add_eval_arguments(evaluation)
+    add_model_arguments(evaluation)
+    evaluation.add_argument("--lora-rank", type=int, default=4)
+    add_train_tiny_arguments(commands.add_parser("train-tiny", help="rebuild the shipped tiny model's weights"))
     commands.add_parser("profile", help="the end-to-end throughput profiler (benchmarks/profile_e2e.py)",
                         add_help=False)
     demo = commands.add_parser("demo", help="erase a person from a built-in scene with the tiny model")
@@ -255,6 +284,25 @@ def profiler_path() -> Path:
     return path
 
 
+def run_training_command(args) -> int:
+    """synth, train, train-tiny and eval: their modules' user errors become CLIErrors."""
+    from .data import DataError, run_synth
+    from .evaluate import run_eval
+    from .train import TrainError, run_train, run_train_tiny
+
+    try:
+        if args.command == "synth":
+            return run_synth(args)
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "train-tiny":
+            return run_train_tiny(args)
+        args.lora = args.hmg = None
+        return run_eval(args, build_pipeline(args))
+    except (DataError, TrainError) as error:
+        raise CLIError(str(error)) from None
+
+
 def main(argv=None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -266,6 +314,8 @@ def main(argv=None) -> int:
             raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
         if args.command == "demo":
             return run_demo(args)
+        if args.command in ("synth", "train", "train-tiny", "eval"):
+            return run_training_command(args)
         if args.input_dir or args.output_dir:
             if not (args.input_dir and args.output_dir) or args.image:
                 raise CLIError("dataset mode takes --input-dir and --output-dir, and no IMAGE")

@@ -40,15 +40,14 @@ def render_limbs(keypoints: torch.Tensor, size, width: float) -> torch.Tensor:
     H, W = size
     ys = torch.arange(H, dtype=torch.float32, device=keypoints.device)[:, None]
     xs = torch.arange(W, dtype=torch.float32, device=keypoints.device)[None, :]
-    maps = []
-    for a, b in COCO_LIMBS:
-        (xa, ya, ca), (xb, yb, cb) = keypoints[a].float(), keypoints[b].float()
-        dx, dy = xb - xa, yb - ya
-        length2 = (dx * dx + dy * dy).clamp(min=1e-6)
-        t = (((xs - xa) * dx + (ys - ya) * dy) / length2).clamp(0, 1)
-        dist2 = (xs - xa - t * dx) ** 2 + (ys - ya - t * dy) ** 2
-        maps.append(torch.minimum(ca, cb) * (dist2 <= width ** 2).float())
-    return torch.stack(maps)
+    ends = torch.tensor(COCO_LIMBS, device=keypoints.device)
+    start, end = keypoints.float()[ends[:, 0]], keypoints.float()[ends[:, 1]]  # (19, 3) each
+    xa, ya, xb, yb = (c[:, None, None] for c in (start[:, 0], start[:, 1], end[:, 0], end[:, 1]))
+    dx, dy = xb - xa, yb - ya
+    length2 = (dx * dx + dy * dy).clamp(min=1e-6)
+    t = (((xs - xa) * dx + (ys - ya) * dy) / length2).clamp(0, 1)
+    dist2 = (xs - xa - t * dx) ** 2 + (ys - ya - t * dy) ** 2
+    return torch.minimum(start[:, 2], end[:, 2])[:, None, None] * (dist2 <= width ** 2).float()
 
 
 def guidance_image(size, keypoints=None, parsing=None, occlusion=None, parsing_classes=DEFAULT_PARSING_CLASSES,

@@ -29,7 +29,7 @@ from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lo
 from .hmg import HumanMorphologyGuidance, guidance_image
 from .layers import LayerPlan, plan_layers
 from .processors import RegionContext, enable_sma
-from .tiny import tiny_components
+from .tiny import TINY_WEIGHTS, load_tiny_weights, tiny_components
 
 NUM_ADAPTERS = 2  # 0: background LoRA, 1: foreground LoRA
 DEFAULT_PROMPTS = {"background": "empty background scene, nothing in front", "person": "a person, complete body"}
@@ -76,6 +76,35 @@ def to_masks(instance_masks, size) -> torch.Tensor:
         raise ValueError(f"instance_masks: need (P, H, W) masks of the image's size {tuple(size)}, "
                          f"got {tuple(masks.shape)}")
     return masks
+
+
+@dataclasses.dataclass
+class LayerInputs:
+    """One image's layers as UNet rows (one row per layer; CFG doubles them)."""
+    plan: LayerPlan
+    pad: tuple[int, int]  # (bottom, right) replicate padding to the VAE's multiple
+    latent_size: tuple[int, int]
+    padded: torch.Tensor  # (3, H', W') the padded photo
+    inpaint: torch.Tensor  # (L, 1, H', W') where each layer generates
+    inpaint_latent: torch.Tensor  # (L, 1, h, w) the same at latent resolution (nearest)
+    region_masks: torch.Tensor  # (L, P, H', W') person masks as each layer's SMA sees them
+    allow: torch.Tensor  # (L, R, R)
+    adapter_ids: list  # per layer: 0 background LoRA, 1 foreground LoRA
+    kinds: list  # per layer: "background" or "person" (its prompt)
+    guide: torch.Tensor | None  # (L, C, H', W') HMG images, or None without HMG inputs
+    guide_weights: torch.Tensor | None  # (L,) HMG on/off per layer
+
+    def masked_pixels(self) -> torch.Tensor:
+        """(L, 3, H', W') the photo with each layer's region blanked: the inpainting UNet's condition."""
+        return self.padded[None] * (1 - self.inpaint)
+
+    def context(self, halves: int, alpha, beta, backend: str, device) -> RegionContext:
+        """The region context of ``halves`` copies of the rows (2 for classifier-free guidance)."""
+        L = len(self.adapter_ids)
+        return RegionContext(instance_masks=self.region_masks.to(device), latent_size=self.latent_size,
+                             row_image=torch.arange(L).repeat(halves), alpha=alpha, beta=beta,
+                             allow=self.allow.repeat(halves, 1, 1).to(device),
+                             domains=[layer.domain for layer in self.plan.layers] * halves, backend=backend)
 
 
 class MILDPipeline(DiffusionPipeline):
@@ -134,15 +163,28 @@ class MILDPipeline(DiffusionPipeline):
         return pipe
 
     @classmethod
-    def tiny(cls, seed: int = 0, in_channels: int = 9, with_hmg: bool = True, backend: str = "auto") -> "MILDPipeline":
-        """A tiny randomly initialised pipeline, built in memory and offline (tests, demos)."""
-        pipe = cls(**tiny_components(in_channels, seed), backend=backend)
+    def tiny(cls, seed: int = 0, in_channels: int = 9, with_hmg: bool = True, backend: str = "auto",
+             weights="shipped", lora_rank: int = 4) -> "MILDPipeline":
+        """The tiny pipeline, built in memory and offline (demos, tests).
+
+        ``weights``: "shipped" (the package's trained weights, mild/weights/tiny.safetensors),
+        a path to a file written by ``mild train-tiny``, or None for random weights from ``seed``.
+        """
+        pipe = cls(**tiny_components(in_channels, seed), backend=backend, lora_rank=lora_rank)
+        if with_hmg:
+            pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor)
+        if weights is not None:
+            path = TINY_WEIGHTS if weights == "shipped" else Path(weights)
+            if not path.is_file():
+                raise ValueError(f"weights: {path} does not exist (build it with `mild train-tiny`)")
+            if in_channels != 9:
+                raise ValueError("weights: the trained tiny model is a 9-channel inpainting UNet; pass weights=None")
+            load_tiny_weights(pipe, path)
+            return pipe
         generator = torch.Generator().manual_seed(seed)
         for name, param in pipe.unet.named_parameters():
             if name.endswith("lora_b"):  # random adapters, so that the two pathways differ
                 param.data = 0.02 * torch.randn(param.shape, generator=generator)
-        if with_hmg:
-            pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor)
         return pipe
 
     # ------------------------------------------------------------ helpers
@@ -179,6 +221,33 @@ class MILDPipeline(DiffusionPipeline):
         weights = torch.tensor([0.0 if layer.person == 0 else 1.0 for layer in plan.layers])
         return torch.stack(images), weights
 
+    def prepare_layers(self, pixels: torch.Tensor, masks: torch.Tensor, erase=None, keypoints=None, parsing=None,
+                       occlusion_order=None, dilation: int | None = None) -> "LayerInputs":
+        """Plan the layers of one image and build their per-row UNet inputs (before CFG doubles
+        the rows): shared by inference (``__call__``) and training (mild.train)."""
+        H, W = pixels.shape[1:]
+        plan = plan_layers(masks, erase, occlusion_order,
+                           dilation=max(2, min(H, W) // 32) if dilation is None else dilation)
+        factor = self.vae_scale_factor
+        pad = ((-H) % factor, (-W) % factor)  # the VAE needs multiples of its factor
+        latent_size = ((H + pad[0]) // factor, (W + pad[1]) // factor)
+
+        def pad_mask(m):
+            return F.pad(m, (0, pad[1], 0, pad[0]))
+
+        inpaint = torch.stack([pad_mask(layer.inpaint) for layer in plan.layers])[:, None]  # (L, 1, H, W)
+        guidance = self._guidance(plan, (H, W), keypoints, parsing, occlusion_order)
+        return LayerInputs(
+            plan=plan, pad=pad, latent_size=latent_size,
+            padded=F.pad(pixels[None], (0, pad[1], 0, pad[0]), mode="replicate")[0], inpaint=inpaint,
+            inpaint_latent=F.interpolate(inpaint, size=latent_size, mode="nearest"),
+            region_masks=torch.stack([pad_mask(layer.region_masks) for layer in plan.layers]),
+            allow=torch.stack([layer.allow for layer in plan.layers]),
+            adapter_ids=[layer.adapter_id for layer in plan.layers],
+            kinds=["background" if layer.person == 0 else "person" for layer in plan.layers],
+            guide=None if guidance is None else F.pad(guidance[0], (0, pad[1], 0, pad[0])),
+            guide_weights=None if guidance is None else guidance[1])
+
     # ------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, image, instance_masks, erase=None, keypoints=None, parsing=None, occlusion_order=None,
@@ -205,54 +274,36 @@ class MILDPipeline(DiffusionPipeline):
         """
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
-        masks = to_masks(instance_masks, (H, W))
-        plan = plan_layers(masks, erase, occlusion_order,
-                           dilation=max(2, min(H, W) // 32) if dilation is None else dilation)
-        L = len(plan.layers)
+        rows = self.prepare_layers(pixels, to_masks(instance_masks, (H, W)), erase, keypoints, parsing,
+                                   occlusion_order, dilation)
+        plan, L, latent_size = rows.plan, len(rows.plan.layers), rows.latent_size
         device, dtype = self.unet.device, self.unet.dtype
-        factor = self.vae_scale_factor
-        pad_h, pad_w = (-H) % factor, (-W) % factor  # the VAE needs multiples of its factor
-        padded = F.pad(pixels[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
-        latent_size = ((H + pad_h) // factor, (W + pad_w) // factor)
 
-        def pad_mask(m):
-            return F.pad(m, (0, pad_w, 0, pad_h))
-
-        kinds = ["background" if layer.person == 0 else "person" for layer in plan.layers]
         with torch.profiler.record_function("mild::encode"):
             if prompt_embeds is not None:
-                cond = torch.stack([prompt_embeds[kind] for kind in kinds])
+                cond = torch.stack([prompt_embeds[kind] for kind in rows.kinds])
                 uncond = negative_prompt_embeds[None].expand_as(cond)
             else:
                 prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
-                cond, uncond = self._embed([prompts[kind] for kind in kinds]), self._embed([negative_prompt] * L)
+                cond, uncond = self._embed([prompts[kind] for kind in rows.kinds]), self._embed([negative_prompt] * L)
             text = torch.cat([uncond, cond]).to(device, dtype)
             added = None if added_cond_kwargs is None else {
                 name: value.to(device, dtype)[None].expand(2 * L, *value.shape) for name, value in added_cond_kwargs.items()}
 
-        inpaint = torch.stack([pad_mask(layer.inpaint) for layer in plan.layers])[:, None]  # (L, 1, H, W)
-        inpaint_latent = F.interpolate(inpaint, size=latent_size, mode="nearest").to(device, dtype)
+        inpaint_latent = rows.inpaint_latent.to(device, dtype)
         inpainting_unet = self.unet.config.in_channels == 9
         with torch.profiler.record_function("mild::vae_encode"):
             if inpainting_unet:
-                masked_latents = self._encode_image(padded[None] * (1 - inpaint)).to(dtype)
+                masked_latents = self._encode_image(rows.masked_pixels()).to(dtype)
             else:
-                known = KnownRegion(self._encode_image(padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
+                known = KnownRegion(self._encode_image(rows.padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
                                     torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
 
-        rows_image = torch.arange(L).repeat(2)
-        context = RegionContext(
-            instance_masks=torch.stack([pad_mask(layer.region_masks) for layer in plan.layers]).to(device),
-            latent_size=latent_size, row_image=rows_image, alpha=alpha, beta=beta,
-            allow=torch.stack([layer.allow for layer in plan.layers]).repeat(2, 1, 1).to(device),
-            domains=[layer.domain for layer in plan.layers] * 2, backend=self.backend)
-        set_adapter_ids(self.unet, [layer.adapter_id for layer in plan.layers] * 2)
+        context = rows.context(halves=2, alpha=alpha, beta=beta, backend=self.backend, device=device)
+        set_adapter_ids(self.unet, rows.adapter_ids * 2)
         residuals = None
-        guidance = self._guidance(plan, (H, W), keypoints, parsing, occlusion_order)
-        if guidance is not None:
-            guide, weights = guidance
-            guide = F.pad(guide, (0, pad_w, 0, pad_h)).to(device, dtype)
-            residuals = self.hmg(guide.repeat(2, 1, 1, 1), weights.repeat(2).to(device))
+        if rows.guide is not None:
+            residuals = self.hmg(rows.guide.to(device, dtype).repeat(2, 1, 1, 1), rows.guide_weights.repeat(2).to(device))
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         fused = FusedStep(self.scheduler, eta=eta, backend=self.backend)

@@ -7,6 +7,10 @@ Per-call data arrives the diffusers way, through ``cross_attention_kwargs``::
 
 Without a region context the processor is diffusers' own ``AttnProcessor2_0``, so an
 SMA-enabled UNet is the plain UNet until regions are given.
+
+Every self-attention module also gets an :class:`SMAModulation`: per-head gains on the
+context's alpha and beta, learned in training (they start at 1, which is the default
+modulation) and saved with the LoRA adapters under ``<module>.sma_modulation.alpha|beta``.
 """
 
 from __future__ import annotations
@@ -87,21 +91,27 @@ class RegionContext:
             self._layouts[key] = prepare_regions(memberships, text, allow, sort=self.sort_tokens)
         return self._layouts[key]
 
-    def bias_for(self, heads: int) -> torch.Tensor:
-        """(B, H, R, R) bias tables; cached per head count unless they are being learned."""
-        if heads in self._biases:
-            return self._biases[heads]
+    def bias_for(self, heads: int, modulation: "SMAModulation | None" = None) -> torch.Tensor:
+        """(B, H, R, R) bias tables: the context's tables, or its default modulation scaled by
+        a module's learned per-head gains. Cached per head count and module unless they are
+        being learned (a table that requires grad is rebuilt per call, so gradients reach it)."""
+        key = (heads, None if modulation is None or self.bias is not None else id(modulation))
+        if key in self._biases:
+            return self._biases[key]
+        device = self.instance_masks.device
         if self.bias is not None:
-            table = self.bias
+            table = self.bias.to(device)
         else:
             rows = len(self.row_image)
-            alpha = torch.as_tensor(self.alpha, dtype=torch.float32).expand(rows)
-            beta = torch.as_tensor(self.beta, dtype=torch.float32).expand(rows)
-            table = default_modulation(alpha, beta, self.num_regions)
-        table = table.to(self.instance_masks.device)
+            alpha = torch.as_tensor(self.alpha, dtype=torch.float32, device=device).expand(rows)[:, None]
+            beta = torch.as_tensor(self.beta, dtype=torch.float32, device=device).expand(rows)[:, None]
+            if modulation is not None:
+                alpha = alpha * modulation.alpha.to(device, torch.float32)
+                beta = beta * modulation.beta.to(device, torch.float32)
+            table = default_modulation(alpha.expand(rows, heads), beta.expand(rows, heads), self.num_regions)
         table = table[:, None].expand(-1, heads, -1, -1) if table.dim() == 3 else table
         if not table.requires_grad:
-            self._biases[heads] = table
+            self._biases[key] = table
         return table
 
     def record_cag(self, tokens: int, region_mass: torch.Tensor, memberships: torch.Tensor) -> None:
@@ -156,7 +166,8 @@ class SMAAttnProcessor:
         layout = ctx.layout_at(tokens, key.shape[2] if cross else None, query.device)
         query, key, value = layout.sort(query, "q"), layout.sort(key, "k"), layout.sort(value, "k")
         want_mass = ctx.domains is not None and not cross
-        result = sma_attention(query, key, value, bias=ctx.bias_for(attn.heads).to(query.device), scale=attn.scale,
+        bias = ctx.bias_for(attn.heads, getattr(attn, "sma_modulation", None)).to(query.device)
+        result = sma_attention(query, key, value, bias=bias, scale=attn.scale,
                                layout=layout, return_region_mass=want_mass, backend=ctx.backend)
         out = result.out if want_mass else result
         if want_mass:
@@ -172,6 +183,23 @@ class SMAAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+class SMAModulation(torch.nn.Module):
+    """Learned per-head gains of one self-attention's modulation: its bias table is
+    ``default_modulation(alpha_ctx * alpha[h], beta_ctx * beta[h])`` (docs/semantics.md)."""
+
+    def __init__(self, heads: int, device=None):
+        super().__init__()
+        self.alpha = torch.nn.Parameter(torch.ones(heads, device=device))
+        self.beta = torch.nn.Parameter(torch.ones(heads, device=device))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.alpha.numel()}"
+
+
 def enable_sma(unet) -> None:
-    """Install SMAAttnProcessor on every attention module of a diffusers UNet."""
+    """Install SMAAttnProcessor on every attention module of a diffusers UNet, and an
+    SMAModulation (gains 1: the default modulation) on every self-attention that lacks one."""
     unet.set_attn_processor(SMAAttnProcessor())
+    for module in unet.modules():
+        if isinstance(module, Attention) and not module.is_cross_attention and not hasattr(module, "sma_modulation"):
+            module.sma_modulation = SMAModulation(module.heads, device=module.to_q.weight.device)

@@ -1,9 +1,11 @@
-"""A tiny, randomly initialised inpainting model, built in memory and offline.
+"""A tiny inpainting model, built in memory and offline.
 
 For tests and demos: the real diffusers/transformers classes (UNet2DConditionModel,
 AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDIMScheduler) at toy sizes. The
 tokenizer's vocabulary is written here (single characters, no merges), so nothing
-is ever downloaded.
+is ever downloaded. The package ships weights for it (``weights/tiny.safetensors``),
+trained on procedural scenes by ``mild train-tiny`` (README, The tiny model): its VAE,
+its UNet with the MILD adapters and SMA modulation, and its HMG adapter.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TEXT_DIM = 32
+TINY_WEIGHTS = Path(__file__).with_name("weights") / "tiny.safetensors"
+TINY_FORMAT = "mild-tiny/1"
 
 
 def _byte_unicode() -> list[str]:
@@ -62,3 +66,45 @@ def tiny_components(in_channels: int = 9, seed: int = 0) -> dict:
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                 scheduler=scheduler)
+
+
+def save_tiny_weights(pipe, path) -> None:
+    """The tiny pipeline's trained tensors (VAE, UNet, HMG) in one safetensors file, stored as
+    float16 to keep the package small; written atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, module in (("vae", pipe.vae), ("unet", pipe.unet), ("hmg", pipe.hmg)):
+        if module is not None:
+            tensors.update({f"{prefix}.{k}": v.detach().to("cpu", torch.float16).contiguous()
+                            for k, v in module.state_dict().items() if v.is_floating_point()})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"format": TINY_FORMAT,
+                                           "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor))})
+    os.replace(tmp, path)
+
+
+def load_tiny_weights(pipe, path) -> None:
+    """Load a file written by :func:`save_tiny_weights` into a tiny pipeline (the parts it holds)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != TINY_FORMAT:
+            raise ValueError(f"{path}: not a tiny-model weights file (format {metadata.get('format')!r})")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    for prefix, module in (("vae", pipe.vae), ("unet", pipe.unet), ("hmg", pipe.hmg)):
+        part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if module is None or not part:
+            continue
+        own = module.state_dict()
+        wrong = [k for k, v in part.items() if k not in own or own[k].shape != v.shape]
+        if wrong:
+            raise ValueError(f"{path}: {prefix} tensors do not fit the tiny model (e.g. {wrong[0]})")
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in part.items()}, strict=False)
+    if "vae_scaling_factor" in metadata:
+        pipe.vae.register_to_config(scaling_factor=float(metadata["vae_scaling_factor"]))

@@ -1,0 +1,393 @@
+"""`mild eval`: MILD against simpler erasers on paired data (photo, person masks, truth).
+
+Every method erases the same people from the same photo; each result is scored against
+the truth over the erased region, the union of the erased people's masks (outside it
+the truth is the photo, so pixels there would only dilute the differences):
+
+- ``mild``: the MILDPipeline itself.
+- ``single-layer``: diffusers' StableDiffusionInpaintPipeline on the same components, base
+  UNet (no LoRA adapter, no SMA), one pass over the dilated erased union with MILD's
+  background prompt: what MILD adds over plain inpainting.
+- ``telea``: OpenCV's Telea inpainting over the dilated erased union (no learning at all).
+- ``input``: the photo unchanged, the floor.
+
+Metrics: masked PSNR and SSIM, and LPIPS when the ``lpips`` package and its AlexNet
+weights are already on this machine (nothing is downloaded). MILD's CAG per layer is
+reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionInpaintPipeline
+from tqdm import tqdm
+
+from mild_kernels import set_adapter_ids
+
+from .data import DataError, list_samples, read_sample
+from .layers import dilate
+from .pipeline import DEFAULT_PROMPTS
+
+METHODS = ("mild", "single-layer", "telea", "input")
+BASELINE_PROMPT = DEFAULT_PROMPTS["background"]  # the prompt of MILD's own background pathway
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's file name in the torch hub cache
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # (K * L)^2 with L = 1 for images in [0, 1]
+
+
+# ------------------------------------------------------------------ metrics
+def _inside(mask: torch.Tensor) -> torch.Tensor:
+    inside = mask > 0.5
+    if not inside.any():
+        raise ValueError("mask: empty; a masked metric needs at least one pixel")
+    return inside
+
+
+def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """PSNR (peak 1.0) over the masked pixels of every channel; inf when they are identical.
+
+    pred, target: (C, H, W) in [0, 1]; mask: (H, W), > 0.5 counts as inside.
+    """
+    inside = _inside(mask)
+    error = (pred.double() - target.double())[:, inside]
+    mse = error.square().mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def _gaussian_window(device) -> torch.Tensor:
+    offsets = torch.arange(SSIM_WINDOW, dtype=torch.float64, device=device) - SSIM_WINDOW // 2
+    window = torch.exp(-offsets.square() / (2 * SSIM_SIGMA ** 2))
+    return window / window.sum()
+
+
+def ssim_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) SSIM of every pixel and channel (Wang et al. 2004, Gaussian window).
+
+    The local statistics are Gaussian-weighted means over a reflect-padded image, so the
+    map has the image's size and any pixel can be read, borders included.
+    """
+    x, y = pred.double()[:, None], target.double()[:, None]  # channels as a batch
+    window = _gaussian_window(x.device)
+    pad = SSIM_WINDOW // 2
+
+    def local_mean(image):  # separable: rows, then columns
+        image = F.pad(image, (pad, pad, pad, pad), mode="reflect")
+        image = F.conv2d(image, window.view(1, 1, 1, -1))
+        return F.conv2d(image, window.view(1, 1, -1, 1))
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x.square()
+    var_y = local_mean(y * y) - mu_y.square()
+    cov = local_mean(x * y) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / \
+        ((mu_x.square() + mu_y.square() + SSIM_C1) * (var_x + var_y + SSIM_C2))
+    return ssim[:, 0]
+
+
+def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """SSIM computed on the full image per channel, averaged over the masked pixels and channels."""
+    inside = _inside(mask)
+    return ssim_map(pred, target)[:, inside].mean().item()
+
+
+def lpips_metric():
+    """A masked LPIPS (AlexNet) function, or None unless ``lpips`` imports and the backbone's
+    weights are already in the torch hub cache: evaluation never downloads anything."""
+    try:
+        import lpips
+    except Exception:  # not installed, or torchvision missing under it
+        return None
+    if not (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS).is_file():
+        return None
+    model = lpips.LPIPS(net="alex", spatial=True, verbose=False).eval()
+
+    @torch.no_grad()
+    def masked_lpips(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+        inside = _inside(mask)
+        distance = model(pred[None].float(), target[None].float(), normalize=True)[0, 0]  # (H, W)
+        return distance[inside].mean().item()
+
+    return masked_lpips
+
+
+# ------------------------------------------------------------------ methods
+def erased_union(masks: torch.Tensor, erase: list[int] | None) -> torch.Tensor:
+    """(H, W) {0, 1}: the union of the erased people's masks (ids from 1; None = everyone)."""
+    chosen = masks if erase is None else masks[[i - 1 for i in erase]]
+    return (chosen > 0.5).any(0).float()
+
+
+def inpaint_region(erased: torch.Tensor) -> torch.Tensor:
+    """(H, W) {0, 1}: the erased union dilated as MILDPipeline dilates it by default, so that
+    every method repaints the same pixels."""
+    H, W = erased.shape
+    return (dilate(erased, max(2, min(H, W) // 32)) > 0).float()
+
+
+def paste(result: torch.Tensor, photo: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """The photo with ``result`` inside the {0, 1} region: only the region may differ."""
+    return torch.where(region > 0, result.to(photo.dtype), photo)
+
+
+def telea(photo: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """OpenCV's Telea inpainting of the region (radius 3), on the 8-bit photo."""
+    pixels = (photo.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    hole = (region > 0).to(torch.uint8).numpy()
+    filled = cv2.inpaint(np.ascontiguousarray(pixels), hole, 3, cv2.INPAINT_TELEA)
+    return paste(torch.from_numpy(filled).permute(2, 0, 1).float() / 255, photo, region)
+
+
+def single_layer_pipeline(pipe):
+    """diffusers' own inpainting pipeline on MILD's components, with a scheduler of its own
+    (from the same config) so that the two never share timestep state."""
+    inpainter = StableDiffusionInpaintPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    inpainter.set_progress_bar_config(disable=True)
+    return inpainter
+
+
+def single_layer_unsupported(pipe) -> str | None:
+    """Why the single-layer baseline cannot run on this pipeline's UNet, or None when it can."""
+    config = pipe.unet.config
+    if config.in_channels not in (4, 9):
+        return (f"single-layer: skipped, diffusers' inpainting needs a 4- or 9-channel UNet "
+                f"(this one has {config.in_channels})")
+    if config.get("addition_embed_type") is not None:
+        return ("single-layer: skipped, the UNet needs added conditioning (SDXL) that "
+                "StableDiffusionInpaintPipeline does not give")
+    if pipe.text_encoder is None:
+        return "single-layer: skipped, the pipeline has no text encoder"
+    return None
+
+
+def single_layer(inpainter, photo: torch.Tensor, region: torch.Tensor, steps: int, guidance: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One inpainting pass over the region with the base UNet, pasted into the photo."""
+    H, W = photo.shape[1:]
+    factor = inpainter.vae_scale_factor
+    pad_h, pad_w = (-H) % factor, (-W) % factor  # diffusers needs sizes divisible by the VAE's factor
+    image = F.pad(photo[None], (0, pad_w, 0, pad_h), mode="replicate")
+    mask = F.pad(region[None, None], (0, pad_w, 0, pad_h))  # 1 = repaint
+    set_adapter_ids(inpainter.unet, None)  # the base weights; without a region context SMA is plain attention
+    result = inpainter(prompt=BASELINE_PROMPT, image=image, mask_image=mask, height=H + pad_h, width=W + pad_w,
+                       num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       output_type="pt").images[0, :, :H, :W]
+    return paste(result.float().cpu(), photo, region)
+
+
+def _finite_mean(values) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def cag_rows(name: str, out) -> list[dict]:
+    """One row per MILD layer: its CAG averaged over the attention resolutions."""
+    return [{"sample": name, "layer": index, "domain": list(layer.domain),
+             "cag": _finite_mean(float(v) for v in out.cag.get(index, {}).values())}
+            for index, layer in enumerate(out.plan.layers)]
+
+
+# ------------------------------------------------------------------ report
+@dataclasses.dataclass
+class EvalReport:
+    rows: list[dict]  # one per (sample, method): {"sample", "method", "psnr", "ssim", ["lpips"]}
+    cag: list[dict]  # one per (sample, layer): {"sample", "layer", "domain", "cag"}
+    notes: list[str] = dataclasses.field(default_factory=list)  # methods skipped, and why
+
+    @property
+    def metrics(self) -> list[str]:
+        return ["psnr", "ssim"] + (["lpips"] if any("lpips" in row for row in self.rows) else [])
+
+    def summary(self) -> list[dict]:
+        """Per method, in the order they ran: the mean of every metric and the sample count."""
+        methods = list(dict.fromkeys(row["method"] for row in self.rows))
+        summary = []
+        for method in methods:
+            rows = [row for row in self.rows if row["method"] == method]
+            summary.append({"method": method, **{metric: sum(row[metric] for row in rows) / len(rows)
+                                                  for metric in self.metrics}, "samples": len(rows)})
+        return summary
+
+    def cag_summary(self) -> list[dict]:
+        """Per layer index: the mean CAG over the samples that have that layer."""
+        layers = sorted({row["layer"] for row in self.cag})
+        return [{"layer": layer, "cag": _finite_mean(row["cag"] for row in self.cag if row["layer"] == layer),
+                 "samples": sum(row["layer"] == layer for row in self.cag)} for layer in layers]
+
+    def markdown(self) -> str:
+        summary = self.summary()
+        headers = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
+        best = {metric: (min if metric == "lpips" else max)(row[metric] for row in summary)
+                for metric in self.metrics} if summary else {}
+        lines = ["| method | " + " | ".join(headers[m] for m in self.metrics) + " | samples |",
+                 "|---|" + "---:|" * (len(self.metrics) + 1)]
+        for row in summary:
+            cells = [f"{row[m]:.4f}" if m != "psnr" else f"{row[m]:.2f}" for m in self.metrics]
+            cells = [f"**{cell}**" if row[m] == best[m] and len(summary) > 1 else cell
+                     for m, cell in zip(self.metrics, cells)]
+            lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['samples']} |")
+        lines += ["", "Metrics over the erased people's masks, against the truth."]
+        if "lpips" not in self.metrics:
+            lines.append("LPIPS: unavailable (no local weights)")
+        layers = self.cag_summary()
+        if layers:
+            lines.append("CAG per MILD layer (mean over samples and resolutions; layer 0 is the background): " +
+                         ", ".join(f"layer {row['layer']}: {row['cag']:.4f} ({row['samples']} samples)"
+                                   for row in layers))
+        lines += self.notes
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ evaluation
+def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float = 7.5, seed: int = 0, methods=METHODS,
+             progress: bool = True) -> tuple[EvalReport, dict]:
+    """Run every method on every sample and score it against the sample's target.
+
+    Returns the report and {sample name: {method: (3, H, W) result in [0, 1]}} for figures.
+    Each method gets a fresh generator seeded with ``seed`` on every sample, so a result
+    does not depend on which other samples or methods ran.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown {unknown}; choose from {list(METHODS)}")
+    names = [sample.name for sample in samples]
+    if len(set(names)) != len(names):
+        raise ValueError("samples: names must be unique, the results are keyed by them")
+    methods = list(methods)
+    notes = []
+    if "single-layer" in methods and (why := single_layer_unsupported(pipe)):
+        methods.remove("single-layer")
+        notes.append(why)
+    inpainter = single_layer_pipeline(pipe) if "single-layer" in methods else None
+    pipe.set_progress_bar_config(disable=True)
+    masked_lpips = lpips_metric()
+
+    rows, cag, results = [], [], {}
+    for sample in tqdm(samples, desc="mild eval", unit="sample", disable=not progress):
+        if sample.target is None:
+            raise DataError(f"{sample.name}: no target image to score against")
+        photo, target = sample.image.float(), sample.target.float()
+        erased = erased_union(sample.masks, sample.erase)
+        region = inpaint_region(erased)
+        outputs = {}
+        for method in methods:
+            generator = torch.Generator().manual_seed(seed)
+            if method == "mild":
+                out = pipe(photo, sample.masks, erase=sample.erase, keypoints=sample.keypoints,
+                           parsing=sample.parsing, occlusion_order=sample.occlusion_order,
+                           num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+                outputs[method] = out.image.float().cpu()
+                cag += cag_rows(sample.name, out)
+            elif method == "single-layer":
+                outputs[method] = single_layer(inpainter, photo, region, steps, guidance, generator)
+            elif method == "telea":
+                outputs[method] = telea(photo, region)
+            else:
+                outputs[method] = photo.clone()
+        for method, result in outputs.items():
+            row = {"sample": sample.name, "method": method, "psnr": masked_psnr(result, target, erased),
+                   "ssim": masked_ssim(result, target, erased)}
+            if masked_lpips is not None:
+                row["lpips"] = masked_lpips(result, target, erased)
+            rows.append(row)
+        results[sample.name] = outputs
+    return EvalReport(rows, cag, notes), results
+
+
+def example_figure(samples: list, results: dict, path, max_rows: int = 4) -> None:
+    """A grid, one sample a row: the photo with the erased people outlined, the truth, then
+    every method's result titled with its masked PSNR."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    shown = [sample for sample in samples if sample.name in results][:max_rows]
+    if not shown:
+        raise ValueError("example_figure: no sample has results")
+    methods = list(results[shown[0].name])
+    columns = 2 + len(methods)
+    figure = Figure(figsize=(2.2 * columns, 2.4 * len(shown)), layout="constrained")
+    axes = figure.subplots(len(shown), columns, squeeze=False)
+
+    def show(ax, image, title):
+        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for row, sample in zip(axes, shown):
+        erased = erased_union(sample.masks, sample.erase)
+        show(row[0], sample.image, f"{sample.name}\ninput")
+        row[0].contour(erased.numpy(), levels=[0.5], colors="red", linewidths=1)
+        show(row[1], sample.target, "target")
+        for ax, method in zip(row[2:], methods):
+            result = results[sample.name][method]
+            show(ax, result, f"{method}\nPSNR {masked_psnr(result, sample.target, erased):.2f} dB")
+    figure.savefig(path, dpi=100)
+
+
+# ------------------------------------------------------------------ command line
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_eval_arguments(parser) -> None:
+    parser.add_argument("--data", required=True, help="a folder of paired samples (each with a target image)")
+    parser.add_argument("--out", default="eval_out", help="where eval.csv, eval.json, eval.md and examples.png go")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--steps", type=_positive_int, default=20, help="denoising steps of the diffusion methods")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every method's generator, per sample")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which methods to compare (default: all)")
+
+
+def _json_number(value):
+    """JSON has no inf or NaN: write them as null."""
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def _json_rows(rows: list[dict]) -> list[dict]:
+    return [{key: _json_number(value) for key, value in row.items()} for row in rows]
+
+
+def run_eval(args, pipe) -> int:
+    """`mild eval`: score the methods on --data and write the tables and a figure to --out."""
+    folders = list_samples(args.data)
+    if args.limit is not None:
+        folders = folders[:args.limit]
+    samples = [read_sample(folder, require_target=True) for folder in folders]
+    report, results = evaluate(pipe, samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                               methods=args.methods)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["sample", "method", *report.metrics])
+        writer.writeheader()
+        writer.writerows(report.rows)
+    settings = {"data": str(args.data), "samples": len(samples), "limit": args.limit, "steps": args.steps,
+                "guidance": args.guidance, "seed": args.seed, "methods": list(args.methods)}
+    (out / "eval.json").write_text(json.dumps(
+        {"settings": settings, "summary": _json_rows(report.summary()), "rows": _json_rows(report.rows),
+         "cag": _json_rows(report.cag), "cag_summary": _json_rows(report.cag_summary()), "notes": report.notes},
+        indent=2, allow_nan=False) + "\n")
+    markdown = report.markdown()
+    (out / "eval.md").write_text(markdown)
+    example_figure(samples, results, out / "examples.png")
+    print(markdown, end="")
+    print(f"mild eval: wrote eval.csv, eval.json, eval.md and examples.png to {out}")
+    return 0

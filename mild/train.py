@@ -1,0 +1,520 @@
+"""MILD training: ``mild train --data DIR (--model DIR | --tiny) --out CKPT`` (docs/semantics.md, Training).
+
+Every optimizer step, each rank takes ``--accumulate`` samples of its shard. Per sample:
+
+1. the layers are planned as inference plans them (``MILDPipeline.prepare_layers``);
+2. x0 is the VAE latent of the target; each layer row's condition is the photo with that
+   layer's region blanked, and its noisy input is x0 noised at a random timestep;
+3. one UNet call runs every layer row of the sample: multi-adapter LoRA ids, the SMA
+   region context (learned per-head modulation) and the HMG residuals;
+4. the loss is the noise-prediction error per row, weighted 1 inside the row's inpaint
+   region and ``--outside-weight`` outside it, averaged over rows.
+
+The base UNet, VAE and text encoder are frozen: the LoRA adapters, the SMA modulation and
+the HMG adapter learn (``--train-base`` also trains the UNet itself; for the tiny model).
+Under torchrun the model runs in torch DDP (gloo on the CPU, nccl on GPUs); each rank reads
+its own shard. Checkpoints are folders ``CKPT/step-NNNNNNN/`` written atomically (a
+temporary folder renamed into place, then the ``CKPT/latest`` pointer replaced), so a run
+killed while saving leaves the previous checkpoint loadable; ``--resume`` continues from it
+and repeats the same loss sequence, because every random draw of a step comes from a
+generator seeded by (seed, step, rank, micro-step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mild_kernels import set_adapter_ids
+
+CHECKPOINT_FORMAT = "mild-checkpoint/1"
+ADAPTER_KEYS = ("lora_a", "lora_b", "sma_modulation.alpha", "sma_modulation.beta")
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                     "attention_head_dim", "down_block_types", "up_block_types", "transformer_layers_per_block")
+LOG_FIELDS = ("step", "loss", "val_loss", "lr", "seconds")
+
+
+class TrainError(ValueError):
+    """A user error in training or checkpoint loading: one line, exit status 2."""
+
+
+# ------------------------------------------------------------------ checkpoints
+def architecture(pipe) -> dict:
+    """What a checkpoint's tensors depend on: the UNet's shape, the LoRA rank and the HMG adapter."""
+    config = pipe.unet.config
+    unet = {key: list(value) if isinstance(value, (tuple, list)) else value
+            for key in ARCHITECTURE_KEYS if (value := config.get(key)) is not None}
+    rank = next(m.rank for m in pipe.unet.modules() if hasattr(m, "lora_a"))
+    hmg = None if pipe.hmg is None else pipe.hmg.parsing_classes
+    return {"unet": unet, "lora_rank": rank, "hmg_parsing_classes": hmg}
+
+
+def adapter_state(unet, include_base: bool) -> dict:
+    """The UNet tensors a checkpoint holds: the adapters and modulation, or everything."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in unet.state_dict().items()
+            if include_base or name.endswith(ADAPTER_KEYS)}
+
+
+def resolve_checkpoint(path) -> Path:
+    """The step folder a checkpoint path names: ``CKPT`` (its latest step) or ``CKPT/step-N``."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise TrainError(f"{path} is not a mild checkpoint (no meta.json, no 'latest' pointer)")
+    return path
+
+
+def load_checkpoint(pipe, path) -> dict:
+    """Load a checkpoint's UNet tensors and HMG adapter into ``pipe``; returns its meta.json.
+
+    A checkpoint of another architecture (UNet shape, LoRA rank, HMG) is refused with one line.
+    """
+    from safetensors.torch import load_file
+
+    folder = resolve_checkpoint(path)
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{folder}: unknown checkpoint format {meta.get('format')!r}")
+    mine = architecture(pipe)
+    if meta["architecture"] != mine:
+        differ = sorted(k for k in set(mine) | set(meta["architecture"]) if mine.get(k) != meta["architecture"].get(k))
+        raise TrainError(f"{folder} was trained for another architecture (differs in {', '.join(differ)}); "
+                         "load it into the model it was trained on")
+    load_unet_tensors(pipe.unet, load_file(str(folder / "lora.safetensors")), folder / "lora.safetensors")
+    if pipe.hmg is not None and (folder / "hmg.safetensors").is_file():
+        pipe.hmg.load(folder / "hmg.safetensors")
+    return meta
+
+
+def load_unet_tensors(unet, tensors: dict, source) -> None:
+    """Copy named UNet tensors in, refusing unknown names and wrong shapes with one line."""
+    own = unet.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
+             if k in own and v.shape != own[k].shape]
+    if unknown or wrong:
+        raise TrainError(f"{source}: does not fit this UNet ("
+                         + (f"unknown keys such as {unknown[0]}" if unknown else f"shape {wrong[0]}") + ")")
+    unet.load_state_dict(tensors, strict=False)
+
+
+def save_checkpoint(out: Path, step: int, pipe, optimizer, meta: dict, include_base: bool, keep: int = 2) -> Path:
+    """Write ``out/step-N`` atomically and point ``out/latest`` at it; keep the last ``keep`` steps."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / f"step-{step:07d}"
+    tmp = out / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(adapter_state(pipe.unet, include_base), str(tmp / "lora.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+    if pipe.hmg is not None:
+        pipe.hmg.save(tmp / "hmg.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
+               tmp / "training_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "format": CHECKPOINT_FORMAT, "step": step}, indent=1))
+    for file in tmp.iterdir():  # durable before the rename makes them the checkpoint
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = out / f".latest.tmp-{os.getpid()}"
+    pointer.write_text(final.name)
+    os.replace(pointer, out / "latest")
+    for old in sorted(out.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------ the training step
+class TrainingModel(torch.nn.Module):
+    """The trained modules under one forward, so that DDP sees every trainable parameter."""
+
+    def __init__(self, unet, hmg):
+        super().__init__()
+        self.unet, self.hmg = unet, hmg
+
+    def forward(self, model_in, timesteps, text, context, guide, guide_weights, added_cond_kwargs=None):
+        residuals = None if self.hmg is None else self.hmg(guide, guide_weights)
+        return self.unet(model_in, timesteps, text, cross_attention_kwargs={"region_context": context},
+                         down_intrablock_additional_residuals=residuals, added_cond_kwargs=added_cond_kwargs).sample
+
+
+def text_embeddings(pipe) -> dict:
+    """The frozen prompt embeddings of the two pathway kinds and of the empty prompt."""
+    from .pipeline import DEFAULT_PROMPTS
+
+    with torch.no_grad():
+        kinds = list(DEFAULT_PROMPTS)
+        embeds = pipe._embed([DEFAULT_PROMPTS[k] for k in kinds] + [""])
+    return {**{k: embeds[i] for i, k in enumerate(kinds)}, "": embeds[-1]}
+
+
+def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, outside_weight: float,
+                uncond_prob: float, latent_cache: dict | None = None, added_cond_kwargs: dict | None = None
+                ) -> torch.Tensor:
+    """The region-weighted noise-prediction loss of one sample, all its layer rows in one UNet call.
+
+    ``embeds``: {"background", "person", ""} -> (T, C) prompt embeddings (:func:`text_embeddings`).
+    ``latent_cache``: a dict keeping each sample's VAE latents (the VAE is frozen, so they never
+    change), to encode every sample once per run instead of once per visit.
+    ``added_cond_kwargs``: for UNets with added conditioning (SDXL's text_time), one
+    {"text_embeds": (C2,), "time_ids": (6,)} used for every row, as in the pipeline."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, sample.keypoints, sample.parsing,
+                               sample.occlusion_order)
+    L = len(rows.adapter_ids)
+    cached = None if latent_cache is None else latent_cache.get(sample.name)
+    if cached is None:
+        with torch.no_grad():
+            target = F.pad(sample.target[None], (0, rows.pad[1], 0, rows.pad[0]), mode="replicate")
+            cached = pipe._encode_image(target).to(dtype), pipe._encode_image(rows.masked_pixels()).to(dtype)
+        if latent_cache is not None:
+            latent_cache[sample.name] = cached
+    x0, condition = cached[0].expand(L, -1, -1, -1), cached[1]
+    scheduler = pipe.scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (L,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
+    drop = torch.rand(L, generator=generator) < uncond_prob  # classifier-free guidance needs the empty prompt too
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    model_in = noisy
+    if pipe.unet.config.in_channels == 9:
+        model_in = torch.cat([noisy, rows.inpaint_latent.to(device, dtype), condition], 1)
+    text = torch.stack([embeds["" if d else kind] for d, kind in zip(drop.tolist(), rows.kinds)]).to(device, dtype)
+    guide, weights = rows.guide, rows.guide_weights
+    if pipe.hmg is not None and guide is None:  # no HMG inputs: zero residuals, but DDP sees the adapter used
+        from .hmg import guidance_channels
+
+        guide = torch.zeros(L, guidance_channels(pipe.hmg.parsing_classes), *rows.padded.shape[1:])
+        weights = torch.zeros(L)
+    if guide is not None:
+        guide, weights = guide.to(device, dtype), weights.to(device, dtype)
+    context = rows.context(halves=1, alpha=1.0, beta=1.0, backend=pipe.backend, device=device)
+    set_adapter_ids(pipe.unet, rows.adapter_ids)
+    added = None if added_cond_kwargs is None else {
+        name: value.to(device, dtype)[None].expand(L, *value.shape) for name, value in added_cond_kwargs.items()}
+    prediction = model(model_in, timesteps, text, context, guide, weights, added).float()
+    kind = scheduler.config.prediction_type
+    goal = {"epsilon": noise, "sample": x0}.get(kind)
+    if goal is None:
+        goal = scheduler.get_velocity(x0, noise, timesteps)
+    region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").to(device)
+    weight = region + outside_weight * (1 - region)
+    per_row = (weight * (prediction - goal.float()) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * goal.shape[1])
+    return per_row.mean()
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """Every random draw of one micro-step comes from here: resuming repeats them exactly."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 64 + micro)
+
+
+def validation_loss(model, pipe, samples, embeds, seed, outside_weight) -> float:
+    """The loss on a fixed set of samples with fixed timesteps and noise (no prompt dropout)."""
+    with torch.no_grad():
+        losses = [sample_loss(model, pipe, s, embeds, step_generator(seed, -1, 0, i), outside_weight, 0.0).item()
+                  for i, s in enumerate(samples)]
+    return sum(losses) / len(losses)
+
+
+# ------------------------------------------------------------------ the run
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="a folder of paired samples (docs/semantics.md, Paired data)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a local diffusers inpainting model folder")
+    source.add_argument("--tiny", action="store_true", help="the tiny model (its shipped weights)")
+    source.add_argument("--tiny-random", action="store_true", help="the tiny model with random weights")
+    parser.add_argument("--tiny-weights", help="with --tiny: a tiny-model weights file instead of the shipped one")
+    parser.add_argument("--out", required=True, help="checkpoint folder (CKPT/step-N, CKPT/latest, CKPT/log.csv)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--accumulate", type=int, default=1, help="samples per rank per optimizer step")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--outside-weight", type=float, default=0.1,
+                        help="loss weight of latent pixels outside a row's inpaint region (inside: 1)")
+    parser.add_argument("--uncond-prob", type=float, default=0.1, help="probability of the empty prompt per row")
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (0: first and last)")
+    parser.add_argument("--val-samples", type=int, default=4)
+    parser.add_argument("--resume", action="store_true", help="continue from CKPT/latest")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--train-base", action="store_true", help="train the UNet itself too (tiny models)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def check_arguments(args) -> None:
+    for name in ("steps", "accumulate", "lora_rank", "save_every", "val_samples"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.lr > 0 and args.lr < float("inf")):
+        raise TrainError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.outside_weight <= 1 or not 0 <= args.uncond_prob <= 1:
+        raise TrainError("--outside-weight and --uncond-prob must lie in [0, 1]")
+    if args.train_base and args.model:
+        raise TrainError("--train-base trains a tiny model's UNet; with --model the base stays frozen")
+
+
+def build_training_pipeline(args):
+    from .pipeline import MILDPipeline
+
+    if args.model:
+        return MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_rank=args.lora_rank)
+    weights = None if args.tiny_random else (args.tiny_weights or "shipped")
+    return MILDPipeline.tiny(seed=args.seed, backend=args.backend, weights=weights, lora_rank=args.lora_rank)
+
+
+def load_dataset(root) -> list:
+    """Every sample, checked before anything is trained or written (one line per bad sample)."""
+    from .data import DataError, list_samples, read_sample
+
+    try:
+        return [read_sample(folder, require_target=True) for folder in list_samples(root)]
+    except DataError as error:
+        raise TrainError(str(error)) from None
+
+
+def run_train(args) -> int:
+    from tqdm import tqdm
+
+    from .cli import distributed_rank
+
+    check_arguments(args)
+    out = Path(args.out)
+    if not args.resume and (out / "latest").exists():
+        raise TrainError(f"{out} already holds a checkpoint; pass --resume to continue it, or another --out")
+    samples = load_dataset(args.data)
+    rank, world = distributed_rank()
+    if len(samples) < world:
+        raise TrainError(f"--data holds {len(samples)} samples, fewer than the {world} ranks")
+    shard = samples[rank::world]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+    pipe = build_training_pipeline(args).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+    for name, param in pipe.unet.named_parameters():
+        param.requires_grad_(args.train_base or name.endswith(ADAPTER_KEYS))
+    if pipe.hmg is not None:
+        pipe.hmg.requires_grad_(True)
+    if args.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+
+    meta = {"architecture": architecture(pipe), "args": {k: v for k, v in vars(args).items() if k != "command"}}
+    start = 0
+    if args.resume and (out / "latest").exists():
+        folder = resolve_checkpoint(out)
+        load_checkpoint(pipe, folder)
+        state = torch.load(folder / "training_state.pt", weights_only=False)
+        start = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    model = TrainingModel(pipe.unet, pipe.hmg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if start:
+        optimizer.load_state_dict(state["optimizer"])
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    for stale in out.glob(".step-*.tmp-*") if rank == 0 else ():  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+
+    embeds = text_embeddings(pipe)
+    latent_cache = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    order = {}  # epoch -> this rank's sample order, seeded so that a resumed run reads the same samples
+
+    def nth_sample(k):
+        epoch, position = divmod(k, len(shard))
+        if epoch not in order:
+            order[epoch] = torch.randperm(len(shard), generator=torch.Generator().manual_seed(args.seed + epoch))
+        return shard[int(order[epoch][position])]
+
+    log = TrainingLog(out, start) if rank == 0 else None
+    val_set = samples[: args.val_samples]
+
+    def validate():
+        with autocast:
+            return validation_loss(model, pipe, val_set, embeds, args.seed, args.outside_weight)
+
+    bar = tqdm(total=args.steps, initial=start, desc="mild train", unit="step", disable=rank != 0 or args.no_progress)
+    val = validate() if rank == 0 and start == 0 else None
+    if val is not None:
+        log.writerow({"step": 0, "val_loss": f"{val:.6f}"})
+    began = time.perf_counter()
+    for step in range(start, args.steps):
+        total = 0.0
+        for micro in range(args.accumulate):
+            sample = nth_sample(step * args.accumulate + micro)
+            sync = micro == args.accumulate - 1 or world == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                loss = sample_loss(model, pipe, sample, embeds, step_generator(args.seed, step, rank, micro),
+                                   args.outside_weight, args.uncond_prob, latent_cache) / args.accumulate
+            loss.backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            import torch.distributed as dist
+
+            reduced = torch.tensor([total], device=device)
+            dist.all_reduce(reduced)
+            total = reduced.item() / world
+        if not torch.isfinite(torch.tensor(total)):
+            raise TrainError(f"the loss diverged at step {step + 1} ({total}); lower --lr")
+        done = step + 1
+        if rank == 0:
+            last = done == args.steps
+            val = validate() if last or (args.val_every and done % args.val_every == 0) else None
+            log.writerow({"step": done, "loss": f"{total:.6f}", "val_loss": "" if val is None else f"{val:.6f}",
+                          "lr": args.lr, "seconds": f"{time.perf_counter() - began:.2f}"})
+            bar.set_postfix(loss=f"{total:.4f}", **({} if val is None else {"val": f"{val:.4f}"}))
+            if done % args.save_every == 0 or last:
+                save_checkpoint(out, done, pipe, optimizer, meta, include_base=args.train_base)
+        bar.update(1)
+    bar.close()
+    set_adapter_ids(pipe.unet, None)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        log.close()
+        print(f"trained {args.steps - start} steps on {len(samples)} samples x {world} rank(s); "
+              f"checkpoint {resolve_checkpoint(out)}, log {out / 'log.csv'}")
+    return 0
+
+
+class TrainingLog:
+    """CKPT/log.csv, continued on resume: rows after the resumed step are dropped first."""
+
+    def __init__(self, out: Path, start: int):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "log.csv"
+        kept = []
+        if start and self.path.exists():
+            with open(self.path, newline="") as handle:
+                kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= start]
+        self.handle = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.handle, LOG_FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+
+    def writerow(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def read_log(path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ------------------------------------------------------------------ the tiny model's shipped weights
+def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0,
+                      kl_weight: float = 1e-6, progress: bool = True) -> float:
+    """Fit a (tiny) AutoencoderKL to ``images`` (N, 3, H, W) in [0, 1]: reconstruction MSE plus
+    a small KL term. Returns the latent scaling factor (1 / std of the posterior means), which
+    puts the latents at unit variance as the SD VAE's 0.18215 does."""
+    from tqdm import tqdm
+
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="tiny VAE", unit="step", disable=not progress)
+    for _ in bar:
+        pixels = 2 * images[torch.randint(0, len(images), (batch,), generator=generator)] - 1
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(latents).sample, pixels) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        means = torch.cat([vae.encode(2 * chunk - 1).latent_dist.mean for chunk in images.split(64)])
+    return float(1 / means.std())
+
+
+def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="weights file (default: the package's mild/weights/tiny.safetensors)")
+    parser.add_argument("--work", default="tiny_train", help="folder for the synthesized data and checkpoints")
+    parser.add_argument("--samples", type=int, default=600, help="procedural training samples")
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000, help="UNet + adapters optimizer steps")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_train_tiny(args) -> int:
+    """Rebuild the shipped tiny model: synthesize procedural scenes, fit the VAE, then train the
+    UNet with its MILD adapters, SMA modulation and HMG adapter through ``run_train``."""
+    from .data import synthesize
+    from .pipeline import MILDPipeline
+    from .tiny import TINY_WEIGHTS, save_tiny_weights
+
+    out = Path(args.out) if args.out else TINY_WEIGHTS
+    work = Path(args.work)
+    began = time.perf_counter()
+    data = work / "data"
+    synthesize(data, args.samples, seed=args.seed, progress=not args.no_progress)
+    samples = load_dataset(data)
+    torch.manual_seed(args.seed)
+    pipe = MILDPipeline.tiny(seed=args.seed, weights=None)
+    images = torch.stack([s.image for s in samples] + [s.target for s in samples])
+    scaling = train_autoencoder(pipe.vae, images, args.vae_steps, seed=args.seed, progress=not args.no_progress)
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    stage = work / "vae_only.safetensors"
+    save_tiny_weights(pipe, stage)
+    vae_seconds = time.perf_counter() - began
+    checkpoints = work / "checkpoints"
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    run_train(parser.parse_args([
+        "--data", str(data), "--tiny", "--tiny-weights", str(stage), "--train-base", "--out", str(checkpoints),
+        "--steps", str(args.steps), "--lr", str(args.lr), "--outside-weight", "0.5", "--save-every", "500",
+        "--val-every", "250", "--seed", str(args.seed), "--backend", "torch"] + (["--no-progress"] * args.no_progress)))
+    trained = MILDPipeline.tiny(weights=stage)
+    load_checkpoint(trained, checkpoints)
+    save_tiny_weights(trained, out)
+    minutes = (time.perf_counter() - began) / 60
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {minutes:.1f} min "
+          f"(VAE {vae_seconds / 60:.1f} min, scaling {scaling:.4f}); training log {checkpoints / 'log.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m mild.train")
+    add_train_arguments(parser)
+    try:
+        sys.exit(run_train(parser.parse_args()))
+    except TrainError as error:
+        print(f"mild: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,191 @@
+"""`mild train`: gradients reach every trained part, torchrun DDP lowers the loss, resume repeats
+the loss sequence, a kill while saving leaves the previous checkpoint, bad input is one line."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mild.cli import main as cli_main
+from mild.data import procedural_sample, synthesize, write_sample
+from mild.pipeline import MILDPipeline
+from mild.train import (TrainError, TrainingModel, architecture, load_checkpoint, resolve_checkpoint, sample_loss,
+                        save_checkpoint, step_generator, text_embeddings)
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paired") / "data"
+    synthesize(folder, 6, seed=11, size=SIZE, progress=False)
+    return folder
+
+
+def train_args(data, out, *extra):
+    return ["train", "--data", str(data), "--tiny-random", "--out", str(out), "--no-progress", "--lr", "1e-3", *extra]
+
+
+def losses(out):
+    with open(Path(out) / "log.csv", newline="") as handle:
+        return [row for row in csv.DictReader(handle)]
+
+
+def test_gradients_reach_adapters_modulation_and_hmg_only():
+    pipe = MILDPipeline.tiny(weights=None)
+    for name, param in pipe.unet.named_parameters():
+        param.requires_grad_(name.endswith(("lora_a", "lora_b", "alpha", "beta")))
+    sample = procedural_sample(3, size=SIZE)
+    assert sample.keypoints is not None
+    loss = sample_loss(TrainingModel(pipe.unet, pipe.hmg), pipe, sample, text_embeddings(pipe),
+                       step_generator(0, 0, 0, 0), 0.1, 0.0)
+    loss.backward()
+    grads = {name: p.grad for name, p in pipe.unet.named_parameters() if p.requires_grad}
+    for suffix in ("lora_a", "lora_b", "sma_modulation.alpha", "sma_modulation.beta"):
+        named = [g for n, g in grads.items() if n.endswith(suffix)]
+        assert named and all(g is not None for g in named), suffix
+        assert sum(g.abs().sum() for g in named) > 0, f"no gradient reaches {suffix}"
+    assert all(p.grad is None for n, p in pipe.unet.named_parameters() if not p.requires_grad)
+    assert sum(p.grad.abs().sum() for p in pipe.hmg.parameters() if p.grad is not None) > 0
+
+
+def test_torchrun_two_ranks_lower_the_loss(data, tmp_path):
+    out = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mild", *train_args(data, out, "--steps", "20", "--save-every", "10", "--lr", "2e-3")]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 rank(s)" in run.stdout
+    rows = losses(out)
+    assert [int(r["step"]) for r in rows] == list(range(21))
+    first, last = float(rows[0]["val_loss"]), float(rows[-1]["val_loss"])
+    assert last < 0.95 * first, (first, last)
+    assert resolve_checkpoint(out).name == "step-0000020"
+    pipe = MILDPipeline.tiny(weights=None)
+    load_checkpoint(pipe, out)
+    trained = [p for n, p in pipe.unet.named_parameters() if n.endswith("lora_b")]
+    assert any(p.abs().sum() > 0 for p in trained)
+
+
+def test_resume_repeats_the_loss_sequence(data, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert cli_main(train_args(data, whole, "--steps", "4", "--save-every", "2", "--accumulate", "2")) == 0
+    assert cli_main(train_args(data, split, "--steps", "2", "--save-every", "2", "--accumulate", "2")) == 0
+    assert cli_main(train_args(data, split, "--steps", "4", "--save-every", "2", "--accumulate", "2", "--resume")) == 0
+    sequence = [(r["step"], r["loss"]) for r in losses(whole)]
+    assert sequence == [(r["step"], r["loss"]) for r in losses(split)]  # (the split run also validated at step 2)
+    assert losses(whole)[-1]["val_loss"] == losses(split)[-1]["val_loss"]
+    assert len({r["loss"] for r in losses(whole)}) > 2  # the losses do change from step to step
+
+
+def small_checkpoint(tmp_path, step):
+    pipe = MILDPipeline.tiny(weights=None)
+    optimizer = torch.optim.AdamW([p for n, p in pipe.unet.named_parameters() if n.endswith("lora_b")])
+    return pipe, optimizer, save_checkpoint(tmp_path, step, pipe, optimizer, {"architecture": architecture(pipe)},
+                                            include_base=False)
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    pipe, optimizer, first = small_checkpoint(tmp_path, 10)
+    for p in pipe.unet.parameters():
+        p.data.add_(1.0)
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C in the middle of the write
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 20, pipe, optimizer, {"architecture": architecture(pipe)}, include_base=False)
+    assert resolve_checkpoint(tmp_path) == first
+    fresh = MILDPipeline.tiny(weights=None)
+    assert load_checkpoint(fresh, tmp_path)["step"] == 10
+
+
+KILL_SCRIPT = """
+import os, sys, time, torch
+from pathlib import Path
+from mild.pipeline import MILDPipeline
+from mild.train import architecture, save_checkpoint
+out = Path(sys.argv[1])
+pipe = MILDPipeline.tiny(weights=None)
+optimizer = torch.optim.AdamW([p for n, p in pipe.unet.named_parameters() if n.endswith("lora_b")])
+save_checkpoint(out, 10, pipe, optimizer, {"architecture": architecture(pipe)}, include_base=False)
+real_fsync = os.fsync
+def slow_fsync(fd):
+    (out / "saving").touch()
+    time.sleep(60)
+os.fsync = slow_fsync
+save_checkpoint(out, 20, pipe, optimizer, {"architecture": architecture(pipe)}, include_base=False)
+"""
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)], cwd=ROOT)
+    deadline = time.time() + 300
+    while not (tmp_path / "saving").exists():
+        assert proc.poll() is None and time.time() < deadline, "the saving process ended before the kill"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(tmp_path.glob(".step-0000020.tmp-*"))  # killed mid-write
+    pipe = MILDPipeline.tiny(weights=None)
+    assert load_checkpoint(pipe, tmp_path)["step"] == 10
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mild: error: "), err
+    return err[0]
+
+
+def copy_sample(data, tmp_path, name="bad"):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sample = procedural_sample(5, size=SIZE, name=name)
+    write_sample(folder / name, sample)
+    return folder, sample
+
+
+@pytest.mark.parametrize("case", ["no-target", "target-size", "mask-size", "empty-folder"])
+def test_bad_data_is_one_line_and_writes_nothing(case, data, tmp_path, capsys):
+    from PIL import Image
+
+    folder, sample = copy_sample(data, tmp_path)
+    if case == "no-target":
+        (folder / "bad" / "target.png").unlink()
+        expect = "target"
+    elif case == "target-size":
+        Image.new("RGB", (SIZE + 3, SIZE)).save(folder / "bad" / "target.png")
+        expect = "target"
+    elif case == "mask-size":
+        Image.new("L", (SIZE, SIZE - 5), 255).save(folder / "bad" / "mask_1.png")
+        expect = "mask_1"
+    else:
+        for path in (folder / "bad").iterdir():
+            path.unlink()
+        (folder / "bad").rmdir()
+        expect = str(folder)
+    out = tmp_path / "ckpt"
+    assert cli_main(train_args(folder, out, "--steps", "2")) == 2
+    assert expect in error_line(capsys)
+    assert not out.exists()
+
+
+def test_checkpoint_of_another_architecture_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert cli_main(train_args(data, out, "--steps", "1", "--lora-rank", "2")) == 0
+    capsys.readouterr()
+    pipe = MILDPipeline.tiny(weights=None)  # LoRA rank 4
+    with pytest.raises(TrainError, match="another architecture"):
+        load_checkpoint(pipe, out)
+    assert cli_main(train_args(data, out, "--steps", "2", "--resume")) == 2  # resumed at rank 4
+    assert "another architecture" in error_line(capsys)
+    assert resolve_checkpoint(out).name == "step-0000001"
