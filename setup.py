@@ -9,6 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mild_kernels", "mild_kernels.*", "mild", "mild.*"]),
+    package_data={"mild": ["weights/*.safetensors"]},  # the trained tiny model (mild train-tiny)
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",
@@ -19,6 +20,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
-        "diffusers": ["diffusers", "transformers", "safetensors", "pillow", "tqdm"],
+        "diffusers": ["diffusers", "transformers", "safetensors", "pillow", "tqdm", "matplotlib",
+                      "opencv-python-headless"],  # mild eval: its figure and the Telea baseline
     },
 )

@@ -87,7 +87,7 @@ def read_sample(folder, *, require_target: bool = False) -> PairedSample:
         target = _read_rgb(target_path)
         _require_size(target_path, tuple(target.shape[1:]), size, image_path)
     elif require_target:
-        raise DataError(f"{folder} has no target.png (needed for training)")
+        raise DataError(f"{folder} has no target.png (training and evaluation need the erased truth)")
 
     return PairedSample(name=folder.name, image=image, masks=masks, erase=_read_erase(folder / "erase.json", P),
                         target=target, keypoints=_read_keypoints(folder / "keypoints.json", P),

@@ -25,7 +25,6 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -143,6 +142,8 @@ def telea(photo: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """OpenCV's Telea inpainting of the region (radius 3), on the 8-bit photo."""
     pixels = (photo.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     hole = (region > 0).to(torch.uint8).numpy()
+    import cv2  # here, so that only `mild eval` needs OpenCV
+
     filled = cv2.inpaint(np.ascontiguousarray(pixels), hole, 3, cv2.INPAINT_TELEA)
     return paste(torch.from_numpy(filled).permute(2, 0, 1).float() / 255, photo, region)
 

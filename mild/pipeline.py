@@ -155,9 +155,9 @@ class MILDPipeline(DiffusionPipeline):
         if lora_weights is not None:
             from safetensors.torch import load_file
 
-            missing = pipe.unet.load_state_dict(load_file(str(lora_weights)), strict=False)
-            if missing.unexpected_keys:
-                raise ValueError(f"lora_weights: keys not in the UNet: {missing.unexpected_keys[:5]}")
+            from .train import load_unet_tensors
+
+            load_unet_tensors(pipe.unet, load_file(str(lora_weights)), f"lora_weights {lora_weights}")
         if hmg_weights is not None:
             pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor).load(hmg_weights)
         return pipe

@@ -279,12 +279,16 @@ def build_training_pipeline(args):
     return MILDPipeline.tiny(seed=args.seed, backend=args.backend, weights=weights, lora_rank=args.lora_rank)
 
 
-def load_dataset(root) -> list:
-    """Every sample, checked before anything is trained or written (one line per bad sample)."""
+def load_shard(root, rank: int, world: int) -> list:
+    """This rank's samples (every ``world``-th folder), each checked before anything is trained
+    or written: a bad sample stops the run with one line naming its file."""
     from .data import DataError, list_samples, read_sample
 
     try:
-        return [read_sample(folder, require_target=True) for folder in list_samples(root)]
+        folders = list_samples(root)
+        if len(folders) < world:
+            raise TrainError(f"--data holds {len(folders)} samples, fewer than the {world} ranks")
+        return [read_sample(folder, require_target=True) for folder in folders[rank::world]]
     except DataError as error:
         raise TrainError(str(error)) from None
 
@@ -298,11 +302,8 @@ def run_train(args) -> int:
     out = Path(args.out)
     if not args.resume and (out / "latest").exists():
         raise TrainError(f"{out} already holds a checkpoint; pass --resume to continue it, or another --out")
-    samples = load_dataset(args.data)
     rank, world = distributed_rank()
-    if len(samples) < world:
-        raise TrainError(f"--data holds {len(samples)} samples, fewer than the {world} ranks")
-    shard = samples[rank::world]
+    shard = load_shard(args.data, rank, world)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -327,7 +328,7 @@ def run_train(args) -> int:
         state = torch.load(folder / "training_state.pt", weights_only=False)
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
-    model = TrainingModel(pipe.unet, pipe.hmg)
+    model = plain_model = TrainingModel(pipe.unet, pipe.hmg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if start:
@@ -351,11 +352,11 @@ def run_train(args) -> int:
         return shard[int(order[epoch][position])]
 
     log = TrainingLog(out, start) if rank == 0 else None
-    val_set = samples[: args.val_samples]
+    val_set = shard[: args.val_samples]
 
-    def validate():
+    def validate():  # rank 0 alone, so outside DDP (whose forward may talk to the other ranks)
         with autocast:
-            return validation_loss(model, pipe, val_set, embeds, args.seed, args.outside_weight)
+            return validation_loss(plain_model, pipe, val_set, embeds, args.seed, args.outside_weight)
 
     bar = tqdm(total=args.steps, initial=start, desc="mild train", unit="step", disable=rank != 0 or args.no_progress)
     val = validate() if rank == 0 and start == 0 else None
@@ -401,7 +402,7 @@ def run_train(args) -> int:
         dist.destroy_process_group()
     if rank == 0:
         log.close()
-        print(f"trained {args.steps - start} steps on {len(samples)} samples x {world} rank(s); "
+        print(f"trained {args.steps - start} steps on {world} rank(s) ({len(shard)} samples on rank 0); "
               f"checkpoint {resolve_checkpoint(out)}, log {out / 'log.csv'}")
     return 0
 
@@ -435,11 +436,12 @@ def read_log(path) -> list[dict]:
 
 
 # ------------------------------------------------------------------ the tiny model's shipped weights
-def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0,
-                      kl_weight: float = 1e-6, progress: bool = True) -> float:
+def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 2e-3,
+                      seed: int = 0, kl_weight: float = 1e-6, progress: bool = True) -> float:
     """Fit a (tiny) AutoencoderKL to ``images`` (N, 3, H, W) in [0, 1]: reconstruction MSE plus
-    a small KL term. Returns the latent scaling factor (1 / std of the posterior means), which
-    puts the latents at unit variance as the SD VAE's 0.18215 does."""
+    a small KL term, on random ``crop``-pixel crops (the VAE is convolutional: a quarter of the
+    pixels per step buys four times the steps). Returns the latent scaling factor (1 / std of
+    the posterior means), which puts the latents at unit variance as the SD VAE's 0.18215 does."""
     from tqdm import tqdm
 
     vae.train().requires_grad_(True)
@@ -447,7 +449,9 @@ def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, lr
     generator = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="tiny VAE", unit="step", disable=not progress)
     for _ in bar:
-        pixels = 2 * images[torch.randint(0, len(images), (batch,), generator=generator)] - 1
+        top, left = (int(torch.randint(0, n - crop + 1, (), generator=generator)) for n in images.shape[2:])
+        pixels = 2 * images[torch.randint(0, len(images), (batch,), generator=generator), :,
+                            top:top + crop, left:left + crop] - 1
         posterior = vae.encode(pixels).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         loss = F.mse_loss(vae.decode(latents).sample, pixels) + kl_weight * posterior.kl().mean()
@@ -465,8 +469,8 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="weights file (default: the package's mild/weights/tiny.safetensors)")
     parser.add_argument("--work", default="tiny_train", help="folder for the synthesized data and checkpoints")
     parser.add_argument("--samples", type=int, default=600, help="procedural training samples")
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=3000, help="UNet + adapters optimizer steps")
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=2400, help="UNet + adapters optimizer steps")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -484,7 +488,7 @@ def run_train_tiny(args) -> int:
     began = time.perf_counter()
     data = work / "data"
     synthesize(data, args.samples, seed=args.seed, progress=not args.no_progress)
-    samples = load_dataset(data)
+    samples = load_shard(data, 0, 1)
     torch.manual_seed(args.seed)
     pipe = MILDPipeline.tiny(seed=args.seed, weights=None)
     images = torch.stack([s.image for s in samples] + [s.target for s in samples])

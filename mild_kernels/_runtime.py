@@ -22,6 +22,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autocast_inputs(*tensors):
+    """The floating tensors in the autocast dtype when ``torch.autocast`` is on for their device,
+    as F.linear and SDPA take them there (autocast never casts for custom ops); else unchanged."""
+    device_type = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), None)
+    if device_type is None or not torch.is_autocast_enabled(device_type):
+        return tensors  # (bad arguments are left to the callers' checks)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def autocast_off(tensor) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``tensor``'s device: inside an op the kernels choose their own precision
+    from the input dtypes (their fp32 accumulators and tables must not be cast down)."""
+    if not isinstance(tensor, torch.Tensor):
+        return contextlib.nullcontext()
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

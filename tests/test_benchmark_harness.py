@@ -1,6 +1,7 @@
 """The one-command benchmark harness runs end to end at tiny shapes on the CPU (claims no speed)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,24 @@ def test_run_all_cpu_smoke(tmp_path):
     e2e = json.loads((tmp_path / "e2e" / "e2e.json").read_text())
     assert {r["provider"] for r in e2e} == {"mild", "mild-plain-attn", "baseline"}
     assert list((tmp_path / "e2e").glob("trace_*.json")) and (tmp_path / "e2e" / "e2e_throughput.png").exists()
+
+
+def test_profile_e2e_train_cpu_smoke(tmp_path):
+    """--train: both providers train a few steps of the tiny model and write their rows."""
+    proc = subprocess.run([sys.executable, "benchmarks/profile_e2e.py", "--train", "--cpu-smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "e2e_train.json").read_text())
+    assert {r["provider"] for r in rows} == {"mild-train", "naive-train"} and {r["mode"] for r in rows} == {"train"}
+    median = {(r["provider"], r["metric"]): r["q50"] for r in rows}
+    for provider in ("mild-train", "naive-train"):
+        for metric in ("samples_per_s", "stage_ms:forward", "stage_ms:backward", "stage_ms:optimizer",
+                       "stage_ms:attention_fwd", "stage_ms:lora_fwd", "vae_encode_first_step_ms"):
+            assert median[provider, metric] > 0, (provider, metric)
+    # mild_kernels' custom ops are named in the backward pass too
+    assert median["mild-train", "stage_ms:attention_bwd"] > 0 and median["mild-train", "stage_ms:lora_bwd"] > 0
+    # same base weights and LoRA B = 0: at step 0 both compute the same loss, up to the attention's rounding
+    mild, naive = median["mild-train", "loss_step0"], median["naive-train", "loss_step0"]
+    assert math.isfinite(mild) and math.isclose(mild, naive, rel_tol=1e-3)
+    assert median["mild-train", "speedup_vs_naive-train"] > 0
+    assert (tmp_path / "e2e_train_throughput.png").exists() and (tmp_path / "e2e_train_stages.png").exists()

@@ -67,7 +67,7 @@ def test_pil_in_pil_out_and_odd_sizes(tiny_pipe):
 
 
 def test_pipeline_runs_without_hmg_inputs_and_with_a_four_channel_unet():
-    pipe = MILDPipeline.tiny(seed=3, in_channels=4, with_hmg=False)
+    pipe = MILDPipeline.tiny(seed=3, in_channels=4, with_hmg=False, weights=None)
     image, masks = scene()
     out = pipe(image, masks, erase=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     outside = out.plan.paste_region == 0

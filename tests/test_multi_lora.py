@@ -67,6 +67,20 @@ def test_matches_float64_reference(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_in_its_dtype_like_nn_linear(backend, device):
+    """Under torch.autocast (bf16 training) fp32 inputs run in bf16, as F.linear's would, and the
+    fp32 leaves get fp32 gradients; autocast itself never casts for a custom op."""
+    case = make_case(dtype=torch.float32, device=device)
+    leaves = {name: (t.detach().requires_grad_() if name in TRAINED else t) for name, t in case.items()}
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = multi_lora_linear(**leaves, backend=backend)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().square().sum(), [leaves[n] for n in TRAINED])
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert_close("out", out, multi_lora_linear_reference(**float64(case)), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_input_with_mixed_ids(backend, device):
     """(rows, in): every row its own adapter, so row tiles hold several adapters and -1 rows."""
     ids = torch.randint(-1, 4, (53,)).tolist()

@@ -63,6 +63,19 @@ def test_matches_float64_reference(backend, dtype, soft, device):
     check_against_reference(make_case(dtype=dtype, soft=soft, device=device), backend, dtype)
 
 
+def test_autocast_runs_in_its_dtype_like_sdpa(backend, device):
+    """Under torch.autocast fp32 q, k, v run in bf16, as SDPA's would (autocast never casts for
+    a custom op); the fp32 leaves get fp32 gradients."""
+    case = make_case(Nq=45, Nk=70, soft=True, device=device)
+    leaves = {**case, **{n: case[n].detach().requires_grad_() for n in "qkv"}}
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out = sma_attention(**leaves, backend=backend)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.float().square().sum(), [leaves[n] for n in "qkv"])
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert_close("out", out, sma_attention_reference(**float64(case)), torch.bfloat16)
+
+
 @pytest.mark.parametrize("head_dim", [16, 40, 64, 80, 128, 160, 256])
 def test_every_head_dim(backend, head_dim, device):
     for dtype in (torch.float16, torch.float32):

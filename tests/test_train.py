@@ -189,3 +189,64 @@ def test_checkpoint_of_another_architecture_is_refused(data, tmp_path, capsys):
     assert cli_main(train_args(data, out, "--steps", "2", "--resume")) == 2  # resumed at rank 4
     assert "another architecture" in error_line(capsys)
     assert resolve_checkpoint(out).name == "step-0000001"
+
+
+def test_checkpoint_loads_through_from_pretrained_and_the_cli(data, tmp_path, capsys):
+    """The checkpoint's safetensors are what from_pretrained(lora_weights=, hmg_weights=) and
+    `mild erase --checkpoint` read; a file of other shapes is one clear error."""
+    from mild.tiny import tiny_components
+
+    out = tmp_path / "ckpt"
+    assert cli_main(train_args(data, out, "--steps", "2", "--lr", "1e-2")) == 0
+    step = resolve_checkpoint(out)
+    model = tmp_path / "model"
+    for name, component in tiny_components(seed=0).items():
+        component.save_pretrained(model / name)
+    pipe = MILDPipeline.from_pretrained(model, lora_weights=step / "lora.safetensors",
+                                        hmg_weights=step / "hmg.safetensors")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(step / "lora.safetensors"))
+    state = pipe.unet.state_dict()
+    assert any(k.endswith("sma_modulation.alpha") for k in saved)
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    assert any(not torch.all(v == 1) for k, v in saved.items() if k.endswith("sma_modulation.alpha"))  # learned
+    with pytest.raises(ValueError, match="does not fit this UNet"):
+        MILDPipeline.from_pretrained(model, lora_rank=2, lora_weights=step / "lora.safetensors")
+
+    image = tmp_path / "photo.png"
+    sample = procedural_sample(8, size=SIZE)
+    from PIL import Image
+
+    Image.fromarray((sample.image.permute(1, 2, 0) * 255).byte().numpy()).save(image)
+    masks = []
+    for i, mask in enumerate(sample.masks, start=1):
+        masks.append(tmp_path / f"m{i}.png")
+        Image.fromarray((mask * 255).byte().numpy()).save(masks[-1])
+    result = tmp_path / "erased.png"
+    args = ["erase", str(image), "--masks", *map(str, masks), "-o", str(result), "--steps", "2", "--tiny"]
+    assert cli_main(args + ["--checkpoint", str(out)]) == 0 and result.exists()
+    capsys.readouterr()
+    assert cli_main(args + ["--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "not a mild checkpoint" in error_line(capsys)
+
+
+def test_eval_cli_against_both_baselines(data, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--data", str(data), "--tiny", "--limit", "2", "--steps", "2", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "eval.json").read_text())
+    methods = {row["method"] for row in report["rows"]}
+    assert {"mild", "single-layer", "telea", "input"} <= methods
+    assert len(report["rows"]) == 2 * len(methods) and report["cag"]
+    assert (out / "examples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    assert cli_main(train_args(data, plain, "--steps", "2")) == 0
+    assert cli_main(train_args(data, checkpointed, "--steps", "2", "--gradient-checkpointing")) == 0
+    expected = [float(r["loss"] or "nan") for r in losses(plain)][1:]
+    got = [float(r["loss"] or "nan") for r in losses(checkpointed)][1:]
+    assert got == pytest.approx(expected, rel=1e-5)

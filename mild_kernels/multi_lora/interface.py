@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
-from .._runtime import triton_available, triton_runs_on
+from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on
 from .op import multi_lora_forward
 
 BACKENDS = ("auto", "triton", "torch")
@@ -103,6 +103,12 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0,
     Returns:
         (rows, tokens, out) or (rows, out), in x's dtype.
     """
+    x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
+    with autocast_off(x):
+        return _multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend)
+
+
+def _multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend):
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
     if isinstance(adapter_ids, (list, tuple)):
         adapter_ids = torch.tensor(adapter_ids, dtype=torch.long)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_tensor, require
-from .._runtime import triton_available, triton_runs_on
+from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on
 from .layout import SMALayout, prepare_regions, tokens_of
 from .op import flatten_layout, sma_forward
 
@@ -106,6 +106,14 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         ``return_`` flag is set (None for what was not asked). Rows whose keys are all
         blocked give 0 and lse = -inf.
     """
+    q, k, v = autocast_inputs(q, k, v)
+    with autocast_off(q):
+        return _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, return_lse,
+                              return_region_mass, backend, deterministic)
+
+
+def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, return_lse, return_region_mass,
+                   backend, deterministic):
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
     _check_qkv(q, k, v, backend)
     chosen = choose_backend(backend, q.device)
