@@ -198,7 +198,7 @@ def parse_args(argv):
     erase.add_argument("--output-dir", help="dataset mode: where results go")
     add_model_arguments(erase)
     erase.add_argument("--steps", type=int, default=30)
-    erase.add_argument("--guidance", type=float, default=7.5)
+    erase.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's; 7.5 for SD)")
     erase.add_argument("--seed", type=int, default=0)
     from .data import add_synth_arguments
     from .evaluate import add_eval_arguments

@@ -252,7 +252,7 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float = 7.5, seed: int = 0, methods=METHODS,
+def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = None, seed: int = 0, methods=METHODS,
              progress: bool = True) -> tuple[EvalReport, dict]:
     """Run every method on every sample and score it against the sample's target.
 
@@ -267,6 +267,7 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float = 7.5, see
     if len(set(names)) != len(names):
         raise ValueError("samples: names must be unique, the results are keyed by them")
     methods = list(methods)
+    guidance = pipe.default_guidance_scale if guidance is None else guidance  # one scale for both diffusion methods
     notes = []
     if "single-layer" in methods and (why := single_layer_unsupported(pipe)):
         methods.remove("single-layer")
@@ -350,7 +351,7 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--out", default="eval_out", help="where eval.csv, eval.json, eval.md and examples.png go")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N samples only")
     parser.add_argument("--steps", type=_positive_int, default=20, help="denoising steps of the diffusion methods")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's; 7.5 for SD)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every method's generator, per sample")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="which methods to compare (default: all)")
@@ -371,7 +372,8 @@ def run_eval(args, pipe) -> int:
     if args.limit is not None:
         folders = folders[:args.limit]
     samples = [read_sample(folder, require_target=True) for folder in folders]
-    report, results = evaluate(pipe, samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+    report, results = evaluate(pipe, samples, steps=args.steps, guidance=guidance, seed=args.seed,
                                methods=args.methods)
 
     out = Path(args.out)
@@ -381,7 +383,7 @@ def run_eval(args, pipe) -> int:
         writer.writeheader()
         writer.writerows(report.rows)
     settings = {"data": str(args.data), "samples": len(samples), "limit": args.limit, "steps": args.steps,
-                "guidance": args.guidance, "seed": args.seed, "methods": list(args.methods)}
+                "guidance": guidance, "seed": args.seed, "methods": list(args.methods)}
     (out / "eval.json").write_text(json.dumps(
         {"settings": settings, "summary": _json_rows(report.summary()), "rows": _json_rows(report.rows),
          "cag": _json_rows(report.cag), "cag_summary": _json_rows(report.cag_summary()), "notes": report.notes},

@@ -95,8 +95,9 @@ class LayerInputs:
     guide_weights: torch.Tensor | None  # (L,) HMG on/off per layer
 
     def masked_pixels(self) -> torch.Tensor:
-        """(L, 3, H', W') the photo with each layer's region blanked: the inpainting UNet's condition."""
-        return self.padded[None] * (1 - self.inpaint)
+        """(L, 3, H', W') the photo with each layer's region blanked to mid-grey (0 once the VAE
+        maps [0, 1] to [-1, 1]), as SD inpainting models were trained: the UNet's condition."""
+        return self.padded[None] * (1 - self.inpaint) + 0.5 * self.inpaint
 
     def context(self, halves: int, alpha, beta, backend: str, device) -> RegionContext:
         """The region context of ``halves`` copies of the rows (2 for classifier-free guidance)."""
@@ -129,6 +130,8 @@ class MILDPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.hmg = hmg
         self.backend = backend
+        self.default_guidance_scale = 7.5  # what a call without guidance_scale uses (the tiny model's file sets its own)
+        self.working_size = None  # longest side to diffuse at (None: the photo's size); the tiny model's file sets 128
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         enable_sma(unet)
         if not any(isinstance(m, MultiLoRALinear) for m in unet.modules()):  # a UNet shared by pipelines
@@ -251,7 +254,7 @@ class MILDPipeline(DiffusionPipeline):
     # ------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, image, instance_masks, erase=None, keypoints=None, parsing=None, occlusion_order=None,
-                 num_inference_steps: int = 30, guidance_scale: float = 7.5, generator: torch.Generator | None = None,
+                 num_inference_steps: int = 30, guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", eta: float = 0.0,
                  alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None, prompt_embeds: dict | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
@@ -272,10 +275,18 @@ class MILDPipeline(DiffusionPipeline):
             added_cond_kwargs: for UNets with added conditioning (SDXL's text_time), one
                 {"text_embeds": (C2,), "time_ids": (6,)} used for every row.
         """
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
-        rows = self.prepare_layers(pixels, to_masks(instance_masks, (H, W)), erase, keypoints, parsing,
-                                   occlusion_order, dilation)
+        masks = to_masks(instance_masks, (H, W))
+        if self.working_size is not None and max(H, W) > self.working_size:
+            return self._at_working_size(
+                pixels, masks, erase, keypoints, parsing, occlusion_order, dilation, was_pil,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                prompts=prompts, negative_prompt=negative_prompt, eta=eta, alpha=alpha, beta=beta,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                added_cond_kwargs=added_cond_kwargs)
+        rows = self.prepare_layers(pixels, masks, erase, keypoints, parsing, occlusion_order, dilation)
         plan, L, latent_size = rows.plan, len(rows.plan.layers), rows.latent_size
         device, dtype = self.unet.device, self.unet.dtype
 
@@ -337,6 +348,37 @@ class MILDPipeline(DiffusionPipeline):
             if row >= L:  # the conditional half
                 cag.setdefault(row - L, {})[f"{h}x{w}"] = value
         return MILDOutput(self._to_output(result, was_pil), layers, cag, plan)
+
+    def _at_working_size(self, pixels, masks, erase, keypoints, parsing, occlusion_order, dilation, as_pil,
+                         **call) -> MILDOutput:
+        """A photo larger than ``working_size``: diffuse at the working size (the longer side
+        scaled to it), then paste the upsampled result into the full-size photo through the
+        full-size feathered region, so that every pixel outside it is the input's. The
+        returned layers and CAG are at the working size."""
+        H, W = pixels.shape[1:]
+        scale = self.working_size / max(H, W)
+        h, w = max(8, round(H * scale)), max(8, round(W * scale))
+        small = F.interpolate(pixels[None], size=(h, w), mode="area")[0]
+        # a pixel that is mostly a person stays that person; a thin limb may thin out
+        small_masks = (F.interpolate(masks[None].float(), size=(h, w), mode="area")[0] > 0.25).float()
+        if keypoints is not None:
+            factor = torch.tensor([w / W, h / H, 1.0])
+            keypoints = [None if k is None else torch.as_tensor(k, dtype=torch.float32) * factor for k in keypoints]
+        if parsing is not None:
+            parsing = [F.interpolate(torch.as_tensor(m)[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
+                       for m in parsing]
+        full_dilation = max(2, min(H, W) // 32) if dilation is None else dilation
+        working_size, self.working_size = self.working_size, None
+        try:
+            out = self(small, small_masks, erase, keypoints, parsing, occlusion_order,
+                       dilation=None if dilation is None else max(1, round(dilation * scale)), **call)
+        finally:
+            self.working_size = working_size
+        plan = plan_layers(masks, erase, occlusion_order, dilation=full_dilation)
+        result = F.interpolate(out.image[None], size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+        pasted = composite_layers(result[None], torch.ones(1, 1, 1, H, W), pixels[None],
+                                  plan.paste_region[None, None].float(), backend=self.backend)[0]
+        return MILDOutput(self._to_output(pasted, as_pil), out.layers, out.cag, plan)
 
     @staticmethod
     def _to_output(result: torch.Tensor, as_pil: bool):

@@ -62,10 +62,11 @@ def tiny_components(in_channels: int = 9, seed: int = 0) -> dict:
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2,
         num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    # v-prediction (as SD 2): at high noise the model predicts the clean latent directly, so a
-    # briefly trained tiny model does not amplify its errors by 1/sqrt(alpha_bar) as epsilon would.
+    # Sample (x0) prediction: a briefly trained tiny model regresses the clean latent, so its fill
+    # is a smooth estimate of the hidden background; with epsilon its errors at high noise are
+    # amplified by 1/sqrt(alpha_bar), with v it still samples a noisy guess at the region's content.
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="sample")
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
                 scheduler=scheduler)
 
@@ -86,7 +87,9 @@ def save_tiny_weights(pipe, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"format": TINY_FORMAT,
-                                           "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor))})
+                                           "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor)),
+                                           "guidance_scale": repr(float(pipe.default_guidance_scale)),
+                                           "working_size": repr(pipe.working_size)})
     os.replace(tmp, path)
 
 
@@ -110,3 +113,7 @@ def load_tiny_weights(pipe, path) -> None:
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in part.items()}, strict=False)
     if "vae_scaling_factor" in metadata:
         pipe.vae.register_to_config(scaling_factor=float(metadata["vae_scaling_factor"]))
+    if "guidance_scale" in metadata:  # the guidance the model was tuned for (its prompts are fixed)
+        pipe.default_guidance_scale = float(metadata["guidance_scale"])
+    if metadata.get("working_size", "None") != "None":  # the size it was trained at: larger photos run scaled
+        pipe.working_size = int(metadata["working_size"])

@@ -162,15 +162,21 @@ def text_embeddings(pipe) -> dict:
 
 
 def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, outside_weight: float,
-                uncond_prob: float, latent_cache: dict | None = None, added_cond_kwargs: dict | None = None
-                ) -> torch.Tensor:
+                uncond_prob: float, latent_cache: dict | None = None, added_cond_kwargs: dict | None = None,
+                hmg_dropout: float = 0.0, plain_rows: float = 0.0) -> torch.Tensor:
     """The region-weighted noise-prediction loss of one sample, all its layer rows in one UNet call.
 
     ``embeds``: {"background", "person", ""} -> (T, C) prompt embeddings (:func:`text_embeddings`).
     ``latent_cache``: a dict keeping each sample's VAE latents (the VAE is frozen, so they never
     change), to encode every sample once per run instead of once per visit.
     ``added_cond_kwargs``: for UNets with added conditioning (SDXL's text_time), one
-    {"text_embeds": (C2,), "time_ids": (6,)} used for every row, as in the pipeline."""
+    {"text_embeds": (C2,), "time_ids": (6,)} used for every row, as in the pipeline.
+    ``hmg_dropout``: the probability of training the sample without its HMG inputs, so that
+    the model also works when inference has none (HMG is optional).
+    ``plain_rows``: the probability that a row trains as plain single-layer inpainting: no
+    adapter, zero bias and every region pair allowed (which is plain attention). Only for a
+    trained base (the tiny model): the base alone then inpaints, as `mild eval`'s
+    single-layer baseline runs it."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, sample.keypoints, sample.parsing,
                                sample.occlusion_order)
@@ -187,13 +193,15 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (L,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
     drop = torch.rand(L, generator=generator) < uncond_prob  # classifier-free guidance needs the empty prompt too
+    without_hmg = bool(torch.rand((), generator=generator) < hmg_dropout)
+    plain = torch.rand(L, generator=generator) < plain_rows
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     model_in = noisy
     if pipe.unet.config.in_channels == 9:
         model_in = torch.cat([noisy, rows.inpaint_latent.to(device, dtype), condition], 1)
     text = torch.stack([embeds["" if d else kind] for d, kind in zip(drop.tolist(), rows.kinds)]).to(device, dtype)
-    guide, weights = rows.guide, rows.guide_weights
+    guide, weights = (None, None) if without_hmg else (rows.guide, rows.guide_weights)
     if pipe.hmg is not None and guide is None:  # no HMG inputs: zero residuals, but DDP sees the adapter used
         from .hmg import guidance_channels
 
@@ -201,8 +209,12 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
         weights = torch.zeros(L)
     if guide is not None:
         guide, weights = guide.to(device, dtype), weights.to(device, dtype)
-    context = rows.context(halves=1, alpha=1.0, beta=1.0, backend=pipe.backend, device=device)
-    set_adapter_ids(pipe.unet, rows.adapter_ids)
+    strength = (~plain).float()
+    context = rows.context(halves=1, alpha=strength, beta=strength, backend=pipe.backend, device=device)
+    if plain.any():
+        context.allow = context.allow.clone()
+        context.allow[plain.to(context.allow.device)] = True
+    set_adapter_ids(pipe.unet, [-1 if p else a for p, a in zip(plain.tolist(), rows.adapter_ids)])
     added = None if added_cond_kwargs is None else {
         name: value.to(device, dtype)[None].expand(L, *value.shape) for name, value in added_cond_kwargs.items()}
     prediction = model(model_in, timesteps, text, context, guide, weights, added).float()
@@ -246,6 +258,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outside-weight", type=float, default=0.1,
                         help="loss weight of latent pixels outside a row's inpaint region (inside: 1)")
     parser.add_argument("--uncond-prob", type=float, default=0.1, help="probability of the empty prompt per row")
+    parser.add_argument("--hmg-dropout", type=float, default=0.5,
+                        help="probability of a sample trained without its HMG inputs (inference may have none)")
+    parser.add_argument("--plain-rows", type=float, default=0.0,
+                        help="with --train-base: probability of a row trained as plain inpainting (no adapter, no SMA)")
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (0: first and last)")
     parser.add_argument("--val-samples", type=int, default=4)
@@ -264,8 +280,10 @@ def check_arguments(args) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (args.lr > 0 and args.lr < float("inf")):
         raise TrainError(f"--lr must be a finite number > 0, got {args.lr}")
-    if not 0 <= args.outside_weight <= 1 or not 0 <= args.uncond_prob <= 1:
-        raise TrainError("--outside-weight and --uncond-prob must lie in [0, 1]")
+    if not all(0 <= value <= 1 for value in (args.outside_weight, args.uncond_prob, args.hmg_dropout, args.plain_rows)):
+        raise TrainError("--outside-weight, --uncond-prob, --hmg-dropout and --plain-rows must lie in [0, 1]")
+    if args.plain_rows and not args.train_base:
+        raise TrainError("--plain-rows trains the base UNet as a plain inpainter; it needs --train-base")
     if args.train_base and args.model:
         raise TrainError("--train-base trains a tiny model's UNet; with --model the base stays frozen")
 
@@ -370,7 +388,8 @@ def run_train(args) -> int:
             sync = micro == args.accumulate - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 loss = sample_loss(model, pipe, sample, embeds, step_generator(args.seed, step, rank, micro),
-                                   args.outside_weight, args.uncond_prob, latent_cache) / args.accumulate
+                                   args.outside_weight, args.uncond_prob, latent_cache,
+                                   hmg_dropout=args.hmg_dropout, plain_rows=args.plain_rows) / args.accumulate
             loss.backward()
             total += loss.item()
         optimizer.step()
@@ -469,9 +488,11 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="weights file (default: the package's mild/weights/tiny.safetensors)")
     parser.add_argument("--work", default="tiny_train", help="folder for the synthesized data and checkpoints")
     parser.add_argument("--samples", type=int, default=600, help="procedural training samples")
-    parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--steps", type=int, default=2400, help="UNet + adapters optimizer steps")
+    parser.add_argument("--vae-steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=4200, help="UNet + adapters optimizer steps")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="the guidance scale stored as the model's default (its prompts are fixed, so ~1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
@@ -503,10 +524,13 @@ def run_train_tiny(args) -> int:
     add_train_arguments(parser)
     run_train(parser.parse_args([
         "--data", str(data), "--tiny", "--tiny-weights", str(stage), "--train-base", "--out", str(checkpoints),
-        "--steps", str(args.steps), "--lr", str(args.lr), "--outside-weight", "0.5", "--save-every", "500",
+        "--steps", str(args.steps), "--lr", str(args.lr), "--outside-weight", "0.5", "--plain-rows", "0.2",
+        "--save-every", "500",
         "--val-every", "250", "--seed", str(args.seed), "--backend", "torch"] + (["--no-progress"] * args.no_progress)))
     trained = MILDPipeline.tiny(weights=stage)
     load_checkpoint(trained, checkpoints)
+    trained.default_guidance_scale = args.guidance
+    trained.working_size = max(samples[0].image.shape[1:])  # the scenes' size: larger photos run scaled to it
     save_tiny_weights(trained, out)
     minutes = (time.perf_counter() - began) / 60
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {minutes:.1f} min "

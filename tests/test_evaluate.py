@@ -255,7 +255,7 @@ def eval_args(argv):
 def test_eval_arguments():
     args = eval_args(["--data", "d"])
     assert (args.out, args.limit, args.steps, args.guidance, args.seed, args.methods) == \
-        ("eval_out", None, 20, 7.5, 0, list(METHODS))
+        ("eval_out", None, 20, None, 0, list(METHODS))  # guidance None: the model's default
     assert eval_args(["--data", "d", "--methods", "telea", "input"]).methods == ["telea", "input"]
     for bad in (["--methods", "magic"], ["--limit", "0"], []):
         with pytest.raises(SystemExit):

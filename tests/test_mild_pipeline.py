@@ -66,6 +66,22 @@ def test_pil_in_pil_out_and_odd_sizes(tiny_pipe):
     assert len(out.plan.layers) == 1  # everyone erased: the background pathway alone
 
 
+def test_a_photo_larger_than_the_working_size_runs_scaled_and_pastes_at_full_size(tiny_pipe):
+    image, masks = scene(size=90)
+    keypoints = torch.rand(2, 17, 3) * torch.tensor([90, 90, 1.0])
+    shipped, tiny_pipe.working_size = tiny_pipe.working_size, 40
+    try:
+        out = tiny_pipe(image, masks, erase=[2], keypoints=keypoints, num_inference_steps=2,
+                        generator=torch.Generator().manual_seed(0))
+    finally:
+        tiny_pipe.working_size = shipped
+    assert out.image.shape == (3, 90, 90) and out.layers.shape[-2:] == (40, 40)
+    outside = out.plan.paste_region == 0
+    assert out.plan.paste_region.shape == (90, 90) and outside.any()
+    assert torch.equal(out.image[:, outside], image[:, outside])
+    assert not torch.equal(out.image[:, masks[1] > 0], image[:, masks[1] > 0])
+
+
 def test_pipeline_runs_without_hmg_inputs_and_with_a_four_channel_unet():
     pipe = MILDPipeline.tiny(seed=3, in_channels=4, with_hmg=False, weights=None)
     image, masks = scene()
