@@ -449,11 +449,6 @@ class TrainingLog:
         self.handle.close()
 
 
-def read_log(path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 # ------------------------------------------------------------------ the tiny model's shipped weights
 def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 2e-3,
                       seed: int = 0, kl_weight: float = 1e-6, progress: bool = True) -> float:
