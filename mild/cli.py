@@ -63,22 +63,30 @@ def build_pipeline(args):
     import torch
 
     from .pipeline import MILDPipeline
-
     from .train import TrainError, load_checkpoint
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
     if args.tiny:
         pipe = MILDPipeline.tiny(seed=args.seed, backend=args.backend)
     else:
         if not args.model:
             raise CLIError("give --model DIR (a local diffusers inpainting folder) or --tiny")
-        pipe = MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_weights=args.lora,
-                                            hmg_weights=args.hmg)
+        model = Path(args.model)
+        if not model.is_dir() or not (model / "unet").is_dir():
+            raise CLIError(f"--model {model} is not a diffusers model folder (it needs unet/, vae/, text_encoder/, "
+                           "tokenizer/ and scheduler/; nothing is downloaded)")
+        try:
+            pipe = MILDPipeline.from_pretrained(model, backend=args.backend, lora_weights=args.lora,
+                                                hmg_weights=args.hmg)
+        except (OSError, ValueError) as error:
+            raise CLIError(f"--model {model}: {str(error).splitlines()[0]}") from None
     if args.checkpoint:
         try:
             load_checkpoint(pipe, args.checkpoint)
         except TrainError as error:
             raise CLIError(str(error)) from None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if device == "cuda" and not args.tiny:
         pipe.to(torch.float16)
@@ -292,6 +300,16 @@ def profiler_path() -> Path:
     return path
 
 
+def check_erase_arguments(args) -> None:
+    """The numeric flags of `mild erase`, before any model is built or file written."""
+    import math
+
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+
+
 def run_training_command(args) -> int:
     """synth, train, train-tiny and eval: their modules' user errors become CLIErrors."""
     from .data import DataError, run_synth
@@ -324,6 +342,7 @@ def main(argv=None) -> int:
             return run_demo(args)
         if args.command in ("synth", "train", "train-tiny", "eval"):
             return run_training_command(args)
+        check_erase_arguments(args)
         if args.input_dir or args.output_dir:
             if not (args.input_dir and args.output_dir) or args.image:
                 raise CLIError("dataset mode takes --input-dir and --output-dir, and no IMAGE")
@@ -333,6 +352,10 @@ def main(argv=None) -> int:
         output = Path(args.output)
         if not output.parent.exists():
             raise CLIError(f"output folder {output.parent} does not exist")
+        if output.is_dir():
+            raise CLIError(f"-o {output} is a folder; give an image file name (e.g. {output / 'erased.png'})")
+        if output.suffix.lower() not in IMAGE_SUFFIXES:
+            raise CLIError(f"-o {output}: the suffix must be one of {', '.join(IMAGE_SUFFIXES)} (the image format)")
         sample = load_sample(args.image, args.masks, args.erase)
         erase_sample(build_pipeline(args), sample, output, args)
         print(f"wrote {output}")

@@ -141,9 +141,17 @@ def test_cli_erase_single_image(tmp_path):
     assert Image.open(out).size == Image.open(image).size
 
 
-@pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable"])
+@pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable", "steps-0", "steps-negative",
+                                     "guidance-nan", "guidance-inf", "output-folder", "output-suffix"])
 def test_cli_errors_write_nothing(tmp_path, capsys, problem):
     image, masks = write_sample(tmp_path)
+    flags = {"steps-0": ["--steps", "0"], "steps-negative": ["--steps", "-3"], "guidance-nan": ["--guidance", "nan"],
+             "guidance-inf": ["--guidance", "inf"]}.get(problem, [])
+    out = tmp_path / "out.png"
+    if problem == "output-folder":
+        out.mkdir()
+    elif problem == "output-suffix":
+        out = tmp_path / "out.txt"
     if problem == "size":
         Image.new("L", (10, 10), 255).save(masks[0])
     elif problem == "empty":
@@ -151,11 +159,27 @@ def test_cli_errors_write_nothing(tmp_path, capsys, problem):
     elif problem == "unreadable":
         image.write_bytes(b"not an image")
     erase = ["--erase", "3"] if problem == "erase-id" else []
-    out = tmp_path / "out.png"
-    code = cli_main(["erase", str(image), "--masks", *map(str, masks), *erase, "-o", str(out), "--tiny"])
+    code = cli_main(["erase", str(image), "--masks", *map(str, masks), *erase, "-o", str(out), "--tiny", *flags])
     assert code == 2
-    assert "mild: error:" in capsys.readouterr().err
-    assert not out.exists() and not list(tmp_path.glob(".out.png.tmp*"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mild: error:"), err
+    assert out.is_dir() if problem == "output-folder" else not out.exists()
+    assert not list(tmp_path.glob(".out.*.tmp*"))
+
+
+@pytest.mark.parametrize("source", ["missing-model", "empty-model", "cuda"])
+def test_cli_model_and_device_errors_are_one_line(tmp_path, capsys, source):
+    image, masks = write_sample(tmp_path)
+    (tmp_path / "empty").mkdir()
+    flags = {"missing-model": ["--model", str(tmp_path / "nowhere")], "empty-model": ["--model", str(tmp_path / "empty")],
+             "cuda": ["--tiny", "--device", "cuda"]}[source]
+    if source == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    out = tmp_path / "out.png"
+    assert cli_main(["erase", str(image), "--masks", *map(str, masks), "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mild: error: --"), err
+    assert not out.exists()
 
 
 def test_dataset_mode_under_torchrun_with_two_ranks(tmp_path):

@@ -302,6 +302,17 @@ def test_region_sort_is_stable_and_inverts():
     assert torch.equal(region_sort(soft).perm, perm)
 
 
+def test_region_sort_and_soft_regions_refuse_ill_formed_input():
+    with pytest.raises(ValueError, match="labels: float tensors are soft memberships"):
+        region_sort(torch.rand(40))
+    with pytest.raises(ValueError, match="labels: hard labels must be"):
+        region_sort(torch.randint(0, 3, (2, 3, 4)))
+    masks = torch.rand(2, 8, 8)
+    masks[1, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="instance_masks: contains NaN"):
+        soft_regions(masks, 4)
+
+
 def test_soft_labels_tie_to_lowest_index():
     regions = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5], [0.2, 0.4, 0.4]])
     q = torch.randn(1, 1, 3, 16)

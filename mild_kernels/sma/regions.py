@@ -119,6 +119,7 @@ def soft_regions(instance_masks: torch.Tensor, size) -> torch.Tensor:
             "instance_masks: must be a float or bool tensor")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     require(h > 0 and w > 0, f"size: must be positive, got {size}")
+    require(not bool(instance_masks.isnan().any()), "instance_masks: contains NaN; masks must lie in [0, 1]")
     unbatched = instance_masks.dim() == 3
     persons = (instance_masks.unsqueeze(0) if unbatched else instance_masks).float().clamp(0, 1)
     total = persons.sum(1, keepdim=True)
@@ -136,6 +137,11 @@ def region_sort(labels: torch.Tensor) -> RegionSort:
     ``labels`` may be hard labels (N,) / (B, N) or soft memberships (N, R) / (B, N, R).
     """
     check_tensor("labels", labels)
+    if labels.is_floating_point():
+        require(labels.dim() in (2, 3), f"labels: float tensors are soft memberships (N, R) or (B, N, R); got shape "
+                                        f"{tuple(labels.shape)} (hard labels are an integer (N,) or (B, N) tensor)")
+    else:
+        require(labels.dim() in (1, 2), f"labels: hard labels must be (N,) or (B, N), got shape {tuple(labels.shape)}")
     hard = hard_labels(labels)
     perm = torch.sort(hard, dim=-1, stable=True).indices
     inverse = torch.empty_like(perm).scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
