@@ -67,6 +67,14 @@ def test_matches_float64_reference(backend, dtype, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_ids_through_forward_and_backward(backend, device):
+    """int32 adapter ids, with many tokens per row (the torch backend gathers each row's adapter)."""
+    case = make_case(rows=3, tokens=40, device=device)
+    case["adapter_ids"] = torch.as_tensor(case["adapter_ids"]).to(torch.int32)
+    check_forward_and_backward(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_runs_in_its_dtype_like_nn_linear(backend, device):
     """Under torch.autocast (bf16 training) fp32 inputs run in bf16, as F.linear's would, and the
     fp32 leaves get fp32 gradients; autocast itself never casts for a custom op."""

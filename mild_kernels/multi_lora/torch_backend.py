@@ -67,7 +67,7 @@ def multi_lora_backward_torch(grad_y, x3, weight, lora_a, lora_b, ids, scale, sc
         shrink = torch.bmm(x3, a_rows.transpose(1, 2)) * factors[:, None, None]  # s x A^T
         dx.baddbmm_(g, a_rows)
         # Per-row gradients summed into their adapters by a (adapters x rows) one-hot matmul.
-        owner = (F.one_hot(adapters, lora_a.shape[0]) * (ids >= 0)[:, None]).T.to(x3.dtype)
+        owner = (F.one_hot(adapters.long(), lora_a.shape[0]) * (ids >= 0)[:, None]).T.to(x3.dtype)
         d_a = (owner @ torch.bmm(g.transpose(1, 2), x3).flatten(1)).view(lora_a.shape)
         d_b = (owner @ torch.bmm(grad_y.transpose(1, 2), shrink).flatten(1)).view(lora_b.shape)
         return dx, d_a, d_b
