@@ -5,7 +5,7 @@
     mild synth --out D [--count N] [--cutouts C --backgrounds B]        paired training data
     mild train --data D (--model DIR | --tiny) --out CKPT [--resume]    (torchrun-able)
     mild eval --data D (--model DIR | --tiny) [--checkpoint CKPT]       against single-layer and Telea
-    mild train-tiny                 rebuild the shipped tiny model's weights (CPU, ~25 min)
+    mild train-tiny                 rebuild the shipped tiny model's weights (~18 min on 2 cores)
     mild profile [profiler arguments]                                   (benchmarks/profile_e2e.py)
     mild demo [--out DIR]           a built-in scene erased by the trained tiny model
 
@@ -181,15 +181,14 @@ def run_dataset(args):
     return 1 if failures else 0
 
 
-def add_model_arguments(parser, with_lora: bool = True) -> None:
+def add_model_arguments(parser) -> None:
     """--model/--tiny, --checkpoint, --device and --backend: how erase and eval build the pipeline."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a local diffusers inpainting model folder")
     source.add_argument("--tiny", action="store_true", help="the tiny model with its shipped weights (no download)")
     parser.add_argument("--checkpoint", help="a `mild train` checkpoint (CKPT or CKPT/step-N) loaded on top")
-    if with_lora:
-        parser.add_argument("--lora", help="safetensors with the background/foreground LoRA adapters")
-        parser.add_argument("--hmg", help="safetensors with the HMG adapter")
+    parser.add_argument("--lora", help="safetensors with the background/foreground LoRA adapters")
+    parser.add_argument("--hmg", help="safetensors with the HMG adapter")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
 
@@ -217,7 +216,6 @@ def parse_args(argv):
     evaluation = commands.add_parser("eval", help="PSNR/SSIM/CAG on held-out samples against baselines")
     add_eval_arguments(evaluation)
     add_model_arguments(evaluation)
-    evaluation.add_argument("--lora-rank", type=int, default=4)
     add_train_tiny_arguments(commands.add_parser("train-tiny", help="rebuild the shipped tiny model's weights"))
     commands.add_parser("profile", help="the end-to-end throughput profiler (benchmarks/profile_e2e.py)",
                         add_help=False)
@@ -323,7 +321,6 @@ def run_training_command(args) -> int:
             return run_train(args)
         if args.command == "train-tiny":
             return run_train_tiny(args)
-        args.lora = args.hmg = None
         return run_eval(args, build_pipeline(args))
     except (DataError, TrainError) as error:
         raise CLIError(str(error)) from None

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from mild_kernels import set_adapter_ids
 
 from .data import DataError, list_samples, read_sample
-from .layers import dilate
+from .layers import default_dilation, dilate
 from .pipeline import DEFAULT_PROMPTS
 
 METHODS = ("mild", "single-layer", "telea", "input")
@@ -130,7 +130,7 @@ def inpaint_region(erased: torch.Tensor) -> torch.Tensor:
     """(H, W) {0, 1}: the erased union dilated as MILDPipeline dilates it by default, so that
     every method repaints the same pixels."""
     H, W = erased.shape
-    return (dilate(erased, max(2, min(H, W) // 32)) > 0).float()
+    return (dilate(erased, default_dilation(H, W)) > 0).float()
 
 
 def paste(result: torch.Tensor, photo: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

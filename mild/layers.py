@@ -45,6 +45,11 @@ class LayerPlan:
     paste_region: torch.Tensor  # (H, W) in [0, 1], exactly 0 outside the dilated erased union
 
 
+def default_dilation(height: int, width: int) -> int:
+    """The pixels added around the erased union when the caller gives none: ~3% of the short side."""
+    return max(2, min(height, width) // 32)
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return mask

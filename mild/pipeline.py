@@ -27,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, composite_layers, set_adapter_ids
 
 from .hmg import HumanMorphologyGuidance, guidance_image
-from .layers import LayerPlan, plan_layers
+from .layers import LayerPlan, default_dilation, plan_layers
 from .processors import RegionContext, enable_sma
 from .tiny import TINY_WEIGHTS, load_tiny_weights, tiny_components
 
@@ -230,7 +230,7 @@ class MILDPipeline(DiffusionPipeline):
         the rows): shared by inference (``__call__``) and training (mild.train)."""
         H, W = pixels.shape[1:]
         plan = plan_layers(masks, erase, occlusion_order,
-                           dilation=max(2, min(H, W) // 32) if dilation is None else dilation)
+                           dilation=default_dilation(H, W) if dilation is None else dilation)
         factor = self.vae_scale_factor
         pad = ((-H) % factor, (-W) % factor)  # the VAE needs multiples of its factor
         latent_size = ((H + pad[0]) // factor, (W + pad[1]) // factor)
@@ -367,7 +367,7 @@ class MILDPipeline(DiffusionPipeline):
         if parsing is not None:
             parsing = [F.interpolate(torch.as_tensor(m)[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
                        for m in parsing]
-        full_dilation = max(2, min(H, W) // 32) if dilation is None else dilation
+        full_dilation = default_dilation(H, W) if dilation is None else dilation
         working_size, self.working_size = self.working_size, None
         try:
             out = self(small, small_masks, erase, keypoints, parsing, occlusion_order,
