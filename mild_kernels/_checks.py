@@ -37,5 +37,8 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     return first
 
 
-def check_finite(name: str, value: torch.Tensor) -> None:
+def check_finite(name: str, value: torch.Tensor, bound: float | None = None) -> None:
     require(bool(torch.isfinite(value).all()), f"{name}: must be finite (use `allow` to block pairs, not -inf)")
+    if bound is not None and value.numel():
+        largest = float(value.abs().max())
+        require(largest <= bound, f"{name}: entries must lie in [-{bound:g}, {bound:g}], got {largest:g}")

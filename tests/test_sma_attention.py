@@ -251,6 +251,7 @@ def bad_inputs():
     yield "bias", case(bias=torch.randn(4, R, R))
     yield "bias", case(bias=torch.full((R, R), float("-inf")))
     yield "bias", case(bias=torch.tensor([[0.0, float("nan"), 0], [0, 0, 0], [0, 0, 0]]))
+    yield "bias", case(bias=torch.full((R, R), -3e38))  # past +-1e38 the kernels' log2 units overflow
     yield "allow", case(allow=torch.ones(R, R))
     yield "allow", case(allow=torch.ones(R, R + 1, dtype=torch.bool))
     yield "regions", case(bias=None, allow=None, q_regions=torch.softmax(torch.randn(8, 65), -1),
@@ -339,3 +340,44 @@ def test_cpu_hard_labels_take_the_region_pair_path(monkeypatch, order):
     case["allow"][1, 3, :] = False  # row 1: queries of region 3 see nothing
     check_against_reference(case, "torch", torch.float32)
     assert calls, "hard labels on the CPU did not take the region-pair path"
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)], ids=["no-heads", "no-batch"])
+def test_empty_batch_or_heads_give_empty_results(backend, soft, shape, device):
+    """A zero-size B or H is an empty result and an empty gradient (aten's fused CPU kernel dies on no heads)."""
+    B, H = shape
+    case = make_case(B=max(B, 1), H=max(H, 1), Nq=20, Nk=24, D=16, R=3, soft=soft, batched_labels=False,
+                     bias_kind="RR", allow_kind="RR", device=device)
+    q, k, v = (torch.randn(B, H, t.shape[2], 16, device=device, requires_grad=True)
+               for t in (case["q"], case["k"], case["v"]))
+    bias = case["bias"].requires_grad_()
+    got = sma_attention(q, k, v, case["q_regions"], case["k_regions"], bias, case["allow"], backend=backend,
+                        return_lse=True, return_region_mass=True)
+    assert got.out.shape == q.shape and got.lse.shape == (B, H, 20) and got.region_mass.shape == (B, H, 20, 3)
+    (got.out.sum() + got.region_mass.sum()).backward()
+    assert q.grad.shape == q.shape and (bias.grad == 0).all()
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("magnitude", [1e3, 1e20, 1e31, 1e38])
+def test_huge_finite_bias_never_unblocks_a_pair(backend, soft, magnitude, device):
+    """Blocked pairs stay blocked and rows stay normalised whatever the bias. With hard labels the
+    result is the float64 reference's both where the bias is modest and where it swamps the
+    scores (|W| >= 1e20); soft memberships blend huge entries, which no fp32 evaluation of
+    Mq W Mk^T can follow to the scores' precision, so there the properties are the check."""
+    case = make_case(B=1, H=2, Nq=45, Nk=70, D=16, R=3, soft=soft, bias_kind="HRR", allow_kind="RR", blocked=0.0,
+                     batched_labels=False, device=device)
+    case["allow"][0, 1] = case["allow"][1, 0] = False
+    bias = torch.tensor([[-1.0, 1.0, -0.5], [1.0, 0.25, -1.0], [-1.0, 1.0, -0.75]], device=device)
+    case["bias"] = magnitude * torch.stack([bias, -bias.T])
+    got = sma_attention(**case, return_lse=True, return_region_mass=True, backend=backend)
+    if not soft:  # a hard key's mass is its region's: none may reach the blocked one
+        labels = case["q_regions"]
+        blocked_region = torch.where(labels == 0, 1, torch.where(labels == 1, 0, -1))
+        for row in torch.nonzero(blocked_region >= 0)[:, 0].tolist():
+            assert (got.region_mass[0, :, row, blocked_region[row]] == 0).all(), f"query {row} sees a blocked region"
+    assert not got.out.isnan().any() and not got.lse.isnan().any()
+    torch.testing.assert_close(got.region_mass.sum(-1), torch.ones(1, 2, 45, device=device))
+    if not soft or magnitude <= 1e3:
+        check_against_reference(case, backend, torch.float32, factor=4.0 if magnitude == 1e3 else 1.0)

@@ -83,13 +83,14 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         q: (B, H, Nq, D); k, v: (B, H, Nk, D). fp16, bf16 or fp32 (float64 on the torch backend).
         q_regions, k_regions: hard labels (N,) / (B, N) of an integer dtype, or soft
             memberships (N, R) / (B, N, R) that sum to 1 per token.
-        bias: finite region-pair bias W of shape (R, R), (H, R, R) or (B, H, R, R); None is 0.
+        bias: region-pair bias W of shape (R, R), (H, R, R) or (B, H, R, R), entries finite and
+            within +-1e38 (ValueError otherwise); None is 0.
         allow: bool (R, R) or (B, R, R); allow[label(q), label(k)] False blocks the pair.
         scale: score scale, default D ** -0.5.
         layout: an SMALayout from ``prepare_regions`` instead of q_regions, k_regions and allow:
             the regions checked and the tile lists built once, for many calls. Such a call reads
-            no tensor value on the host (no GPU sync), so the bias is not checked for finiteness
-            there: a NaN or inf entry gives NaN rows instead of a ValueError.
+            no tensor value on the host (no GPU sync), so the bias is not checked there: a NaN,
+            inf or out-of-range entry gives NaN rows instead of a ValueError.
         return_lse: also return the natural-log logsumexp of each score row, (B, H, Nq).
         return_region_mass: also return softmax(S) Mk, (B, H, Nq, R).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, any

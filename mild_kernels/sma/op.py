@@ -22,6 +22,8 @@ from . import torch_region_pairs
 from .torch_chunked import compute_dtype, sma_backward_torch, sma_forward_torch
 
 NO_TENSOR = torch.empty(0)  # stands for an absent optional tensor
+# The Triton kernels keep scores in log2 units: W log2(e) must stay a finite fp32 (< 2.36e38).
+MAX_BIAS = 1e38
 
 
 def flatten_layout(layout: SMALayout) -> tuple[list[Tensor], list[int]]:
@@ -75,14 +77,15 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
     only shapes the backward pass, where autograd reads it from here.
     """
     if check_bias and bias is not None:
-        check_finite("bias", bias)
+        check_finite("bias", bias, MAX_BIAS)
     layout = unflatten_layout(layout_tensors, layout_ints)
     R = layout.num_regions
     if backend == "torch":
         qr, kr = layout.q_regions, layout.k_regions
+        table = _dense_bias(bias, R, q.device)
         forward = (torch_region_pairs.sma_forward_by_region_pairs
-                   if torch_region_pairs.applies(q, qr, kr, R) else sma_forward_torch)
-        out, lse, mass = forward(q, k, v, qr, kr, _dense_bias(bias, R, q.device), layout.allow, scale, R, return_mass)
+                   if torch_region_pairs.applies(q, qr, kr, R, table) else sma_forward_torch)
+        out, lse, mass = forward(q, k, v, qr, kr, table, layout.allow, scale, R, return_mass)
         shift = None
     else:
         from .triton_forward import forward_config, sma_forward_triton

@@ -7,10 +7,9 @@ tiles are never gathered or multiplied. With region-sorted tokens the visited ke
 a chunk are a few contiguous runs.
 
 The chunk's bias, blocking included, is one small matmul of per-token features:
-``scores_bias = q_features @ k_features^T`` with K = R (hard labels: rows of the bias
-table against one-hot keys) or 2R (soft: ``Mq W`` and the blocking penalty against
-``[Mk, one-hot(label)]``). Blocked pairs get the finite ``BLOCKED`` instead of -inf, so
-that the products stay finite; rows with no allowed key are set to 0 / -inf afterwards.
+the bias table's entries gathered by label pair (hard labels, exact) or one small matmul
+``(Mq W) Mk^T`` of K = R (soft). Blocked pairs get -inf, whatever the size of the bias,
+and rows with no allowed key are set to 0 / -inf afterwards.
 
 The forward pass for hard labels on the CPU goes by region pair instead (torch_region_pairs.py);
 the backward pass is this module's for every case.
@@ -31,7 +30,6 @@ from .sparsity import tile_sparsity
 KEY_BLOCK = 64
 SCORE_BUDGET = 1 << 21  # elements of the (H, chunk, keys) score block
 MAX_CHUNK = 128  # query rows; smaller chunks skip at a finer grain
-BLOCKED = -1e30  # exp(BLOCKED - anything finite) is exactly 0 in fp32 and fp64
 
 USE_FUSED_CPU = True  # tests switch it off to cover the portable path on the CPU
 
@@ -59,7 +57,7 @@ class Chunk:
     @property
     def sees_nothing(self) -> bool:
         return self.keys is not None and self.keys.numel() == 0
-    scores_bias: torch.Tensor  # (H|1, C, keys): bias, BLOCKED at blocked pairs
+    scores_bias: torch.Tensor  # (H|1, C, keys): bias, -inf at blocked pairs
     q_memberships: torch.Tensor  # (C, R)
     k_memberships: torch.Tensor  # (keys, R)
     blocked_rows: torch.Tensor | None  # (C,) bool: rows with no allowed key, None if there are none
@@ -76,20 +74,14 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
 
     for b in range(batch):
         lq, lk = batch_row(q_regions.labels, b).long(), batch_row(k_regions.labels, b).long()
-        onehot_q, onehot_k = F.one_hot(lq, R).to(dtype), F.one_hot(lk, R).to(dtype)
         table = batch_row(bias, b).to(dtype)  # (H|1, R, R)
-        penalty = None if allow is None else torch.zeros(R, R, dtype=dtype, device=device).masked_fill(
-            ~batch_row(allow, b), BLOCKED)
+        allow_b = None if allow is None else batch_row(allow, b)
         if soft:
             mq, mk = batch_row(q_regions.memberships, b).to(dtype), batch_row(k_regions.memberships, b).to(dtype)
-            q_features, k_features = mq @ table, mk  # (H|1, Nq, R), (Nk, R)
-            if penalty is not None:
-                q_features = torch.cat([q_features, (onehot_q @ penalty).expand_as(q_features)], -1)
-                k_features = torch.cat([k_features, onehot_k], -1)
+            q_features = mq @ table  # (H|1, Nq, R): row q of Mq W
         else:
-            mq, mk = onehot_q, onehot_k
-            masked = table if penalty is None else table + penalty  # BLOCKED absorbs any finite bias
-            q_features, k_features = masked[:, lq], onehot_k
+            mq, mk = F.one_hot(lq, R).to(dtype), F.one_hot(lk, R).to(dtype)
+            q_features = table[:, lq]
         for t, m0 in enumerate(range(0, Nq, chunk)):
             rows = slice(m0, min(Nq, m0 + chunk))
             tiles = sparsity.active_tiles(b, t)
@@ -98,14 +90,16 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
             else:
                 keys = (tiles.long().sort().values[:, None] * KEY_BLOCK + key_offsets).flatten()
                 keys = keys[keys < Nk]
-            kf = k_features if keys is None else k_features[keys]
+            lk_keys = lk if keys is None else lk[keys]
+            mk_keys = mk if keys is None else mk[keys]
+            # Hard labels gather the table entries (exact); soft ones take the small matmul.
+            scores_bias = q_features[:, rows] @ mk_keys.T if soft else q_features[:, rows][:, :, lk_keys]
             blocked_rows = None
-            if allow is not None:
-                present = torch.zeros(R, dtype=torch.bool, device=device)
-                present[lk if keys is None else lk[keys]] = True
-                blocked_rows = ~batch_row(allow, b)[lq[rows]][:, present].any(-1)
-            yield Chunk(b, rows, keys, q_features[:, rows] @ kf.T, mq[rows], mk if keys is None else mk[keys],
-                        blocked_rows)
+            if allow_b is not None:
+                allowed = allow_b[lq[rows]][:, lk_keys]  # (C, keys)
+                scores_bias = scores_bias.masked_fill(~allowed, float("-inf"))
+                blocked_rows = ~allowed.any(-1)
+            yield Chunk(b, rows, keys, scores_bias, mq[rows], mk_keys, blocked_rows)
 
 
 def fused_cpu_attention():
@@ -118,7 +112,8 @@ def attend(q, k, v, scores_bias, scale):
 
     ``v`` may be wider than ``q`` (region memberships ride along as extra value columns).
     """
-    fused = fused_cpu_attention() if USE_FUSED_CPU and q.device.type == "cpu" else None
+    # aten's fused kernel dies on a signal with no heads; the portable path handles every shape.
+    fused = fused_cpu_attention() if USE_FUSED_CPU and q.device.type == "cpu" and q.numel() else None
     if fused is not None:
         extra = v.shape[-1] - q.shape[-1]
         if extra:  # the fused kernel wants one head dim: zero columns add nothing to q k^T

@@ -6,8 +6,10 @@ So each allowed pair runs aten's fused CPU flash attention with no mask at all, 
 pairs of a query region are merged through their logsumexps, as FlashAttention merges
 key blocks:
 
-    lse_ac = lse(q_a k_c^T scale) + W[a, c],   lse_a = logsumexp_c lse_ac,
-    out_a = sum_c exp(lse_ac - lse_a) out_ac,  mass[a, c] = exp(lse_ac - lse_a).
+    l_ac = lse(q_a k_c^T scale) + W[a, c] - m_a,   l_a = logsumexp_c l_ac,   lse_a = m_a + l_a,
+    out_a = sum_c exp(l_ac - l_a) out_ac,          mass[a, c] = exp(l_ac - l_a),
+
+with m_a the largest allowed W[a, c], so the merged numbers stay near the scores' size.
 
 Blocked pairs cost nothing; no bias or mask is ever built (memory O(N D)); tokens are
 gathered into region order once, unless they already are in it. The chunked path
@@ -23,12 +25,17 @@ from .regions import Regions
 from .torch_chunked import batch_row, compute_dtype
 
 MAX_REGIONS = 16  # one fused call per allowed region pair: R^2 calls per batch row
+# Folding W out of the scores is exact, but the definition (and the Triton kernel, and the
+# float64 reference) add W to every score: past this size, fp32's s + W drops low bits of s,
+# and beyond ~1e16 float64 does too. Larger tables take the chunked path, which rounds as they do.
+MAX_FOLDED_BIAS = 1024.0
 
 
-def applies(q: torch.Tensor, q_regions: Regions, k_regions: Regions, num_regions: int) -> bool:
+def applies(q: torch.Tensor, q_regions: Regions, k_regions: Regions, num_regions: int, bias: torch.Tensor) -> bool:
     return (not q_regions.is_soft and not k_regions.is_soft and num_regions <= MAX_REGIONS
-            and q.device.type == "cpu" and torch_chunked.USE_FUSED_CPU
-            and torch_chunked.fused_cpu_attention() is not None)
+            and q.device.type == "cpu" and q.numel() > 0 and torch_chunked.USE_FUSED_CPU
+            and torch_chunked.fused_cpu_attention() is not None
+            and bool(bias.abs().max() <= MAX_FOLDED_BIAS))
 
 
 def _region_order(labels: torch.Tensor, num_regions: int):
@@ -72,13 +79,16 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
             if rows.start == rows.stop:
                 continue
             q_a = qs[:, :, rows]
+            seen = [c for c in range(R) if k_bounds[c] < k_bounds[c + 1] and allowed[a][c]]
+            if not seen:  # every key of this query region is blocked: out 0, lse -inf, mass 0
+                continue
+            # Merge relative to the row's largest bias, so the lses stay small and the masses sum to 1.
+            top = table[:, a, seen].amax(-1)[None, :, None]
             acc, acc_lse, pieces = None, None, []
-            for c in range(R):
+            for c in seen:
                 keys = slice(k_bounds[c], k_bounds[c + 1])
-                if keys.start == keys.stop or not allowed[a][c]:
-                    continue
                 piece, piece_lse = fused(q_a, ks[:, :, keys], vs[:, :, keys], 0.0, False, scale=scale)
-                piece_lse = piece_lse.to(dtype) + table[:, a, c][None, :, None]
+                piece_lse = piece_lse.to(dtype) + (table[:, a, c][None, :, None] - top)
                 pieces.append((c, piece_lse))
                 if acc is None:
                     acc, acc_lse = piece.to(dtype), piece_lse
@@ -86,10 +96,8 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
                 merged = torch.logaddexp(acc_lse, piece_lse)
                 acc.mul_((acc_lse - merged).exp_()[..., None]).add_(piece * (piece_lse - merged).exp_()[..., None])
                 acc_lse = merged
-            if acc is None:  # every key of this query region is blocked: out 0, lse -inf, mass 0
-                continue
             outs[:, :, rows] = acc
-            lses[:, :, rows] = acc_lse
+            lses[:, :, rows] = acc_lse + top
             if return_mass:
                 for c, piece_lse in pieces:
                     masses[:, :, rows, c] = (piece_lse - acc_lse).exp()
