@@ -78,7 +78,8 @@ struct DDIMStep {
         x0 = c.sqrt_alpha * x[k] - c.sqrt_beta * e[k];
         eps = c.sqrt_alpha * e[k] + c.sqrt_beta * x[k];
       }
-      if (c.clip) x0 = fminf(fmaxf(x0, -c.clip_range), c.clip_range);
+      /* as torch.clamp: a NaN stays NaN (fminf/fmaxf would return the bound) */
+      if (c.clip && x0 == x0) x0 = fminf(fmaxf(x0, -c.clip_range), c.clip_range);
       float value = c.sqrt_alpha_prev * x0 + c.direction * eps;
       if (add_noise) value = value + c.noise_std * noise[k];
       out[k] = value;

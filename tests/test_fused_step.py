@@ -344,3 +344,38 @@ def test_cuda_backend_says_it_is_unavailable_without_a_gpu():
     x = torch.randn(2, 4)
     with pytest.raises(ValueError, match="^backend: 'cuda' is unavailable: "):
         FusedStep(scheduler, backend="cuda").step(x, x, scheduler.timesteps[0], x, 7.5)
+
+
+@pytest.mark.parametrize("name", ["ddim-clip-sample", "ddim-v-zero-snr"])
+def test_clipping_keeps_a_nan_as_diffusers_does(name, impl):
+    """torch.clamp keeps NaN; min/max would turn a diverged latent into a finite, healthy-looking one."""
+    backend, device = impl
+    theirs, eta = make_scheduler(name)
+    fused = FusedStep(copy.deepcopy(theirs), eta=eta, backend=backend)
+    x = torch.randn(2, 4, 5, 7, device=device)
+    x[0, 1, 2, 3] = float("nan")
+    e_u, e_c = torch.randn_like(x), torch.randn_like(x)
+    noise = torch.randn_like(x) if eta > 0 else None
+    t = theirs.timesteps[0]
+    expected = diffusers_step(theirs, guided_of(e_u, e_c, torch.full((2,), 3.0)), t, x, eta, noise)
+    got = fused.step(e_u, e_c, t, x, 3.0, noise=noise)
+    assert expected[0, 1, 2, 3].isnan() and got[0, 1, 2, 3].isnan()
+    finite = ~expected.isnan()
+    assert (got.isnan() == ~finite).all()
+    assert_close(name, got[finite], expected[finite], torch.float32)
+
+
+def test_ddim_steps_off_the_grid_like_diffusers(impl):
+    """DDIM's step() takes any timestep; only the known-region blend needs the schedule's next one."""
+    backend, device = impl
+    theirs, _ = make_scheduler("ddim")
+    fused = FusedStep(copy.deepcopy(theirs), backend=backend)
+    t = int(theirs.timesteps[3]) + 7
+    assert t not in theirs.timesteps.tolist()
+    x = torch.randn(3, 4, 6, 5, device=device)
+    e_u, e_c = torch.randn_like(x), torch.randn_like(x)
+    expected = diffusers_step(theirs, guided_of(e_u, e_c, torch.full((3,), 5.0)), t, x, 0.0, None)
+    assert_close("off-grid", fused.step(e_u, e_c, t, x, 5.0), expected, torch.float32)
+    known = KnownRegion(torch.randn_like(x), (torch.rand(3, 1, 6, 5, device=device) > 0.5).float(), torch.randn_like(x))
+    with pytest.raises(ValueError, match="^timestep: .* known-region blend"):
+        fused.step(e_u, e_c, t, x, 5.0, known_region=known)

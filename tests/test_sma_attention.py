@@ -381,3 +381,16 @@ def test_huge_finite_bias_never_unblocks_a_pair(backend, soft, magnitude, device
     torch.testing.assert_close(got.region_mass.sum(-1), torch.ones(1, 2, 45, device=device))
     if not soft or magnitude <= 1e3:
         check_against_reference(case, backend, torch.float32, factor=4.0 if magnitude == 1e3 else 1.0)
+
+
+def test_float64_memberships_work_on_every_backend(backend, device):
+    """float64 soft memberships are memberships: the Triton kernels read them as float32."""
+    case = make_case(B=2, H=2, Nq=37, Nk=45, D=16, R=4, soft=True, device=device)
+    expected = sma_attention(**case, return_lse=True, return_region_mass=True, backend=backend)
+    case64 = dict(case, q_regions=case["q_regions"].double(), k_regions=case["k_regions"].double())
+    case64["q"].requires_grad_()
+    got = sma_attention(**case64, return_lse=True, return_region_mass=True, backend=backend)
+    for name in SMAOutput._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=1e-5, atol=1e-5)
+    got.out.sum().backward()
+    assert case64["q"].grad.isfinite().all()

@@ -72,6 +72,9 @@ class FusedStep:
         backend = choose_backend(self.backend, latents.device)
 
         plan = self.planner.plan(timestep, eta)
+        require(known_region is None or plan.blend is not None,
+                f"timestep: {timestep} is not one of the scheduler's timesteps, so the known-region blend has no "
+                "next timestep to noise to")
         previous_x0 = None
         if isinstance(self.planner, DPMSolverPlanner):
             previous_x0 = self._previous_x0(self.planner.previous_x0(plan), latents)

@@ -101,7 +101,8 @@ def _ddim_step_kernel(EU, EC, X, Guidance, Noise, Out, Known, KnownNoise, Mask,
         x0 = sqrt_alpha * x - sqrt_beta * e
         eps = sqrt_alpha * e + sqrt_beta * x
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        # as torch.clamp: a NaN stays NaN (min/max would return the bound and hide a diverged run)
+        x0 = tl.where(x0 != x0, x0, tl.minimum(tl.maximum(x0, -clip_range), clip_range))
     out = sqrt_alpha_prev * x0 + direction * eps
     if ADD_NOISE:
         out = out + noise_std * tl.load(Noise + offs, mask=in_row, other=0.0).to(tl.float32)

@@ -36,8 +36,9 @@ import triton.language as tl
 from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2
 from .layout import REGION_BITS, TILE_N
 from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns,
-                             _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, config_key, head_dim_split,
-                             kernel_precision, pad_head_dim, stride_unit, unit_strides)
+                             _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, config_key,
+                             fp32_memberships, head_dim_split, kernel_precision, pad_head_dim, stride_unit,
+                             unit_strides)
 
 
 @triton.jit
@@ -585,8 +586,8 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
            MASS_GRAD=mass_grad, LSE_GRAD=grad_lse is not None)
 
     kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
-    q_mem = qr.memberships if soft else qr.labels
-    k_mem = kr.memberships if soft else kr.labels
+    q_mem = fp32_memberships(qr) if soft else qr.labels
+    k_mem = fp32_memberships(kr) if soft else kr.labels
     k_op = layout.k_split if soft and terms_k == 2 else k_mem
     d0, d1 = head_dim_split(Dp)
     dq = empty((B, H, Nq, Dp), dtype=q.dtype, device=device)

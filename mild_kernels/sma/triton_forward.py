@@ -648,6 +648,11 @@ def unit_strides(t: torch.Tensor, unit: int) -> tuple[int, int, int]:
     return tuple(s // unit for s in t.stride()[:3])
 
 
+def fp32_memberships(regions) -> torch.Tensor:
+    """The kernels read float32 memberships; a layout keeps float64 ones for the torch backend."""
+    return regions.memberships.to(torch.float32).contiguous()
+
+
 def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config: ForwardConfig):
     """Launch the forward kernel (twice when the layout has mixed tiles). Inputs are checked.
 
@@ -679,8 +684,8 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
         state = (lse, lse, lse, lse)  # never read
     # The bias dot's operand layout is the same in both launches: "split" for 16-bit inputs, else 1 term.
     kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
-    q_mem = qr.memberships if soft else qr.labels
-    k_mem = kr.memberships if soft else kr.labels
+    q_mem = fp32_memberships(qr) if soft else qr.labels
+    k_mem = fp32_memberships(kr) if soft else kr.labels
     k_op = layout.k_split if soft and terms_k == 2 else k_mem
     d0, d1 = head_dim_split(q.shape[-1])
     unit = stride_unit(q, k, v, out)
