@@ -1,12 +1,29 @@
-"""mild: the thin MILD model package on diffusers; every kernel comes from mild_kernels."""
+"""mild: the thin MILD model package on diffusers; every kernel comes from mild_kernels.
 
-from .cag import cross_domain_attention_gap
-from .hmg import HumanMorphologyGuidance, guidance_image
-from .layers import Layer, LayerPlan, plan_layers
-from .pipeline import MILDOutput, MILDPipeline
-from .processors import RegionContext, SMAAttnProcessor, enable_sma
-from .tiny import tiny_components
+The names below load on first use (PEP 562), so ``mild --help`` starts without torch.
+"""
 
-__all__ = ["HumanMorphologyGuidance", "Layer", "LayerPlan", "MILDOutput", "MILDPipeline", "RegionContext",
-           "SMAAttnProcessor", "cross_domain_attention_gap", "enable_sma", "guidance_image", "plan_layers",
-           "tiny_components"]
+import importlib
+
+_EXPORTS = {
+    "cross_domain_attention_gap": ".cag",
+    "HumanMorphologyGuidance": ".hmg", "guidance_image": ".hmg",
+    "Layer": ".layers", "LayerPlan": ".layers", "plan_layers": ".layers",
+    "MILDOutput": ".pipeline", "MILDPipeline": ".pipeline",
+    "RegionContext": ".processors", "SMAAttnProcessor": ".processors", "enable_sma": ".processors",
+    "tiny_components": ".tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mild' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

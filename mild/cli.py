@@ -33,25 +33,26 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2, nothing written."""
 
 
-def load_image(path):
-    from PIL import Image, UnidentifiedImageError
+def open_image(path, mode: str, what: str):
+    """The file at ``path`` converted to ``mode``; any unreadable file (decompression bombs
+    included: PIL refuses headers that claim more than ~179 Mpixels) is a CLIError."""
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise CLIError(f"cannot read image {path}: {error}") from None
+            return image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise CLIError(f"cannot read {what} {path}: {error}") from None
+
+
+def load_image(path):
+    return open_image(path, "RGB", "image")
 
 
 def load_mask(path, size):
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as image:
-            mask = np.asarray(image.convert("L"), dtype=np.float32) / 255
-    except (OSError, UnidentifiedImageError) as error:
-        raise CLIError(f"cannot read mask {path}: {error}") from None
+    mask = np.asarray(open_image(path, "L", "mask"), dtype=np.float32) / 255
     if mask.shape != size:
         raise CLIError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but the image is {size[1]}x{size[0]}")
     if not (mask > 0.5).any():
@@ -128,15 +129,36 @@ def erase_sample(pipe, sample, output: Path, args, progress=True):
     write_atomically(result.image, output)
 
 
-def dataset_samples(input_dir: Path):
-    for folder in sorted(p for p in input_dir.iterdir() if p.is_dir()):
-        images = [folder / f"image{s}" for s in IMAGE_SUFFIXES if (folder / f"image{s}").exists()]
-        if not images:
-            continue
-        masks = sorted(folder.glob("mask_*.png"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
-        erase_file = folder / "erase.json"
-        erase = json.loads(erase_file.read_text()) if erase_file.exists() else None
-        yield folder.name, images[0], masks, erase
+MASK_NAME = re.compile(r"mask_(\d+)\.png")
+
+
+def dataset_samples(input_dir: Path) -> list[str]:
+    """The sample folders' names (hidden folders are not samples)."""
+    return sorted(p.name for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_dataset_sample(folder: Path):
+    """(image path, mask paths in person order, erase ids or None); a malformed sample is a CLIError."""
+    images = [folder / f"image{s}" for s in IMAGE_SUFFIXES if (folder / f"image{s}").exists()]
+    if not images:
+        raise CLIError(f"no image{', image'.join(IMAGE_SUFFIXES)} in the folder")
+    numbered = {}
+    for path in folder.glob("mask*"):
+        match = MASK_NAME.fullmatch(path.name)
+        if not match:
+            raise CLIError(f"{path.name}: mask files must be named mask_<n>.png (persons counted from 1)")
+        numbered[int(match.group(1))] = path
+    if sorted(numbered) != list(range(1, len(numbered) + 1)):
+        raise CLIError(f"masks are numbered {sorted(numbered)}; they must be mask_1.png .. mask_{len(numbered)}.png")
+    erase, erase_file = None, folder / "erase.json"
+    if erase_file.exists():
+        try:
+            erase = json.loads(erase_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CLIError(f"erase.json: cannot read it: {error}") from None
+        if not (isinstance(erase, list) and all(type(i) is int for i in erase)):
+            raise CLIError(f"erase.json: must be a list of person ids (integers), got {json.dumps(erase)[:80]}")
+    return images[0], [numbered[i] for i in sorted(numbered)], erase
 
 
 def distributed_rank():
@@ -162,16 +184,21 @@ def run_dataset(args):
         raise CLIError(f"--input-dir {input_dir} is not a folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     rank, world = distributed_rank()
-    samples = list(dataset_samples(input_dir))[rank::world]
-    todo = [s for s in samples if not (output_dir / f"{s[0]}.png").exists()]
+    samples = dataset_samples(input_dir)[rank::world]
+    todo = [name for name in samples if not (output_dir / f"{name}.png").exists()]
     pipe = build_pipeline(args) if todo else None
     failures = 0
-    for name, image, masks, erase in tqdm(todo, desc=f"rank {rank}/{world}", unit="image", position=rank):
-        try:
-            erase_sample(pipe, load_sample(image, masks, erase), output_dir / f"{name}.png", args, progress=False)
+    for name in tqdm(todo, desc=f"rank {rank}/{world}", unit="image", position=rank):
+        try:  # a bad sample is reported and skipped; the others still run
+            sample = load_sample(*read_dataset_sample(input_dir / name))
+            erase_sample(pipe, sample, output_dir / f"{name}.png", args, progress=False)
         except CLIError as error:
             failures += 1
-            print(f"mild: {name}: {error}", file=sys.stderr)
+            tqdm.write(f"mild: {name}: {error}", file=sys.stderr)  # above the bar, not onto its line
+        except Exception as error:  # an input nothing checked for still costs one sample, not the run
+            failures += 1
+            tqdm.write(f"mild: {name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                       file=sys.stderr)
     if world > 1:
         import torch.distributed as dist
 
@@ -207,16 +234,30 @@ def parse_args(argv):
     erase.add_argument("--steps", type=int, default=30)
     erase.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's; 7.5 for SD)")
     erase.add_argument("--seed", type=int, default=0)
-    from .data import add_synth_arguments
-    from .evaluate import add_eval_arguments
-    from .train import add_train_arguments, add_train_tiny_arguments
-
-    add_synth_arguments(commands.add_parser("synth", help="build paired training samples (procedural or cut-outs)"))
-    add_train_arguments(commands.add_parser("train", help="train MILD's adapters on paired samples (torchrun-able)"))
+    # Only the chosen command's arguments are built: their builders live in modules that import
+    # torch, and `mild --help` should start at once.
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    synth = commands.add_parser("synth", help="build paired training samples (procedural or cut-outs)")
+    train = commands.add_parser("train", help="train MILD's adapters on paired samples (torchrun-able)")
     evaluation = commands.add_parser("eval", help="PSNR/SSIM/CAG on held-out samples against baselines")
-    add_eval_arguments(evaluation)
-    add_model_arguments(evaluation)
-    add_train_tiny_arguments(commands.add_parser("train-tiny", help="rebuild the shipped tiny model's weights"))
+    train_tiny = commands.add_parser("train-tiny", help="rebuild the shipped tiny model's weights")
+    if chosen == "synth":
+        from .data import add_synth_arguments
+
+        add_synth_arguments(synth)
+    elif chosen == "train":
+        from .train import add_train_arguments
+
+        add_train_arguments(train)
+    elif chosen == "eval":
+        from .evaluate import add_eval_arguments
+
+        add_eval_arguments(evaluation)
+        add_model_arguments(evaluation)
+    elif chosen == "train-tiny":
+        from .train import add_train_tiny_arguments
+
+        add_train_tiny_arguments(train_tiny)
     commands.add_parser("profile", help="the end-to-end throughput profiler (benchmarks/profile_e2e.py)",
                         add_help=False)
     demo = commands.add_parser("demo", help="erase a person from a built-in scene with the tiny model")

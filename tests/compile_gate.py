@@ -8,7 +8,7 @@ with Triton. A kernel fails the gate if it uses local memory or stack (register
 spills) beyond its config's KNOWN_SPILLS budget (zero for every head-dim class up to
 128, and for all but a few above), or more shared memory than the target has.
 
-Run as ``python tests/compile_gate.py [--json OUT]``; tests/test_compile_gate.py
+Run as ``python tests/compile_gate.py [--json OUT] [--quick]``; tests/test_compile_gate.py
 runs it in a subprocess with TRITON_INTERPRET unset, because interpreted kernels
 cannot be compiled.
 """
@@ -254,7 +254,24 @@ def compile_one(index):
     return {**row, "ctas_per_sm": _aot.ctas_per_sm(usage["reg"], usage["shared"], launch.num_warps, arch), **usage}
 
 
-def collect_jobs(selected=None, archs=None):
+# The quick gate (the default test run): the SMA kernels in fp16 at the head dims SD 1.5 and
+# SDXL run (40, 80, 160; 64), plain variant; every other kernel whole. The full gate
+# (`pytest --full-gate`, CI) compiles every shipped config.
+QUICK_HEAD_DIMS = (40, 64, 80, 160)
+
+
+def in_quick_gate(case: str) -> bool:
+    match = re.match(r"sma_(?:fwd|bwd)\[d\d+,(\w+),(\w+),D(\d+),", case)
+    return not match or (match[1] == "fp16" and match[2] == "plain" and int(match[3]) in QUICK_HEAD_DIMS)
+
+
+def quick_config(block_d: int, is_fp32: bool, variant: str) -> bool:
+    """Whether the quick gate compiles any case of this config-table entry."""
+    head_dims = (GATE_HEAD_DIMS_FP32 if is_fp32 else GATE_HEAD_DIMS)[block_d]
+    return not is_fp32 and variant == "plain" and any(d in QUICK_HEAD_DIMS for d in head_dims)
+
+
+def collect_jobs(selected=None, archs=None, quick=False):
     """(case name, recorded launch, arch) for every distinct compile the selected cases need.
 
     Each architecture's launches are recorded under target_arch(arch), so they use the config
@@ -267,7 +284,7 @@ def collect_jobs(selected=None, archs=None):
     for arch in archs or TARGETS.values():
         for cases in CASES:
             for name, run in cases():
-                if selected and not any(s in name for s in selected):
+                if (selected and not any(s in name for s in selected)) or (quick and not in_quick_gate(name)):
                     continue
                 with target_arch(arch), record_launches() as launches:
                     run()
@@ -323,10 +340,11 @@ def main(argv=None):
     parser.add_argument("--json", help="write one row per compiled kernel here")
     parser.add_argument("--only", nargs="*", help="substrings of case names to compile")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--quick", action="store_true", help="the SMA kernels at SD's head dims only (see QUICK_HEAD_DIMS)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
 
-    _JOBS[:] = collect_jobs(args.only)
+    _JOBS[:] = collect_jobs(args.only, quick=args.quick)
     print(f"compiling {len(_JOBS)} kernels for {', '.join(TARGETS)} with {args.workers} worker(s)", flush=True)
     context = multiprocessing.get_context("fork")
     rows, bad = [], 0

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_run_all_cpu_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--cpu-smoke", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)

@@ -133,6 +133,16 @@ def write_sample(folder: Path, seed=0, size=48):
     return folder / "image.png", paths
 
 
+def write_png_header(path: Path, width: int, height: int) -> None:
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + header
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(header)) + chunk
+                     + struct.pack(">I", zlib.crc32(chunk)))
+
+
 def test_cli_erase_single_image(tmp_path):
     image, masks = write_sample(tmp_path)
     out = tmp_path / "out.png"
@@ -141,7 +151,7 @@ def test_cli_erase_single_image(tmp_path):
     assert Image.open(out).size == Image.open(image).size
 
 
-@pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable", "steps-0", "steps-negative",
+@pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable", "bomb", "steps-0", "steps-negative",
                                      "guidance-nan", "guidance-inf", "output-folder", "output-suffix"])
 def test_cli_errors_write_nothing(tmp_path, capsys, problem):
     image, masks = write_sample(tmp_path)
@@ -158,6 +168,8 @@ def test_cli_errors_write_nothing(tmp_path, capsys, problem):
         Image.new("L", (48, 48), 0).save(masks[1])
     elif problem == "unreadable":
         image.write_bytes(b"not an image")
+    elif problem == "bomb":  # a valid PNG header that claims 20000 x 20000 pixels: PIL's decompression-bomb guard
+        write_png_header(image, 20000, 20000)
     erase = ["--erase", "3"] if problem == "erase-id" else []
     code = cli_main(["erase", str(image), "--masks", *map(str, masks), *erase, "-o", str(out), "--tiny", *flags])
     assert code == 2
@@ -200,6 +212,40 @@ def test_dataset_mode_under_torchrun_with_two_ranks(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 written" in second.stdout
     assert stamps == {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()}
+
+
+def test_dataset_mode_reports_and_skips_malformed_samples(tmp_path, capsys):
+    """Each bad sample costs itself, is named on its own stderr line, and the good ones are written."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for name in ("good", "bad-json", "bad-erase", "bad-mask-name", "mask-gap", "no-image", "bomb", "erase-id"):
+        write_sample(inputs / name, seed=len(name))
+    (inputs / "bad-json" / "erase.json").write_text("[1,")
+    (inputs / "bad-erase" / "erase.json").write_text('{"erase": 1}')
+    (inputs / "bad-mask-name" / "mask_2.png").rename(inputs / "bad-mask-name" / "mask_two.png")
+    (inputs / "mask-gap" / "mask_2.png").rename(inputs / "mask-gap" / "mask_3.png")
+    (inputs / "no-image" / "image.png").unlink()
+    write_png_header(inputs / "bomb" / "image.png", 20000, 20000)
+    (inputs / "erase-id" / "erase.json").write_text("[5]")
+    (inputs / ".cache").mkdir()  # hidden folders are not samples
+    code = cli_main(["erase", "--input-dir", str(inputs), "--output-dir", str(outputs), "--tiny", "--steps", "1"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert sorted(p.name for p in outputs.iterdir()) == ["good.png"]
+    assert "rank 0: 1 written, 0 already done, 7 failed" in captured.out
+    reports = [line for line in captured.err.splitlines() if line.startswith("mild: ")]
+    assert sorted(line.split(":")[1].strip() for line in reports) == sorted(
+        ["bad-json", "bad-erase", "bad-mask-name", "mask-gap", "no-image", "bomb", "erase-id"]), captured.err
+    assert any("mask_two.png" in line for line in reports) and any("erase.json" in line for line in reports)
+
+
+def test_help_starts_without_torch():
+    """`mild --help` imports neither torch nor diffusers (the package loads its names lazily)."""
+    code = ("import sys; from mild.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mild" in result.stdout and result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_hmg_adapter_round_trips_through_safetensors(tmp_path):

@@ -155,7 +155,7 @@ def test_torch_compile_fullgraph_has_no_graph_breaks():
     assert model.alpha.grad is not None and model.alpha.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_a_small_module_trains(backend_name):
     """The modulation must learn to keep two regions apart: the loss falls over 50 steps."""
     torch.manual_seed(0)
