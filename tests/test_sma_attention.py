@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_close
-from mild_kernels import SMAOutput, region_sort, sma_attention, sma_attention_reference, soft_regions
+from mild_kernels import (SMAOutput, prepare_regions, region_sort, sma_attention, sma_attention_reference,
+                          soft_regions)
 from mild_kernels._runtime import poison_outputs
 from mild_kernels.sma.sparsity import tile_sparsity
 from mild_kernels.sma.torch_chunked import SCORE_BUDGET
@@ -149,12 +150,14 @@ def test_skipped_tiles_are_never_loaded(backend, device):
     case = sorted_region_case(device)
     expected = sma_attention_reference(**float64(case))
     # Keys of region 3 are only visible to region-3 queries; poison them for everyone else:
-    # any load of a skipped tile turns the other rows into NaN.
-    poisoned = dict(case, k=case["k"].clone(), v=case["v"].clone())
+    # any load of a skipped tile turns the other rows into NaN. (Through a prepared layout,
+    # which does not read q, k, v: a raw call refuses NaN inputs.)
+    k, v = case["k"].clone(), case["v"].clone()
     region3 = case["k_regions"] == 3
-    poisoned["k"][:, :, region3] = float("nan")
-    poisoned["v"][:, :, region3] = float("nan")
-    got = sma_attention(**poisoned, backend=backend)
+    k[:, :, region3] = float("nan")
+    v[:, :, region3] = float("nan")
+    layout = prepare_regions(case["q_regions"], case["k_regions"], case["allow"])
+    got = sma_attention(case["q"], k, v, bias=case["bias"], layout=layout, backend=backend)
     others = case["q_regions"] != 3
     assert not got[:, :, others].isnan().any(), "a skipped tile was loaded"
     assert_close("out", got[:, :, others], expected[:, :, others], torch.float32)

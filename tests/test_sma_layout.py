@@ -170,7 +170,7 @@ def test_a_raw_call_prepares_once_and_reads_two_flags():
     with count_host_reads() as reads, record_launches() as launches:
         sma_attention(q, k, v, regions, regions, bias, allow, backend="triton")
     assert len(launches) == 2
-    # value checks of the regions and the bias (a few each), and the two tile flags
+    # value checks of q, k, v (one read), the regions and the bias (a few each), and the two tile flags
     assert reads.count("tolist") == 1 and len(reads) <= 8, reads
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._backends import check_backend, choose_backend
@@ -71,6 +73,10 @@ class FusedStep:
         noise_uncond, noise_cond, latents, guidance_scale, noise, known_region = inputs
         backend = choose_backend(self.backend, latents.device)
 
+        require(isinstance(timestep, (int, float)) and not isinstance(timestep, bool)
+                or isinstance(timestep, torch.Tensor) and timestep.numel() == 1 and not timestep.dtype.is_complex,
+                f"timestep: expected a number or a one-element tensor, got "
+                f"{tuple(timestep.shape) if isinstance(timestep, torch.Tensor) else type(timestep).__name__}")
         plan = self.planner.plan(timestep, eta)
         require(known_region is None or plan.blend is not None,
                 f"timestep: {timestep} is not one of the scheduler's timesteps, so the known-region blend has no "
@@ -114,6 +120,8 @@ class FusedStep:
             require(isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool),
                     f"guidance_scale: expected a float or a tensor, got {type(guidance_scale).__name__}")
             guidance_scale = float(guidance_scale)
+            # A tensor's values are not read (that would sync a GPU): NaN there gives NaN rows.
+            require(math.isfinite(guidance_scale), f"guidance_scale: must be finite, got {guidance_scale}")
 
         takes_noise = isinstance(self.planner, DDIMPlanner)
         require(takes_noise or noise is None,

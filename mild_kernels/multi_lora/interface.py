@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
 from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on
-from .op import multi_lora_forward
+from .op import checked_ids, multi_lora_forward
 
 BACKENDS = ("auto", "triton", "torch")
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -58,6 +60,7 @@ def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend
     else:
         require(isinstance(scaling, (int, float)) and not isinstance(scaling, bool),
                 f"scaling: expected a float or a ({num_adapters},) tensor, got {type(scaling).__name__}")
+        require(math.isfinite(scaling), f"scaling: must be finite, got {scaling}")
     check_same_device(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b,
                       scaling=scaling if isinstance(scaling, torch.Tensor) else None)
     require(adapter_ids.device == x.device or adapter_ids.device.type == "cpu",
@@ -121,9 +124,23 @@ def _multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, ba
     if adapter_ids.dtype not in (torch.int32, torch.int64):
         adapter_ids = adapter_ids.long()
     x3 = x if x.dim() == 3 else x[:, None]
+    if x3.numel() == 0 or weight.numel() == 0:  # a zero-size dim: nothing for a kernel to do
+        ids = checked_ids(adapter_ids, lora_a.shape[0], x.device)
+        y = _empty_problem(x3, weight, bias, lora_a, lora_b, ids, scale, scales)
+        return y if x.dim() == 3 else y[:, 0]
     save_shrink = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b))
     bias = bias.contiguous() if bias is not None else None
     y, _ = multi_lora_forward(x3, weight, bias, lora_a, lora_b, adapter_ids.contiguous(), scale, scales, chosen,
                               save_shrink)
     return y if x.dim() == 3 else y[:, 0]
+
+
+def _empty_problem(x3, weight, bias, lora_a, lora_b, adapter_ids, scale, scales):
+    """The layer in plain, differentiable torch ops when rows, tokens, in or out features are 0."""
+    ids = adapter_ids.to(x3.device).long()
+    used = ids.clamp(min=0)
+    row_scale = (ids >= 0).to(x3.dtype) * (scale if scales is None else scales.to(x3.device, x3.dtype)[used])
+    shrink = torch.einsum("bti,bri->btr", x3, lora_a[used])
+    lora = torch.einsum("btr,bor->bto", shrink, lora_b[used]) * row_scale[:, None, None]
+    return torch.nn.functional.linear(x3, weight, bias) + lora

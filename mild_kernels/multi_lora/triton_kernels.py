@@ -11,12 +11,14 @@
   store. The output is written once, never read back. Grouping output tiles amortises
   the shrink to ``rank / (group_n * BLOCK_N)`` of the base GEMM's work instead of
   ``rank / BLOCK_N``; ``output_group_size`` picks the group from a wave model.
-- Each row tile applies the adapter of its first row that has one. Row tiles whose
-  rows all have id -1 run the plain GEMM.
-- ``_multi_lora_fixup_kernel`` adds the terms of a row tile's further adapters. It is
-  launched only when a tile can straddle a change of adapter (3-D inputs whose token
-  count is not a multiple of BLOCK_M, or 2-D inputs), and its programs for single-
-  adapter tiles exit after loading the ids. Keeping it apart keeps the main kernel's
+- A row tile whose rows all have one adapter applies it here. Row tiles whose rows all
+  have id -1, and tiles whose rows have several ids, run the plain GEMM.
+- ``_multi_lora_fixup_kernel`` adds the LoRA terms of the tiles with several ids, one
+  adapter at a time, storing only that adapter's rows (so a non-finite entry of one
+  adapter's weights never reaches another's rows). It is launched only when a tile can
+  straddle a change of adapter (3-D inputs whose token count is not a multiple of
+  BLOCK_M, or 2-D inputs), and its programs for single-adapter tiles exit after loading
+  the ids. Keeping it apart keeps the main kernel's
   registers to one adapter's state (it spilled with the multi-adapter loop inside).
 
 The same kernel computes the input gradient ``dx = dy W + s (dy B[id]) A[id]`` with
@@ -147,6 +149,12 @@ def _first_adapter(row_ids):
 
 
 @triton.jit
+def _single_adapter(row_ids, in_m, first):
+    """Whether every row of the tile has the id ``first`` (out-of-range rows aside)."""
+    return tl.min(tl.where(in_m & (row_ids != first), 0, 1), axis=0) == 1
+
+
+@triton.jit
 def _multi_lora_kernel(X, W, Bias, A, B, Ids, Scales, Y, Shrink,
                        M, N, K, R, tokens, num_n_tiles, num_n_groups, group_n, scale,
                        stride_xm, stride_wn, stride_aa, stride_ar, stride_ba, stride_bn,
@@ -169,6 +177,10 @@ def _multi_lora_kernel(X, W, Bias, A, B, Ids, Scales, Y, Shrink,
     offs_tile = tl.arange(0, BLOCK_N)
     row_ids = tl.load(Ids + offs_m // tokens, mask=in_m, other=-1).to(tl.int32)
     adapter = _first_adapter(row_ids)
+    # A tile whose rows have several ids (an adapter and -1 included) is left whole to the fixup
+    # kernel, which stores each adapter's rows alone: in one expand over all rows, another
+    # adapter's rows would multiply 0 by this B, and a non-finite entry there would give NaN.
+    adapter = tl.where(_single_adapter(row_ids, in_m, adapter), adapter, NO_ADAPTER)
     x_rows = X + offs_m[:, None] * stride_xm
     n_start = pid_g * group_n
     offs_n = n_start * BLOCK_N + offs_tile
@@ -221,7 +233,9 @@ def _multi_lora_fixup_kernel(X, A, B, Ids, Scales, Y, Shrink, M, N, K, R, tokens
     row_ids = tl.load(Ids + offs_m // tokens, mask=in_m, other=-1).to(tl.int32)
     highest = tl.max(row_ids, axis=0)
     x_rows = X + offs_m[:, None] * stride_xm
-    adapter = _next_adapter(row_ids, _first_adapter(row_ids))
+    first = _first_adapter(row_ids)
+    # Single-adapter tiles were done whole by the main kernel; here every adapter of the others.
+    adapter = tl.where(_single_adapter(row_ids, in_m, first), NO_ADAPTER, first)
     while adapter <= highest:
         shrink = _shrink_loop(x_rows, A + adapter * stride_aa + offs_r[None, :] * stride_ar, in_m, K, R,
                               BLOCK_M, BLOCK_K, BLOCK_R, UPCAST, PRECISION)

@@ -80,7 +80,8 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
     ``softmax(scale * q k^T + Mq W Mk^T, masked by allow) v`` per batch row and head.
 
     Args:
-        q: (B, H, Nq, D); k, v: (B, H, Nk, D). fp16, bf16 or fp32 (float64 on the torch backend).
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D). fp16, bf16 or fp32 (float64 on the torch backend);
+            finite (NaN or inf is a ValueError).
         q_regions, k_regions: hard labels (N,) / (B, N) of an integer dtype, or soft
             memberships (N, R) / (B, N, R) that sum to 1 per token.
         bias: region-pair bias W of shape (R, R), (H, R, R) or (B, H, R, R), entries finite and
@@ -89,8 +90,8 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         scale: score scale, default D ** -0.5.
         layout: an SMALayout from ``prepare_regions`` instead of q_regions, k_regions and allow:
             the regions checked and the tile lists built once, for many calls. Such a call reads
-            no tensor value on the host (no GPU sync), so the bias is not checked there: a NaN,
-            inf or out-of-range entry gives NaN rows instead of a ValueError.
+            no tensor value on the host (no GPU sync), so neither q, k, v nor the bias is checked
+            there: a NaN, inf or out-of-range entry gives NaN rows instead of a ValueError.
         return_lse: also return the natural-log logsumexp of each score row, (B, H, Nq).
         return_region_mass: also return softmax(S) Mk, (B, H, Nq, R).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, any
@@ -132,12 +133,12 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
         stated = int(bias.shape[-1]) if isinstance(bias, torch.Tensor) and bias.dim() >= 2 else None
         layout = prepare_regions(q_regions, k_regions, allow, num_regions=stated, batch=B, tiles=chosen == "triton",
                                  read_info=False)
-        check_bias = True
+        check_values = True
     else:
         require(q_regions is None and k_regions is None and allow is None,
                 "layout: carries the regions and the allow table; pass q_regions, k_regions and allow to "
                 "prepare_regions instead")
-        check_bias = False  # a prepared call reads no tensor value: on a GPU each read is a sync
+        check_values = False  # a prepared call reads no tensor value: on a GPU each read is a sync
     _check_layout(layout, q, k)
     bias4 = _check_bias(bias, B, H, layout.num_regions, q.device)
     scale = D ** -0.5 if scale is None else float(scale)
@@ -146,7 +147,7 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
         raise ValueError("layout: was prepared without tile lists; use prepare_regions(...) with tiles=True")
     save_shift = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
     tensors, ints = flatten_layout(layout)
-    out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_bias,
+    out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_values,
                                     chosen, deterministic)
     if not (return_lse or return_region_mass):
         return out

@@ -69,15 +69,22 @@ def _dense_bias(bias: Optional[Tensor], num_regions: int, device) -> Tensor:
 
 @torch.library.custom_op("mild_kernels::sma_forward", mutates_args=())
 def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
-                bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_bias: bool,
+                bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_values: bool,
                 backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, region mass or empty, [QW, shift] tables or empty). See interface.sma_attention.
 
-    ``check_bias`` reads the bias on the host to refuse non-finite entries; ``deterministic``
-    only shapes the backward pass, where autograd reads it from here.
+    ``check_values`` reads q, k, v and the bias on the host to refuse NaN, inf and a bias past
+    MAX_BIAS (a raw call; inside the op, so torch.compile traces no data-dependent branch);
+    ``deterministic`` only shapes the backward pass, where autograd reads it from here.
     """
-    if check_bias and bias is not None:
-        check_finite("bias", bias, MAX_BIAS)
+    if check_values:
+        # Blocked pairs must not see a key's NaN (the kernels skip blocked tiles, a mask would
+        # not): one host read for the three, a second only to name the culprit.
+        if not bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+            name = next(n for n, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all()))
+            raise ValueError(f"{name}: contains NaN or inf; sma_attention needs finite inputs")
+        if bias is not None:
+            check_finite("bias", bias, MAX_BIAS)
     layout = unflatten_layout(layout_tensors, layout_ints)
     R = layout.num_regions
     if backend == "torch":
@@ -97,7 +104,7 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
 
 
 @sma_forward.register_fake
-def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_bias, backend,
+def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend,
       deterministic):
     B, H, Nq, _ = q.shape
     R = layout_ints[0]
@@ -136,7 +143,7 @@ def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tens
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_bias, backend, deterministic = inputs
+    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend, deterministic = inputs
     out, lse, mass, shift = output
     ctx.save_for_backward(q, k, v, bias, out, lse, mass if return_mass else None, shift, *layout_tensors)
     ctx.layout_ints = layout_ints

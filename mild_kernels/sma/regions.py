@@ -119,6 +119,8 @@ def soft_regions(instance_masks: torch.Tensor, size) -> torch.Tensor:
             "instance_masks: must be a float or bool tensor")
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     require(h > 0 and w > 0, f"size: must be positive, got {size}")
+    require(instance_masks.shape[-2] > 0 and instance_masks.shape[-1] > 0,
+            f"instance_masks: needs pixels, got shape {tuple(instance_masks.shape)}")
     require(not bool(instance_masks.isnan().any()), "instance_masks: contains NaN; masks must lie in [0, 1]")
     unbatched = instance_masks.dim() == 3
     persons = (instance_masks.unsqueeze(0) if unbatched else instance_masks).float().clamp(0, 1)
