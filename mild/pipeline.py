@@ -16,6 +16,8 @@ One call erases people from one image:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +56,30 @@ def to_image_tensor(image) -> tuple[torch.Tensor, bool]:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image: expected an (H, W, 3) array, got shape {image.shape}")
+        if not np.isfinite(image).all():
+            raise ValueError("image: contains NaN or inf; pixels must lie in [0, 1]")
         return torch.from_numpy(image.astype(np.float32) / (255 if image.dtype == np.uint8 else 1)).permute(2, 0, 1), False
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-        return image.float(), False
+        image = image.float()
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError("image: contains NaN or inf; pixels must lie in [0, 1]")
+        return image, False
     raise ValueError(f"image: expected a PIL image, an (H, W, 3) array or a (3, H, W) tensor, got {type(image).__name__}")
+
+
+def check_call_numbers(steps, guidance_scale, eta, alpha, beta, dilation) -> None:
+    """The pipeline call's numeric arguments, before any work (each a ValueError naming it)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {steps!r}")
+    for name, value, low in (("guidance_scale", guidance_scale, None), ("eta", eta, 0.0), ("alpha", alpha, None),
+                             ("beta", beta, None)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and (low is None or value >= low)):
+            raise ValueError(f"{name}: must be a finite number{'' if low is None else f' >= {low:g}'}, got {value!r}")
+    if dilation is not None and (isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral)
+                                 or dilation < 0):
+        raise ValueError(f"dilation: must be an integer >= 0 (pixels) or None, got {dilation!r}")
 
 
 def to_masks(instance_masks, size) -> torch.Tensor:
@@ -276,6 +296,7 @@ class MILDPipeline(DiffusionPipeline):
                 {"text_embeds": (C2,), "time_ids": (6,)} used for every row.
         """
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        check_call_numbers(num_inference_steps, guidance_scale, eta, alpha, beta, dilation)
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
         masks = to_masks(instance_masks, (H, W))
