@@ -585,7 +585,8 @@ def train_main(args, gpu: bool, device: str, out_dir: Path) -> Results:
         x = add_train_rows(results, arch, layers, weights, precision, measured, timed_steps)
         report_train_case(x, arch, layers, precision, measured)
         path = write_train_results(results, out_dir)  # after every case: a run cut short keeps those it finished
-        print(f"wrote {path}", flush=True)
+        written = [path, out_dir / "e2e_train_throughput.png", out_dir / "e2e_train_stages.png"]
+        print(describe_outputs(out_dir, written, []), flush=True)
     return results
 
 
@@ -624,7 +625,7 @@ def main(argv=None):
     steps = args.steps or (30 if gpu else 2)
     results = Results("e2e")
     jobs = [(a, L, p) for a in archs for L in layer_counts for p in args.providers or INFERENCE_PROVIDERS]
-    components = {}
+    components, traces = {}, []
     for arch, L, provider in tqdm(jobs, desc="e2e", unit="run"):
         if arch not in components:
             components.clear()
@@ -656,6 +657,7 @@ def main(argv=None):
             sync(device)
             seconds = time.perf_counter() - start
         prof.export_chrome_trace(str(trace))
+        traces.append(trace)
         x = f"{arch} L{L}"
         params = dict(arch=arch, layers=L, steps=steps, dtype=str(dtype).split(".")[-1], trace=trace.name)
         results.add(kernel="mild_erase", provider=provider, mode="e2e", metric="images_per_s", x=x, value=1 / seconds,
@@ -671,11 +673,22 @@ def main(argv=None):
             from mild import enable_sma
 
             enable_sma(parts[0])
-    summarize(results, out_dir)
+    summarize(results, out_dir, traces)
     return results
 
 
-def summarize(results: Results, out_dir: Path):
+def describe_outputs(out_dir: Path, files: list[Path], traces: list[Path]) -> str:
+    """One line naming everything a run wrote, traces with their size."""
+    names = ", ".join(f.name for f in files if f.exists())
+    line = f"wrote {out_dir}/: {names}"
+    if traces:
+        megabytes = sum(t.stat().st_size for t in traces if t.exists()) / 2**20
+        line += (f" and {len(traces)} torch.profiler traces trace_*.json ({megabytes:.1f} MB; open one in "
+                 "https://ui.perfetto.dev or chrome://tracing)")
+    return line
+
+
+def summarize(results: Results, out_dir: Path, traces: list[Path]):
     path = results.write(out_dir)
     rows = results.rows
     plot_rows(rows, "images_per_s", out_dir / "e2e_throughput.png", title="MILD erase throughput against layers")
@@ -692,7 +705,7 @@ def summarize(results: Results, out_dir: Path):
         if unet_sma and unet_plain:
             line += f" SMA overhead {100 * (unet_sma - unet_plain) / unet_sma:.1f}% of UNet time"
         print(line)
-    print(f"wrote {path}")
+    print(describe_outputs(out_dir, [path, out_dir / "e2e_throughput.png", out_dir / "e2e_stages.png"], traces))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     mild train --data D (--model DIR | --tiny) --out CKPT [--resume]    (torchrun-able)
     mild eval --data D (--model DIR | --tiny) [--checkpoint CKPT]       against single-layer and Telea
     mild train-tiny                 rebuild the shipped tiny model's weights (~18 min on 2 cores)
-    mild profile [profiler arguments]                                   (benchmarks/profile_e2e.py)
+    mild profile [profiler arguments]   benchmarks/profile_e2e.py; writes ./mild_profile (or --out)
     mild demo [--out DIR]           a built-in scene erased by the trained tiny model
 
 Dataset layout: every sample is a folder ``D/<name>/`` holding ``image.png`` (or .jpg),
@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import runpy
 import sys
 from pathlib import Path
 
@@ -339,6 +338,32 @@ def profiler_path() -> Path:
     return path
 
 
+# What other packages print that says nothing about this run: kineto's profiler start/stop
+# lines (C++, straight to the stream, often glued to a progress bar's line).
+PROFILER_NOISE = re.compile(rb"(?:USDT|INFO|WARNING):\d{4}-\d\d-\d\d [^\n]*\n")
+
+
+def run_profiler(extra: list[str]) -> int:
+    """benchmarks/profile_e2e.py in a subprocess: results under ./mild_profile unless --out
+    says otherwise, other packages' logging quietened and kineto's lines dropped from stderr."""
+    import subprocess
+
+    if not any(arg == "--out" or arg.startswith("--out=") for arg in extra):
+        extra = ["--out", "mild_profile", *extra]
+    env = dict(os.environ, DIFFUSERS_VERBOSITY="error", TRANSFORMERS_VERBOSITY="error",
+               TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    proc = subprocess.Popen([sys.executable, str(profiler_path()), *extra], stderr=subprocess.PIPE, env=env)
+    pending = b""
+    while chunk := os.read(proc.stderr.fileno(), 65536):
+        pending += chunk
+        *complete, pending = re.split(rb"(?<=[\r\n])", pending)  # progress bars redraw after \r
+        text = PROFILER_NOISE.sub(b"", b"".join(complete))
+        sys.stderr.buffer.write(text)
+        sys.stderr.flush()
+    sys.stderr.buffer.write(PROFILER_NOISE.sub(b"", pending))
+    return proc.wait()
+
+
 def check_erase_arguments(args) -> None:
     """The numeric flags of `mild erase`, before any model is built or file written."""
     import math
@@ -371,9 +396,7 @@ def main(argv=None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "profile":
-            sys.argv = [str(profiler_path())] + extra
-            runpy.run_path(str(profiler_path()), run_name="__main__")
-            return 0
+            return run_profiler(extra)
         if extra:
             raise CLIError(f"unrecognised arguments: {' '.join(extra)}")
         if args.command == "demo":

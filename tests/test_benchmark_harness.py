@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,18 @@ def test_profile_e2e_train_cpu_smoke(tmp_path):
     assert math.isfinite(mild) and math.isclose(mild, naive, rel_tol=1e-3)
     assert median["mild-train", "speedup_vs_naive-train"] > 0
     assert (tmp_path / "e2e_train_throughput.png").exists() and (tmp_path / "e2e_train_stages.png").exists()
+
+
+def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
+    """`mild profile` from any folder: results in ./mild_profile, every file named, no kineto lines."""
+    proc = subprocess.run([sys.executable, "-m", "mild", "profile", "--cpu-smoke", "--layers", "1",
+                           "--providers", "mild"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = tmp_path / "mild_profile"
+    written = sorted(p.name for p in out.iterdir())
+    assert "e2e.json" in written and "e2e_throughput.png" in written and any(n.startswith("trace_") for n in written)
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("wrote mild_profile/: e2e.json") and "torch.profiler traces" in summary and "MB" in summary
+    assert "USDT:" not in proc.stderr and "There are modules in" not in proc.stderr, proc.stderr[-2000:]
+    assert not (ROOT / "mild_profile").exists()
