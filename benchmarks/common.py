@@ -8,6 +8,9 @@ Every benchmark writes rows of one shape (as Liger-Kernel's benchmarks do):
 to ``benchmarks/results/<device>/<benchmark>.json``, and draws them with
 :func:`plot_rows`. Times are quantiles over repeats: CUDA events through
 ``triton.testing.do_bench`` on a GPU, ``time.perf_counter`` on the CPU.
+
+The same cases also run under pytest-benchmark (benchmarks/test_microbenchmarks.py,
+through :func:`run_pytest_benchmark`): ``pytest benchmarks --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,28 @@ def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
         return (samples_ms[0],) * 3
     cuts = statistics.quantiles(samples_ms, n=10, method="inclusive")  # deciles
     return cuts[1], statistics.median(samples_ms), cuts[7]
+
+
+def synchronized(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` followed by a device sync on a GPU, so a wall-clock timer sees the kernels' time."""
+    if not on_gpu():
+        return fn
+
+    def run():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def run_pytest_benchmark(benchmark, fn: Callable[[], object], *, kernel: str, provider: str, mode: str, x: str,
+                         rounds: int, **params) -> None:
+    """One case through pytest-benchmark's fixture: the shared row schema's fields go into
+    ``extra_info`` (so --benchmark-json carries them) and the timing is pytest-benchmark's."""
+    benchmark.group = f"{kernel} {mode} {x}"
+    benchmark.extra_info.update(kernel=kernel, provider=provider, mode=mode, x=x, params=params, **environment())
+    benchmark.pedantic(synchronized(fn), warmup_rounds=1, rounds=rounds, iterations=1)
 
 
 def time_ms(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,

@@ -61,3 +61,19 @@ def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
     assert summary.startswith("wrote mild_profile/: e2e.json") and "torch.profiler traces" in summary and "MB" in summary
     assert "USDT:" not in proc.stderr and "There are modules in" not in proc.stderr, proc.stderr[-2000:]
     assert not (ROOT / "mild_profile").exists()
+
+
+def test_microbenchmarks_run_under_pytest_benchmark_with_the_shared_schema(tmp_path):
+    """`pytest benchmarks --benchmark-only`: the CLI benchmarks' cases, each row tagged with the schema's fields."""
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "-q", "-p", "no:warnings",
+                           "-k", "composite or multi_lora", f"--benchmark-json={report}",
+                           f"--benchmark-storage={tmp_path / 'storage'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    runs = json.loads(report.read_text())["benchmarks"]
+    assert {r["extra_info"]["kernel"] for r in runs} == {"composite_layers", "multi_lora_linear"}
+    for run in runs:
+        assert {"provider", "mode", "x", "params", "device", "torch", "commit"} <= set(run["extra_info"])
+        assert run["stats"]["rounds"] >= 3 and run["stats"]["median"] > 0
+    assert "mild-torch" in {r["extra_info"]["provider"] for r in runs}
