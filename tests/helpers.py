@@ -1,4 +1,4 @@
-"""Error measures shared by the parity tests."""
+"""Error measures and test inputs shared by the tests."""
 
 import torch
 
@@ -23,3 +23,16 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.d
     err = rel_err(out, ref)
     bound = TOLERANCE[dtype] * factor
     assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.1e} ({dtype})"
+
+
+def write_png_header(path, width: int, height: int) -> None:
+    """A PNG that claims width x height pixels and holds almost none: PIL's decompression-bomb guard."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))

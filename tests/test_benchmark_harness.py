@@ -27,6 +27,7 @@ def test_run_all_cpu_smoke(tmp_path):
     assert list((tmp_path / "e2e").glob("trace_*.json")) and (tmp_path / "e2e" / "e2e_throughput.png").exists()
 
 
+@pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_profile_e2e_train_cpu_smoke(tmp_path):
     """--train: both providers train a few steps of the tiny model and write their rows."""
     proc = subprocess.run([sys.executable, "benchmarks/profile_e2e.py", "--train", "--cpu-smoke", "--out", str(tmp_path)],
@@ -48,6 +49,7 @@ def test_profile_e2e_train_cpu_smoke(tmp_path):
     assert (tmp_path / "e2e_train_throughput.png").exists() and (tmp_path / "e2e_train_stages.png").exists()
 
 
+@pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
     """`mild profile` from any folder: results in ./mild_profile, every file named, no kineto lines."""
     proc = subprocess.run([sys.executable, "-m", "mild", "profile", "--cpu-smoke", "--layers", "1",
@@ -63,6 +65,7 @@ def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
     assert not (ROOT / "mild_profile").exists()
 
 
+@pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_microbenchmarks_run_under_pytest_benchmark_with_the_shared_schema(tmp_path):
     """`pytest benchmarks --benchmark-only`: the CLI benchmarks' cases, each row tagged with the schema's fields."""
     report = tmp_path / "bench.json"

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler, PNDMScheduler
 from PIL import Image
 
+from helpers import write_png_header
 from mild.cli import main as cli_main
 from mild_kernels import (FusedStep, KnownRegion, MultiLoRALinear, composite_layers, default_modulation,
                           multi_lora_linear, prepare_regions, region_sort, sma_attention, soft_regions)
@@ -194,19 +195,6 @@ def test_function_row(case):
 
 
 # ---------------------------------------------------------------- CLI cases
-def _write_png_header(path: Path, width: int, height: int) -> None:
-    """A PNG that claims width x height pixels and holds almost none: PIL's decompression-bomb guard."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-
-
 @pytest.fixture
 def files(tmp_path):
     """An image, two masks and the other paths the CLI rows name."""
@@ -218,7 +206,7 @@ def files(tmp_path):
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "empty.png")
     Image.fromarray(np.full((10, 10), 255, np.uint8)).save(tmp_path / "small.png")
     (tmp_path / "text.png").write_bytes(b"not an image")
-    _write_png_header(tmp_path / "bomb.png", 20000, 20000)
+    write_png_header(tmp_path / "bomb.png", 20000, 20000)
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "empty-model").mkdir()
     return tmp_path

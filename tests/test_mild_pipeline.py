@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import write_png_header
 from mild import MILDPipeline, plan_layers, tiny_components
 from mild.cli import main as cli_main
 
@@ -133,19 +134,6 @@ def write_sample(folder: Path, seed=0, size=48):
     return folder / "image.png", paths
 
 
-def write_png_header(path: Path, width: int, height: int) -> None:
-    """A PNG that claims width x height pixels and holds almost none: PIL's decompression-bomb guard."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
-
-
 def test_cli_erase_single_image(tmp_path):
     image, masks = write_sample(tmp_path)
     out = tmp_path / "out.png"
@@ -197,6 +185,7 @@ def test_cli_model_and_device_errors_are_one_line(tmp_path, capsys, source):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_dataset_mode_under_torchrun_with_two_ranks(tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     for i in range(3):

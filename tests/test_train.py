@@ -90,6 +90,7 @@ def test_shipped_tiny_model_erases_far_better_than_untrained():
     assert errors["trained"] < 0.65 * errors["untrained"], errors  # measured 0.53 with the shipped weights
 
 
+@pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_torchrun_two_ranks_lower_the_loss(data, tmp_path):
     out = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
