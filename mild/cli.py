@@ -393,6 +393,9 @@ def run_training_command(args) -> int:
 
 
 def main(argv=None) -> int:
+    # transformers' advice about torchvision, printed on importing diffusers' pipelines, says
+    # nothing about a run; TRANSFORMERS_VERBOSITY set by the user still wins.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "profile":

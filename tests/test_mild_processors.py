@@ -58,7 +58,9 @@ def trivial_context(batch, size):
                          bias=torch.zeros(batch, 1, 1), backend="torch")
 
 
-@pytest.mark.parametrize("name,config,size", [("tiny", TINY, 16), ("sd15-inpainting", SD15_INPAINT_UNET, 16),
+@pytest.mark.parametrize("name,config,size", [("tiny", TINY, 16),
+                                              pytest.param("sd15-inpainting", SD15_INPAINT_UNET, 16,
+                                                           marks=pytest.mark.slow),  # ~20 s: a full-size UNet
                                               ("sdxl-like", SDXL_LIKE, 16)])
 def test_sma_processors_match_default_processors(name, config, size):
     unet = build_unet(config)

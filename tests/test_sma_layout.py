@@ -95,7 +95,7 @@ def test_skipped_and_fractional_tiles():
     assert layout.tiles.key_region[0].tolist() == [0, -1, 1, 1]  # fractional memberships make a tile mixed
 
 
-@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("soft", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["hard", "soft"])
 def test_a_prepared_layout_gives_the_raw_call_result(soft, device):
     sizes = (150, 90, 201)
     regions = sorted_regions(sizes, soft=soft, fractional=5).to(device)
