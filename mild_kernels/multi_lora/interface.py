@@ -138,7 +138,7 @@ def _multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, ba
 
 def _empty_problem(x3, weight, bias, lora_a, lora_b, adapter_ids, scale, scales):
     """The layer in plain, differentiable torch ops when rows, tokens, in or out features are 0."""
-    ids = adapter_ids.to(x3.device).long()
+    ids = adapter_ids.long()  # on x's device already (checked_ids)
     used = ids.clamp(min=0)
     row_scale = (ids >= 0).to(x3.dtype) * (scale if scales is None else scales.to(x3.device, x3.dtype)[used])
     shrink = torch.einsum("bti,bri->btr", x3, lora_a[used])

@@ -6,9 +6,8 @@ visits only the key tiles that the tile-sparsity lists name (sparsity.py): block
 tiles are never gathered or multiplied. With region-sorted tokens the visited keys of
 a chunk are a few contiguous runs.
 
-The chunk's bias, blocking included, is one small matmul of per-token features:
-the bias table's entries gathered by label pair (hard labels, exact) or one small matmul
-``(Mq W) Mk^T`` of K = R (soft). Blocked pairs get -inf, whatever the size of the bias,
+The chunk's bias is the bias table's entries gathered by label pair (hard labels, exact)
+or one small matmul ``(Mq W) Mk^T`` of K = R (soft). Blocked pairs get -inf, whatever the size of the bias,
 and rows with no allowed key are set to 0 / -inf afterwards.
 
 The forward pass for hard labels on the CPU goes by region pair instead (torch_region_pairs.py);
