@@ -90,6 +90,12 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     return empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy when its last dim is strided: the kernels' row loads assume
+    adjacent elements (any batch, head and token strides are passed to them, even 0)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 @dataclasses.dataclass
 class RecordedLaunch:
     kernel: Any

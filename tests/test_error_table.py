@@ -104,6 +104,13 @@ FUNCTION_CASES = {
     ("sma_attention", "float allow table"): _sma(allow=torch.ones(3, 3)),
     ("sma_attention", "NaN scale"): _sma(scale=float("nan")),
     ("sma_attention", "unknown backend"): _sma(backend="jax"),
+    ("sma_attention", "a layout for other token counts"): lambda: sma_attention(
+        *_qkv(N=9), layout=prepare_regions(torch.arange(8) % 3)),
+    ("sma_attention", "a layout whose allow table has another batch"): lambda: sma_attention(
+        *_qkv(B=3), layout=prepare_regions(torch.arange(8) % 3, allow=torch.ones(2, 3, 3, dtype=torch.bool))),
+    ("sma_attention", "a layout with parts edited to disagree"): lambda: sma_attention(
+        *_qkv(), layout=prepare_regions(torch.arange(8) % 3)._replace(
+            allow=torch.ones(2, 3, 3, dtype=torch.bool), allow_bits=torch.zeros(3, 3, dtype=torch.int32))),
     ("prepare_regions", "more than 64 regions"): lambda: prepare_regions(torch.tensor([0, 70])),
     ("prepare_regions", "negative labels"): lambda: prepare_regions(torch.tensor([-1, 0, 1])),
     ("soft_regions", "size 0"): lambda: soft_regions(torch.rand(2, 8, 8), 0),

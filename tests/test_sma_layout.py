@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import assert_close
-from mild_kernels import prepare_regions, sma_attention, sma_attention_reference
+from mild_kernels import prepare_regions, sma_attention, sma_attention_reference, soft_regions
 from mild_kernels._runtime import record_launches
 from mild_kernels.sma.layout import REGION_BITS, TILE_M, TILE_N
 from test_sma_attention import float64
@@ -191,3 +191,66 @@ def test_layout_errors():
         prepare_regions(labels, allow=torch.ones(2, 2, dtype=torch.bool), num_regions=3)
     with pytest.raises(ValueError, match="^layout: expected an SMALayout"):
         sma_attention(q, q, q, layout=labels)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_layout_with_a_per_batch_allow_table_is_refused_for_another_batch(backend, batch):
+    """The allow table's batch counts, not only the labels' (a batch-2 table once ran batch 3:
+    SIGSEGV on Triton, row 2 on allow[1] on torch)."""
+    layout = prepare_regions(torch.randint(0, 3, (100,)), allow=torch.rand(2, 3, 3) > 0.3)
+    assert layout.batch == 2
+    q = torch.randn(batch, 2, 100, 16)
+    with pytest.raises(ValueError, match="^layout: prepared for batch 2"):
+        sma_attention(q, q, q, layout=layout, backend=backend)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_a_layout_keeps_its_own_copy_of_what_it_was_prepared_from(soft):
+    """Editing the caller's labels, memberships or allow table after prepare_regions changes
+    neither backend's answer (torch once read the caller's allow, Triton a snapshot)."""
+    regions = torch.softmax(4 * torch.randn(150, 3), -1) if soft else torch.randint(0, 3, (150,), dtype=torch.int32)
+    allow = torch.rand(3, 3) > 0.4
+    allow.diagonal().fill_(True)
+    layout = prepare_regions(regions, allow=allow)
+    q, k, v = (torch.randn(1, 2, 150, 16) for _ in range(3))
+    before = {b: sma_attention(q, k, v, layout=layout, backend=b) for b in ("torch", "triton")}
+    allow.fill_(False)
+    regions.copy_(regions.flip(0))
+    for backend, out in before.items():
+        assert torch.equal(sma_attention(q, k, v, layout=layout, backend=backend), out), backend
+    assert_close("triton vs torch", before["triton"], before["torch"].double(), torch.float32)
+
+
+def test_an_edited_layout_is_a_clear_error_never_a_crash():
+    """A layout whose parts disagree (edited with _replace, or built by hand) is refused from
+    shapes alone, before any kernel runs."""
+    layout = prepare_regions(torch.randint(0, 3, (2, 200)), allow=torch.rand(2, 3, 3) > 0.3)
+    other = prepare_regions(torch.randint(0, 4, (2, 150)))
+    q = torch.randn(2, 2, 200, 16)
+    edits = {
+        "allow": layout.allow[:1].expand(5, 3, 3),
+        "allow_bits": other.allow_bits,
+        "tiles": other.tiles,
+        "q_regions": other.q_regions,
+        "num_regions": 4,
+    }
+    for field, value in edits.items():
+        broken = layout._replace(**{field: value})
+        for backend in ("torch", "triton"):
+            with pytest.raises(ValueError, match="^layout: "):
+                sma_attention(q, q, q, layout=broken, backend=backend)
+
+
+def test_soft_regions_of_overlapping_feathered_masks_always_prepare():
+    """Three soft-edged overlapping person mattes: 1 - sum once rounded to -2e-8 and
+    prepare_regions refused the background membership (172 of 200 random draws)."""
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(200):
+        hard = (torch.rand(3, 40, 40, generator=generator) > 0.4).float()
+        feathered = torch.nn.functional.avg_pool2d(hard[None], 7, 1, 3)[0]
+        masks = feathered * torch.rand(3, 1, 1, generator=generator).add(0.5).clamp(max=1)
+        regions = soft_regions(masks, (16, 16))
+        assert regions.min() >= 0 and regions.max() <= 1
+        assert torch.allclose(regions.sum(-1), torch.ones(256), atol=1e-6)
+        prepare_regions(regions)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .._checks import FLOAT_DTYPES, check_tensor, require
-from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on
+from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on, unit_last_stride
 from .layout import SMALayout, prepare_regions, tokens_of
 from .op import flatten_layout, sma_forward
 
@@ -47,17 +47,19 @@ def _check_bias(bias, batch, heads, num_regions, device):
     require(tuple(bias.shape) == shapes[bias.dim()],
             f"bias: shape {tuple(bias.shape)} must be (R, R), (H, R, R) or (B, H, R, R) with R={R}, H={heads}, B={batch}")
     bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    return bias if bias.stride(-1) == 1 else bias.contiguous()
+    return unit_last_stride(bias)
 
 
 def _check_layout(layout, q, k):
     require(isinstance(layout, SMALayout), f"layout: expected an SMALayout from prepare_regions, got "
             f"{type(layout).__name__}")
+    layout.check()
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
     require(layout.q_tokens == Nq and layout.k_tokens == Nk,
             f"layout: prepared for {layout.q_tokens} query and {layout.k_tokens} key tokens, the attention has "
             f"{Nq} and {Nk}")
-    require(layout.batch in (1, B), f"layout: prepared for batch {layout.batch}, the attention has B={B}")
+    require(layout.batch in (1, B), f"layout: prepared for batch {layout.batch} (its labels, allow table or tile "
+            f"lists), the attention has B={B}")
     device = layout.q_regions.labels.device
     require(device == q.device, f"layout: is on {device} but q is on {q.device}")
 
@@ -145,6 +147,9 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
     require(scale == scale and abs(scale) != float("inf"), f"scale: must be finite, got {scale}")
     if chosen == "triton" and layout.tiles is None:
         raise ValueError("layout: was prepared without tile lists; use prepare_regions(...) with tiles=True")
+    # The one copy the kernels need (Triton's row loads, and aten's fused CPU attention, which
+    # silently miscomputes a strided head dim), made here so that autograd saves it.
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
     save_shift = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
     tensors, ints = flatten_layout(layout)
     out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_values,

@@ -88,7 +88,45 @@ class SMALayout(NamedTuple):
 
     @property
     def batch(self) -> int:
-        return max(self.q_regions.labels.shape[0], self.k_regions.labels.shape[0])
+        """The batch it was prepared for: 1 when every part is shared by all rows."""
+        return max(t.shape[0] for t in self._batched_parts())
+
+    def _batched_parts(self) -> list[torch.Tensor]:
+        parts = [self.q_regions.labels, self.k_regions.labels, self.allow_bits]
+        parts += [t for t in (self.q_regions.memberships, self.k_regions.memberships, self.allow, self.k_split,
+                              self.q_perm, self.q_inverse, self.k_perm, self.k_inverse) if t is not None]
+        return parts + list(self.tiles or ())
+
+    def check(self) -> None:
+        """Raise a ValueError unless the parts agree with each other (shapes only: no host read).
+
+        prepare_regions builds consistent layouts; this catches one edited or built by hand.
+        """
+        R, B, Nq, Nk = self.num_regions, self.batch, self.q_tokens, self.k_tokens
+        require(1 <= R <= MAX_REGIONS, f"layout: num_regions={R} is outside [1, {MAX_REGIONS}]")
+        for t in self._batched_parts():
+            require(t.shape[0] in (1, B), f"layout: a part has batch {t.shape[0]}, others {B}")
+        expected = {"q_regions.memberships": (self.q_regions.memberships, (Nq, R)),
+                    "k_regions.memberships": (self.k_regions.memberships, (Nk, R)),
+                    "allow": (self.allow, (R, R)), "allow_bits": (self.allow_bits, (R,)),
+                    "q_perm": (self.q_perm, (Nq,)), "q_inverse": (self.q_inverse, (Nq,)),
+                    "k_perm": (self.k_perm, (Nk,)), "k_inverse": (self.k_inverse, (Nk,))}
+        if self.tiles is not None:
+            QT, KT = -(-Nq // TILE_M), -(-Nk // TILE_N)
+            shapes = dict(pure_run_count=(QT,), pure_runs=(QT, KT, 2), mixed_count=(QT,), mixed_index=(QT, KT),
+                          kv_run_count=(KT,), kv_runs=(KT, QT, 2), key_order=(KT,), key_region=(KT,))
+            expected.update({f"tiles.{name}": (getattr(self.tiles, name), shape) for name, shape in shapes.items()})
+            require(self.tile_flags is not None and self.tile_flags.shape == (2,),
+                    "layout: tile lists without their (2,) tile flags")
+        for name, (t, shape) in expected.items():
+            if t is None:
+                continue
+            require(tuple(t.shape[1:]) == shape,
+                    f"layout: {name} has shape {tuple(t.shape)}, expected (B|1, {', '.join(map(str, shape))}) for "
+                    f"{Nq} query tokens, {Nk} key tokens and {R} regions")
+        require(self.q_regions.is_soft == self.k_regions.is_soft, "layout: one side soft, the other hard")
+        devices = {t.device for t in self._batched_parts()}
+        require(len(devices) == 1, f"layout: parts on several devices {sorted(map(str, devices))}")
 
     @property
     def q_tokens(self) -> int:
@@ -275,7 +313,8 @@ def prepare_regions(q_regions, k_regions=None, allow=None, *, num_regions: int |
                 f"allow: shape {tuple(allow.shape)} must be (R, R) or (B, R, R) with R={R}, B={B}")
         require(allow.device == qr.labels.device, f"allow: is on {allow.device} but the regions are on "
                 f"{qr.labels.device}")
-        allow3 = allow.reshape((1,) * (3 - allow.dim()) + tuple(allow.shape)).contiguous()
+        allow3 = allow.reshape((1,) * (3 - allow.dim()) + tuple(allow.shape)).clone(
+            memory_format=torch.contiguous_format)  # the layout's own copy (see normalize_regions)
     q_perm = q_inverse = k_perm = k_inverse = None
     if sort:
         q_perm, q_inverse = region_sort(qr.labels)

@@ -83,10 +83,12 @@ def normalize_regions(name: str, regions, batch: int, tokens: int, num_regions: 
     batched = regions.unsqueeze(0) if spatial == 1 else regions
     require(batched.shape[0] in (1, batch), f"{name}: batch dim {batched.shape[0]} does not match B={batch}")
     require(batched.shape[1] == tokens, f"{name}: has {batched.shape[1]} tokens but the attention has {tokens}")
+    # Copies, never views of the caller's tensor: a layout must not change when the caller edits it.
     if soft:
-        kept = batched.to(torch.promote_types(batched.dtype, torch.float32))
-        return Regions(hard_labels(kept).to(torch.int32).contiguous(), kept.contiguous())
-    return Regions(batched.to(torch.int32).contiguous(), None)
+        kept = batched.to(torch.promote_types(batched.dtype, torch.float32), memory_format=torch.contiguous_format,
+                          copy=True)
+        return Regions(hard_labels(kept).to(torch.int32).contiguous(), kept)
+    return Regions(batched.to(torch.int32, memory_format=torch.contiguous_format, copy=True), None)
 
 
 def check_region_values(name: str, regions: Regions, num_regions: int) -> None:
@@ -126,7 +128,8 @@ def soft_regions(instance_masks: torch.Tensor, size) -> torch.Tensor:
     persons = (instance_masks.unsqueeze(0) if unbatched else instance_masks).float().clamp(0, 1)
     total = persons.sum(1, keepdim=True)
     persons = persons / total.clamp(min=1)
-    pixels = torch.cat([1 - persons.sum(1, keepdim=True), persons], dim=1)
+    # 1 - sum rounds below 0 where feathered masks overlap (-2e-8): clamp, then renormalise per token.
+    pixels = torch.cat([(1 - persons.sum(1, keepdim=True)).clamp(min=0), persons], dim=1)
     tokens = F.interpolate(pixels, size=(h, w), mode="area")
     tokens = tokens / tokens.sum(1, keepdim=True)
     out = tokens.flatten(2).transpose(1, 2).contiguous()

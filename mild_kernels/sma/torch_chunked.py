@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .._runtime import empty, empty_like
+from .._runtime import empty, empty_like, unit_last_stride
 from .regions import Regions
 from .sparsity import tile_sparsity
 
@@ -114,6 +114,7 @@ def attend(q, k, v, scores_bias, scale):
     # aten's fused kernel dies on a signal with no heads; the portable path handles every shape.
     fused = fused_cpu_attention() if USE_FUSED_CPU and q.device.type == "cpu" and q.numel() else None
     if fused is not None:
+        q, k, v = (unit_last_stride(t) for t in (q, k, v))  # aten's kernel misreads a strided head dim
         extra = v.shape[-1] - q.shape[-1]
         if extra:  # the fused kernel wants one head dim: zero columns add nothing to q k^T
             q, k = F.pad(q, (0, extra)), F.pad(k, (0, extra))

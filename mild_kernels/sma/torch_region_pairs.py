@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._runtime import unit_last_stride
 from . import torch_chunked
 from .regions import Regions
 from .torch_chunked import batch_row, compute_dtype
@@ -64,8 +65,9 @@ def sma_forward_by_region_pairs(q, k, v, q_regions: Regions, k_regions: Regions,
     for b in range(B):
         q_order, q_bounds = _region_order(batch_row(q_regions.labels, b).long(), R)
         k_order, k_bounds = _region_order(batch_row(k_regions.labels, b).long(), R)
-        qs = _in_order(q[b:b + 1].to(dtype), q_order)
-        ks, vs = (_in_order(t[b:b + 1].to(dtype), k_order) for t in (k, v))
+        # aten's fused kernel misreads a strided head dim: rows with unit-stride columns.
+        qs = unit_last_stride(_in_order(q[b:b + 1].to(dtype), q_order))
+        ks, vs = (unit_last_stride(_in_order(t[b:b + 1].to(dtype), k_order)) for t in (k, v))
         table = batch_row(bias, b).to(dtype)  # (H|1, R, R)
         allowed = [[True] * R] * R if allow is None else batch_row(allow, b).tolist()
         # Results in region order: the outputs themselves when the queries already are.

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2
+from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2, unit_last_stride
 from .layout import REGION_BITS, TILE_N
 from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns,
                              _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, config_key,
@@ -571,7 +571,8 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     soft = qr.is_soft
     device = q.device
     mass_grad = grad_mass is not None
-    q, k, v, grad_out = (pad_head_dim(t) for t in (q, k, v, grad_out))
+    out = unit_last_stride(out)
+    q, k, v, grad_out = (pad_head_dim(unit_last_stride(t)) for t in (q, k, v, grad_out))
     Dp = q.shape[-1]
     rp = max(16, next_power_of_2(R))
     delta = empty((B, H, Nq), dtype=torch.float32, device=device)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import device_arch, empty, empty_like, interpreting, launch, next_power_of_2
+from .._runtime import device_arch, empty, empty_like, interpreting, launch, next_power_of_2, unit_last_stride
 from .layout import REGION_BITS, TILE_M, TILE_N
 
 LOG2E = 1.4426950408889634
@@ -671,7 +671,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
     soft = qr.is_soft
     device = q.device
     out = empty_like(q)
-    q, k, v = (pad_head_dim(t) for t in (q, k, v))
+    q, k, v = (pad_head_dim(unit_last_stride(t)) for t in (q, k, v))
     lse = empty((B, H, Nq), dtype=torch.float32, device=device)
     mass = empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse
     tables = empty((2 if save_shift else 1, B, H, R, Nq), dtype=torch.float32, device=device)
