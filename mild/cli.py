@@ -87,6 +87,7 @@ def build_pipeline(args):
             load_checkpoint(pipe, args.checkpoint)
         except TrainError as error:
             raise CLIError(str(error)) from None
+    pipe.compile = True if args.compile == "default" else args.compile
     pipe.to(device)
     if device == "cuda" and not args.tiny:
         pipe.to(torch.float16)
@@ -217,6 +218,10 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--hmg", help="safetensors with the HMG adapter")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        choices=(True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="run the UNet through torch.compile(fullgraph=True), optionally in MODE (compiles "
+                             "once per resolution and layer count; pays off over many steps or images)")
 
 
 def parse_args(argv):

@@ -139,17 +139,23 @@ class MILDPipeline(DiffusionPipeline):
         lora_rank: rank of the background and foreground LoRA adapters put on the UNet's
             attention projections (B starts at zero: no effect until trained or loaded).
         backend: kernel backend for every mild_kernels call ("auto", "triton", "torch").
+        compile: run the denoising loop's UNet calls through ``torch.compile(unet, fullgraph=True)``;
+            True for the default mode, or a mode name ("max-autotune", "reduce-overhead"). The
+            region context is prepared before the loop, so the UNet traces as one static graph,
+            compiled once per resolution and layer count. Settable later as ``pipe.compile``.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer | None,
                  unet: UNet2DConditionModel, scheduler, hmg: HumanMorphologyGuidance | None = None,
-                 lora_rank: int = 4, backend: str = "auto"):
+                 lora_rank: int = 4, backend: str = "auto", compile: bool | str = False):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.hmg = hmg
         self.backend = backend
+        self.compile = compile
+        self._compiled = None  # (mode, compiled UNet)
         self.default_guidance_scale = 7.5  # what a call without guidance_scale uses (the tiny model's file sets its own)
         self.working_size = None  # longest side to diffuse at (None: the photo's size); the tiny model's file sets 128
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -159,7 +165,7 @@ class MILDPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, lora_rank: int = 4,
-                        backend: str = "auto", **kwargs) -> "MILDPipeline":
+                        backend: str = "auto", compile: bool | str = False, **kwargs) -> "MILDPipeline":
         """Load real weights from a local diffusers inpainting folder; never downloads.
 
         ``hmg_weights`` / ``lora_weights``: optional safetensors files for the HMG adapter
@@ -174,7 +180,7 @@ class MILDPipeline(DiffusionPipeline):
                    tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
                    unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load),
                    scheduler=DDIMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True),
-                   lora_rank=lora_rank, backend=backend)
+                   lora_rank=lora_rank, backend=backend, compile=compile)
         if lora_weights is not None:
             from safetensors.torch import load_file
 
@@ -187,13 +193,13 @@ class MILDPipeline(DiffusionPipeline):
 
     @classmethod
     def tiny(cls, seed: int = 0, in_channels: int = 9, with_hmg: bool = True, backend: str = "auto",
-             weights="shipped", lora_rank: int = 4) -> "MILDPipeline":
+             weights="shipped", lora_rank: int = 4, compile: bool | str = False) -> "MILDPipeline":
         """The tiny pipeline, built in memory and offline (demos, tests).
 
         ``weights``: "shipped" (the package's trained weights, mild/weights/tiny.safetensors),
         a path to a file written by ``mild train-tiny``, or None for random weights from ``seed``.
         """
-        pipe = cls(**tiny_components(in_channels, seed), backend=backend, lora_rank=lora_rank)
+        pipe = cls(**tiny_components(in_channels, seed), backend=backend, lora_rank=lora_rank, compile=compile)
         if with_hmg:
             pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor)
         if weights is not None:
@@ -332,6 +338,8 @@ class MILDPipeline(DiffusionPipeline):
                                     torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
 
         context = rows.context(halves=2, alpha=alpha, beta=beta, backend=self.backend, device=device)
+        context.prepare(self.unet, text.shape[1], device)  # every host read of the loop's UNet calls, here
+        unet = self._denoising_unet()
         set_adapter_ids(self.unet, rows.adapter_ids * 2)
         residuals = None
         if rows.guide is not None:
@@ -346,7 +354,7 @@ class MILDPipeline(DiffusionPipeline):
             if inpainting_unet:
                 model_in = torch.cat([model_in, inpaint_latent.repeat(2, 1, 1, 1), masked_latents.repeat(2, 1, 1, 1)], 1)
             with torch.profiler.record_function("mild::unet"):
-                noise_pred = self.unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
+                noise_pred = unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
                                        added_cond_kwargs=added, down_intrablock_additional_residuals=None
                                        if residuals is None else [r.clone() for r in residuals]).sample
             noise_uncond, noise_cond = noise_pred.chunk(2)
@@ -400,6 +408,16 @@ class MILDPipeline(DiffusionPipeline):
         pasted = composite_layers(result[None], torch.ones(1, 1, 1, H, W), pixels[None],
                                   plan.paste_region[None, None].float(), backend=self.backend)[0]
         return MILDOutput(self._to_output(pasted, as_pil), out.layers, out.cag, plan)
+
+    def _denoising_unet(self):
+        """The UNet as the denoising loop calls it: compiled once per ``compile`` setting."""
+        if not self.compile:
+            return self.unet
+        mode = None if self.compile is True else self.compile
+        if self._compiled is None or self._compiled[0] != mode:
+            # dynamic=False: one static graph per resolution and layer count, as CUDA graphs want
+            self._compiled = (mode, torch.compile(self.unet, fullgraph=True, dynamic=False, mode=mode))
+        return self._compiled[1]
 
     @staticmethod
     def _to_output(result: torch.Tensor, as_pil: bool):

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from mild_kernels import SMALayout, default_modulation, prepare_regions, sma_attention, soft_regions
 
-from .cag import cross_domain_attention_gap
+from .cag import cross_domain_attention_gap, domain_indicator
 
 
 @dataclasses.dataclass
@@ -60,7 +59,8 @@ class RegionContext:
     backend: str = "auto"
     _layouts: dict = dataclasses.field(default_factory=dict, repr=False)
     _biases: dict = dataclasses.field(default_factory=dict, repr=False)
-    _cag: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0.0, 0]), repr=False)
+    _cag: dict = dataclasses.field(default_factory=dict, repr=False)  # (h, w) -> (2, B) sums and counts
+    _domain_rows: dict = dataclasses.field(default_factory=dict, repr=False)  # device -> (B, R) indicator
 
     @property
     def num_regions(self) -> int:
@@ -73,6 +73,35 @@ class RegionContext:
         if h * w != tokens:
             raise ValueError(f"region_context: {tokens} tokens match no resolution of latents {self.latent_size}")
         return h, w
+
+    def grids(self) -> list[tuple[int, int]]:
+        """Every resolution a UNet can attend at: the latents halved (rounding up) down to 1 x 1."""
+        h, w = self.latent_size
+        grids = [(h, w)]
+        while h * w > 1:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            grids.append((h, w))
+        return grids
+
+    def prepare(self, unet, text_tokens: int | None = None, device=None) -> "RegionContext":
+        """Do a UNet call's host work up front: the layouts of every resolution (and of
+        cross-attention, with ``text_regions``), the bias table of every attention module and
+        zero CAG sums. A UNet call then reads no tensor value on the host (the Triton backend)
+        and fills no cache, so ``torch.compile`` traces it whole and guards on nothing that
+        changes between steps. Returns the context."""
+        device = unet.device if device is None else device
+        for h, w in self.grids():
+            self.layout_at(h * w, None, device)
+            if self.text_regions is not None and text_tokens is not None:
+                self.layout_at(h * w, text_tokens, device)
+            if self.domains is not None:
+                self._cag.setdefault((h, w), torch.zeros(2, len(self.row_image), device=device))
+        if self.domains is not None:
+            self.domain_rows(device)
+        for module in unet.modules():
+            if isinstance(module, Attention):
+                self.bias_for(module.heads, getattr(module, "sma_modulation", None))
+        return self
 
     def memberships_at(self, tokens: int) -> torch.Tensor:
         """(B, N, R) soft memberships of every row's tokens at one resolution, in raster order."""
@@ -88,7 +117,10 @@ class RegionContext:
             memberships = self.memberships_at(tokens).to(device)
             text = None if text_tokens is None else self.text_regions.to(device)
             allow = None if self.allow is None else self.allow.to(device)
-            self._layouts[key] = prepare_regions(memberships, text, allow, sort=self.sort_tokens)
+            # Inside a compiled graph the tile flags cannot be read here (a graph break): the op
+            # reads them per call instead. prepare() keeps compiled steps off this path.
+            self._layouts[key] = prepare_regions(memberships, text, allow, sort=self.sort_tokens,
+                                                 read_info=not torch.compiler.is_compiling())
         return self._layouts[key]
 
     def bias_for(self, heads: int, modulation: "SMAModulation | None" = None) -> torch.Tensor:
@@ -114,17 +146,29 @@ class RegionContext:
             self._biases[key] = table
         return table
 
+    def domain_rows(self, device) -> torch.Tensor:
+        """(B, R) indicator of each row's domain, built once per device."""
+        if str(device) not in self._domain_rows:
+            self._domain_rows[str(device)] = domain_indicator(self.domains, self.num_regions).to(device)
+        return self._domain_rows[str(device)]
+
     def record_cag(self, tokens: int, region_mass: torch.Tensor, memberships: torch.Tensor) -> None:
-        gaps = cross_domain_attention_gap(region_mass.float(), memberships, self.domains)
-        for row, gap in enumerate(gaps.tolist()):
-            if not math.isnan(gap):
-                entry = self._cag[(row, self.grid(tokens))]
-                entry[0] += gap
-                entry[1] += 1
+        """Add one attention's CAG per row to the running sums, on the device: no host read
+        (each would be a GPU sync per self-attention, and a graph break under torch.compile)."""
+        gaps = cross_domain_attention_gap(region_mass.float(), memberships, self.domain_rows(region_mass.device))
+        seen = ~gaps.isnan()  # a row whose domain owns no token at this resolution has no gap
+        update = torch.stack([torch.where(seen, gaps, torch.zeros_like(gaps)), seen.float()])
+        key = self.grid(tokens)
+        self._cag[key] = update if key not in self._cag else self._cag[key] + update
 
     def cag(self) -> dict:
-        """{(row, (h, w)): mean CAG over the attention modules and calls seen so far}."""
-        return {key: total / count for key, (total, count) in self._cag.items()}
+        """{(row, (h, w)): mean CAG over the attention modules and calls seen so far}; one host read."""
+        if not self._cag:
+            return {}
+        grids = list(self._cag)
+        sums, counts = torch.stack([self._cag[g] for g in grids], 1).tolist()  # (2, grids, B)
+        return {(row, grid): total / count for grid, totals, seen in zip(grids, sums, counts)
+                for row, (total, count) in enumerate(zip(totals, seen)) if count > 0}
 
 
 class SMAAttnProcessor:

@@ -90,6 +90,13 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
     return empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether a torch path may read tensor values on the host to skip work: on the CPU a read
+    costs nothing; on a GPU each one waits for the device (and breaks a CUDA graph), so there
+    the torch paths do the skipped work instead."""
+    return device.type == "cpu"
+
+
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     """x, or a contiguous copy when its last dim is strided: the kernels' row loads assume
     adjacent elements (any batch, head and token strides are passed to them, even 0)."""

@@ -142,6 +142,29 @@ def test_cli_erase_single_image(tmp_path):
     assert Image.open(out).size == Image.open(image).size
 
 
+def test_cli_erase_compile_gives_the_eager_image(tmp_path, monkeypatch):
+    """``mild erase --compile [MODE]`` runs the UNet compiled (aot_eager here, for the CPU's
+    time) and writes what the eager command writes."""
+    compile_ = torch.compile
+    modes = []
+
+    def recording_compile(model, mode=None, **options):
+        modes.append(mode)
+        return compile_(model, backend="aot_eager", **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    image, masks = write_sample(tmp_path)
+    outputs = {}
+    for flags in ([], ["--compile"], ["--compile", "max-autotune"]):
+        outputs[len(flags)] = tmp_path / f"out{len(flags)}.png"
+        assert cli_main(["erase", str(image), "--masks", *map(str, masks), "-o", str(outputs[len(flags)]), "--tiny",
+                         "--steps", "2", "--backend", "torch", *flags]) == 0
+    assert modes == [None, "max-autotune"]
+    pixels = [np.asarray(Image.open(path)).astype(int) for path in outputs.values()]
+    assert all(np.abs(p - pixels[0]).max() <= 1 for p in pixels[1:])
+
+
 @pytest.mark.parametrize("problem", ["size", "empty", "erase-id", "unreadable", "bomb", "steps-0", "steps-negative",
                                      "guidance-nan", "guidance-inf", "output-folder", "output-suffix"])
 def test_cli_errors_write_nothing(tmp_path, capsys, problem):
@@ -256,3 +279,40 @@ def test_hmg_adapter_round_trips_through_safetensors(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="^keypoints"):
         guidance_image((SIZE, SIZE), torch.rand(5, 3))
+
+
+def test_compiled_pipeline_matches_eager_and_compiles_once_per_layer_count(monkeypatch):
+    """MILDPipeline(compile=...): the UNet traced whole (fullgraph=True), one graph for every
+    step of every call with the same resolution and layer count, and eager's result. (aot_eager
+    here for the CPU's time; the slow test below runs inductor.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = MILDPipeline.tiny(seed=0, backend="torch")
+    image, masks = scene()
+    calls = {"two layers": dict(erase=[2]), "one layer": dict(erase=[1, 2])}
+    eager = {name: pipe(image, masks, num_inference_steps=3, generator=torch.Generator().manual_seed(1), **call)
+             for name, call in calls.items()}
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(model, backend="aot_eager", **options))
+    pipe.compile = True
+    graphs = []
+    for name in ("two layers", "two layers", "one layer", "one layer", "two layers"):
+        out = pipe(image, masks, num_inference_steps=3, generator=torch.Generator().manual_seed(1), **calls[name])
+        assert torch.allclose(out.image, eager[name].image, atol=1e-5), name
+        assert out.cag.keys() == eager[name].cag.keys()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 2, 2, 2], graphs  # a new layer count compiles once
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_with_inductor_matches_eager():
+    """The default torch.compile backend (inductor: C++ on the CPU) on the tiny pipeline, ~60 s."""
+    torch._dynamo.reset()
+    pipe = MILDPipeline.tiny(seed=0, backend="torch")
+    image, masks = scene()
+    eager = pipe(image, masks, erase=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    pipe.compile = "max-autotune-no-cudagraphs"
+    out = pipe(image, masks, erase=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out.image, eager.image, atol=1e-4)

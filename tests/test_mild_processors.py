@@ -1,13 +1,16 @@
 """SMA processors inside real diffusers UNets, and CAG."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from helpers import rel_err
+from helpers import count_host_reads, rel_err
 from mild import RegionContext, cross_domain_attention_gap, enable_sma
 from mild.architectures import SD15_INPAINT_UNET
-from mild_kernels import sma_attention, sma_attention_reference, soft_regions
+from mild_kernels import apply_multi_lora, set_adapter_ids, sma_attention, sma_attention_reference, soft_regions
+from mild_kernels._runtime import record_launches
 
 TINY = dict(sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -124,3 +127,61 @@ def test_cag_matches_its_definition_on_the_dense_attention():
     assert (got.abs() <= 1).all()
     reference_mass = sma_attention_reference(q, k, v, regions, regions, bias, return_region_mass=True)[2]
     assert rel_err(res.region_mass, reference_mass) < 1e-10
+
+
+def lora_unet_with_regions(backend, sort_tokens=True):
+    """The tiny UNet with SMA processors, both LoRA adapters and a region context with domains
+    (CAG on): a MILD step's UNet call for 2 rows."""
+    unet = build_unet(TINY)
+    enable_sma(unet)
+    apply_multi_lora(unet, 2, 4, backend=backend)
+    set_adapter_ids(unet, torch.tensor([0, 1]))
+    allow = torch.ones(2, 3, 3, dtype=torch.bool)
+    allow[:, 1, 2] = allow[:, 2, 1] = False
+    context = RegionContext(person_masks(1, 128), (16, 16), torch.zeros(2, dtype=torch.long), alpha=2.0, beta=1.0,
+                            allow=allow, domains=[[0], [1]], sort_tokens=sort_tokens, backend=backend)
+    return unet, context
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch-as-on-a-gpu"])
+def test_a_warm_unet_call_reads_no_tensor_value_with_cag_on(backend, monkeypatch):
+    """After a resolution's first call (which prepares its layouts), a UNet call with SMA,
+    multi-adapter LoRA and CAG reads no tensor value on the host: no GPU sync in a step.
+    CAG accumulates on the device and is read once, by ``context.cag()``. The torch backends
+    read tile lists and adapter ids only on the CPU (free there); off it they read nothing."""
+    if backend == "torch-as-on-a-gpu":
+        from mild_kernels import _runtime
+
+        monkeypatch.setattr(_runtime, "host_reads_are_free", lambda device: False)
+        backend = "torch"
+    unet, context = lora_unet_with_regions(backend)
+    inputs = unet_inputs(unet, 2, 16)
+    with record_launches():
+        run(unet, inputs, context)  # the first call prepares each resolution's layouts
+        with count_host_reads() as reads:
+            run(unet, inputs, context)
+    assert reads == [], f"host reads in a warm UNet call: {reads}"
+    assert len(context._cag) == 2  # recorded at both self-attention resolutions, on the device
+
+
+def test_the_unet_traces_as_one_graph_with_regions_lora_and_cag():
+    """torch.compile(fullgraph=True) material: a prepared context (no eager warm-up call) gives
+    one graph and no break, and the compiled UNet matches eager, CAG included."""
+    torch._dynamo.reset()
+    unet, context = lora_unet_with_regions("torch")  # the custom ops are opaque to dynamo on either backend
+    x, text, extra = unet_inputs(unet, 2, 16)
+    context.prepare(unet)
+    kwargs = {"region_context": context}
+    explained = torch._dynamo.explain(unet)(x, torch.tensor(37), text, cross_attention_kwargs=kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager_context = dataclasses.replace(context, _cag={}, _layouts=dict(context._layouts))
+    with torch.no_grad():
+        expected = unet(x, 37, text, cross_attention_kwargs={"region_context": eager_context}).sample
+        compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")
+        context._cag.clear()
+        context.prepare(unet)
+        got = compiled(x, torch.tensor(37), text, cross_attention_kwargs=kwargs).sample
+    assert rel_err(got, expected) < 1e-6
+    eager_cag, compiled_cag = eager_context.cag(), context.cag()
+    assert set(compiled_cag) == set(eager_cag) and len(eager_cag) == 4
+    assert all(abs(compiled_cag[key] - value) < 1e-6 for key, value in eager_cag.items())

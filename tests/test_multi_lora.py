@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compile_gate
-from helpers import assert_close
+from helpers import assert_close, count_host_reads
 from mild_kernels import MultiLoRALinear, apply_multi_lora, multi_lora_linear, set_adapter_ids
 from mild_kernels._runtime import poison_outputs, record_launches
 from mild_kernels.multi_lora import interface, multi_lora_linear_reference, triton_kernels
@@ -94,6 +94,23 @@ def test_two_dimensional_input_with_mixed_ids(backend, device):
     ids = torch.randint(-1, 4, (53,)).tolist()
     case = make_case(rows=53, adapters=4, ids=ids, flat=True, per_adapter_scaling=False, device=device)
     check_forward_and_backward(case, backend, torch.float32)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["grouped", "gathered"])
+def test_torch_backend_without_host_reads(flat, monkeypatch, device):
+    """Off the CPU the torch backend reads no adapter id: every adapter runs over all rows,
+    the others' rows weighted 0. Same results as the float64 reference."""
+    from mild_kernels import _runtime
+
+    monkeypatch.setattr(_runtime, "host_reads_are_free", lambda device: False)
+    ids = torch.randint(-1, 4, (29,)).tolist()
+    case = make_case(rows=29, tokens=37, adapters=4, ids=ids, flat=flat, device=device)
+    check_forward_and_backward(case, "torch", torch.float32)
+    x = case["x"].detach().requires_grad_()
+    multi_lora_linear(**{**case, "x": x}, backend="torch")  # the first call reads the id range (a check)
+    with count_host_reads() as reads:
+        multi_lora_linear(**{**case, "x": x}, backend="torch").sum().backward()
+    assert reads == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close
+from helpers import assert_close, count_host_reads
 from mild_kernels import (SMAOutput, prepare_regions, region_sort, sma_attention, sma_attention_reference,
                           soft_regions)
 from mild_kernels._runtime import poison_outputs
@@ -62,6 +62,30 @@ def check_against_reference(case, backend, dtype, factor=1.0):
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 def test_matches_float64_reference(backend, dtype, soft, device):
     check_against_reference(make_case(dtype=dtype, soft=soft, device=device), backend, dtype)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_torch_backend_off_the_cpu_skips_no_tile_and_reads_nothing(soft, monkeypatch, device):
+    """Where host reads are not free the chunked torch path visits every key tile (blocked
+    pairs -inf) instead of reading the tile lists: same results, no read in a prepared call."""
+    from mild_kernels import _runtime
+    from mild_kernels.sma import torch_chunked
+
+    monkeypatch.setattr(_runtime, "host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(torch_chunked, "USE_FUSED_CPU", False)
+    case = make_case(soft=soft, blocked=0.5, device=device)
+    check_against_reference(case, "torch", torch.float32)
+    leaves = {**case, **{n: case[n].detach().requires_grad_() for n in "qkv"}}
+    layout = prepare_regions(case["q_regions"], case["k_regions"], case["allow"], tiles=False)
+    grad = torch.randn(case["q"].shape, device=device)
+    with count_host_reads() as reads:
+        out = sma_attention(leaves["q"], leaves["k"], leaves["v"], bias=case["bias"], layout=layout, backend="torch")
+        (out * grad).sum().backward()
+    assert reads == []
+    ref_leaves = {**float64(case), **{n: case[n].double().requires_grad_() for n in "qkv"}}
+    (sma_attention_reference(**ref_leaves) * grad.double()).sum().backward()
+    for name in "qkv":
+        assert_close(f"d{name}", leaves[name].grad, ref_leaves[name].grad, torch.float32, factor=4)
 
 
 def test_autocast_runs_in_its_dtype_like_sdpa(backend, device):

@@ -1,43 +1,14 @@
 """Prepared layouts (prepare_regions): tile classes, reuse without host syncs, and the launches a call makes."""
 
-import contextlib
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close
+from helpers import assert_close, count_host_reads
 from mild_kernels import prepare_regions, sma_attention, sma_attention_reference, soft_regions
 from mild_kernels._runtime import record_launches
 from mild_kernels.sma.layout import REGION_BITS, TILE_M, TILE_N
 from test_sma_attention import float64
-
-HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count every read of a tensor's value on the host, custom ops' insides included.
-
-    A dispatch mode does not see inside a custom op; patching the Tensor methods that
-    hand a value to Python does (on a GPU each of them is a device sync).
-    """
-    reads = []
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name, original):
-        def method(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-        return method
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(name, original))
-    try:
-        yield reads
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
 
 
 class AtenOps(TorchDispatchMode):

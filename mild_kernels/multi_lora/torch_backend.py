@@ -8,7 +8,8 @@ Two layouts, chosen by memory:
   read of the ids on the host. Used when the gathered weights are no larger than x.
 - grouped: otherwise (2-D inputs, few tokens per row), token rows are grouped by adapter
   and each adapter's shrink and expand run once over all of its rows: a loop over the
-  adapters present (their ids read on the host), never over rows.
+  adapters present (their ids read on the host), never over rows. Where a host read is not
+  free (a GPU), every adapter runs over all token rows with a 0/1 row factor instead: no read.
 
 Any device, any float dtype (float64 included).
 """
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import _runtime
 
 
 def row_factors(ids: torch.Tensor, scale: float, scales, dtype) -> torch.Tensor:
@@ -32,10 +35,22 @@ def gathers_adapters(x3: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tenso
     return rank * (in_features + out_features) <= tokens * in_features
 
 
-def adapter_groups(ids: torch.Tensor):
-    """(adapter, indices of its rows) for each adapter id >= 0 present in ``ids``."""
+def adapter_groups(ids: torch.Tensor, factors: torch.Tensor, num_adapters: int):
+    """(adapter, its token rows or None for all, their factors (n, 1)) for the grouped layout:
+    the adapters present, read on the host, or every adapter with the others' factors 0."""
+    if not _runtime.host_reads_are_free(ids.device):
+        return [(adapter, None, factors * (ids == adapter)[:, None]) for adapter in range(num_adapters)]
     present = torch.unique(ids[ids >= 0]).tolist()
-    return [(adapter, (ids == adapter).nonzero().squeeze(1)) for adapter in present]
+    groups = [(adapter, (ids == adapter).nonzero().squeeze(1)) for adapter in present]
+    return [(adapter, indices, factors[indices]) for adapter, indices in groups]
+
+
+def _rows(x: torch.Tensor, indices) -> torch.Tensor:
+    return x if indices is None else x[indices]
+
+
+def _add_rows(out: torch.Tensor, indices, value: torch.Tensor) -> None:
+    out.add_(value) if indices is None else out.index_add_(0, indices, value)
 
 
 def multi_lora_forward_torch(x3, weight, bias, lora_a, lora_b, ids, scale, scales):
@@ -50,9 +65,9 @@ def multi_lora_forward_torch(x3, weight, bias, lora_a, lora_b, ids, scale, scale
     x2, y2 = x3.reshape(-1, K), y.view(rows * tokens, -1)
     token_ids = ids.repeat_interleave(tokens)
     token_factors = factors.repeat_interleave(tokens)[:, None]
-    for adapter, indices in adapter_groups(token_ids):
-        lora = F.linear(F.linear(x2[indices], lora_a[adapter]), lora_b[adapter])
-        y2.index_add_(0, indices, lora * token_factors[indices])
+    for adapter, indices, s in adapter_groups(token_ids, token_factors, lora_a.shape[0]):
+        lora = F.linear(F.linear(_rows(x2, indices), lora_a[adapter]), lora_b[adapter])
+        _add_rows(y2, indices, lora * s)
     return y
 
 
@@ -76,11 +91,10 @@ def multi_lora_backward_torch(grad_y, x3, weight, lora_a, lora_b, ids, scale, sc
     token_ids = ids.repeat_interleave(tokens)
     token_factors = factors.repeat_interleave(tokens)[:, None]
     d_a, d_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    for adapter, indices in adapter_groups(token_ids):
-        x_rows, s = x2[indices], token_factors[indices]
-        dy_rows = dy2[indices]
+    for adapter, indices, s in adapter_groups(token_ids, token_factors, lora_a.shape[0]):
+        x_rows, dy_rows = _rows(x2, indices), _rows(dy2, indices)
         g = (dy_rows @ lora_b[adapter]) * s
-        dx2.index_add_(0, indices, g @ lora_a[adapter])
+        _add_rows(dx2, indices, g @ lora_a[adapter])
         d_a[adapter] = g.T @ x_rows
         d_b[adapter] = dy_rows.T @ (F.linear(x_rows, lora_a[adapter]) * s)
     return dx, d_a, d_b

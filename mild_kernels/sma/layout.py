@@ -89,7 +89,7 @@ class SMALayout(NamedTuple):
     @property
     def batch(self) -> int:
         """The batch it was prepared for: 1 when every part is shared by all rows."""
-        return max(t.shape[0] for t in self._batched_parts())
+        return max(int(t.shape[0]) for t in self._batched_parts())  # int(): static under torch.compile
 
     def _batched_parts(self) -> list[torch.Tensor]:
         parts = [self.q_regions.labels, self.k_regions.labels, self.allow_bits]
@@ -105,7 +105,7 @@ class SMALayout(NamedTuple):
         R, B, Nq, Nk = self.num_regions, self.batch, self.q_tokens, self.k_tokens
         require(1 <= R <= MAX_REGIONS, f"layout: num_regions={R} is outside [1, {MAX_REGIONS}]")
         for t in self._batched_parts():
-            require(t.shape[0] in (1, B), f"layout: a part has batch {t.shape[0]}, others {B}")
+            require(int(t.shape[0]) in (1, B), f"layout: a part has batch {t.shape[0]}, others {B}")
         expected = {"q_regions.memberships": (self.q_regions.memberships, (Nq, R)),
                     "k_regions.memberships": (self.k_regions.memberships, (Nk, R)),
                     "allow": (self.allow, (R, R)), "allow_bits": (self.allow_bits, (R,)),

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from .. import _runtime
 from .._runtime import empty, empty_like, unit_last_stride
 from .regions import Regions
 from .sparsity import tile_sparsity
@@ -59,15 +60,18 @@ class Chunk:
     scores_bias: torch.Tensor  # (H|1, C, keys): bias, -inf at blocked pairs
     q_memberships: torch.Tensor  # (C, R)
     k_memberships: torch.Tensor  # (keys, R)
-    blocked_rows: torch.Tensor | None  # (C,) bool: rows with no allowed key, None if there are none
+    blocked_rows: torch.Tensor | None  # (C,) bool: rows with no allowed key, None without an allow table
 
 
 def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, batch, Nq, Nk, dtype,
            chunk: int) -> Iterator[Chunk]:
     """The query chunks of every batch row, with their visited keys and bias."""
     R = num_regions
-    sparsity = tile_sparsity(q_regions.labels, k_regions.labels, allow, R, chunk, KEY_BLOCK)
     device = q_regions.labels.device
+    # Skipping blocked key tiles reads the tile lists on the host; where that is not free every
+    # key is visited instead (blocked pairs are -inf either way): a prepared call then reads nothing.
+    sparsity = tile_sparsity(q_regions.labels, k_regions.labels, allow, R, chunk, KEY_BLOCK) \
+        if _runtime.host_reads_are_free(device) else None
     key_offsets = torch.arange(KEY_BLOCK, device=device)
     soft = q_regions.is_soft
 
@@ -83,8 +87,8 @@ def chunks(q_regions: Regions, k_regions: Regions, bias, allow, num_regions, bat
             q_features = table[:, lq]
         for t, m0 in enumerate(range(0, Nq, chunk)):
             rows = slice(m0, min(Nq, m0 + chunk))
-            tiles = sparsity.active_tiles(b, t)
-            if tiles.numel() * KEY_BLOCK >= Nk:
+            tiles = None if sparsity is None else sparsity.active_tiles(b, t)
+            if tiles is None or tiles.numel() * KEY_BLOCK >= Nk:
                 keys = None
             else:
                 keys = (tiles.long().sort().values[:, None] * KEY_BLOCK + key_offsets).flatten()
@@ -155,9 +159,9 @@ def sma_forward_torch(q, k, v, q_regions: Regions, k_regions: Regions, bias, all
         if return_mass:
             vc = torch.cat([vc, c.k_memberships.expand(H, -1, -1)], dim=-1)
         chunk_out, chunk_lse = attend(q[c.b, :, c.rows].to(dtype), kc, vc, c.scores_bias, scale)
-        if c.blocked_rows is not None and c.blocked_rows.any():
-            chunk_out[:, c.blocked_rows] = 0
-            chunk_lse[:, c.blocked_rows] = float("-inf")
+        if c.blocked_rows is not None:  # a select, not a read of blocked_rows.any(): no host sync
+            chunk_out = chunk_out.masked_fill(c.blocked_rows[None, :, None], 0)
+            chunk_lse = chunk_lse.masked_fill(c.blocked_rows[None, :], float("-inf"))
         out[c.b, :, c.rows] = chunk_out[..., :D].to(q.dtype)
         lse[c.b, :, c.rows] = chunk_lse
         if return_mass:
