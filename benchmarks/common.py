@@ -15,7 +15,6 @@ through :func:`run_pytest_benchmark`): ``pytest benchmarks --benchmark-only``.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -179,31 +178,3 @@ def plot_rows(rows: list[dict], metric: str, path: Path, *, title: str, log: boo
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    """Count every read of a tensor's value on the host, custom ops' insides included.
-
-    A dispatch mode does not see inside a custom op; patching the Tensor methods that
-    hand a value to Python does (on a GPU each of them is a device sync).
-    """
-    reads = []
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def counting(name, original):
-        def method(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-        return method
-
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, counting(name, original))
-    try:
-        yield reads
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)

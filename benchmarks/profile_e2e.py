@@ -69,6 +69,7 @@ from mild.train import ADAPTER_KEYS, TrainingModel, architecture, sample_loss  #
 
 ARCHS = {
     "sd15": dict(resolution=512, unet=SD15_INPAINT_UNET, vae=SD_VAE, text=(77, 768), pooled=None),
+    "sd15-256": dict(resolution=256, unet=SD15_INPAINT_UNET, vae=SD_VAE, text=(77, 768), pooled=None),
     "sdxl": dict(resolution=1024, unet=SDXL_INPAINT_UNET, vae=SD_VAE, text=(77, 2048), pooled=1280),
 }
 INFERENCE_PROVIDERS = ("mild", "mild-plain-attn", "baseline")
@@ -592,7 +593,7 @@ def train_main(args, gpu: bool, device: str, out_dir: Path) -> Results:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", nargs="+", default=None, choices=("tiny", "sd15", "sdxl"))
+    parser.add_argument("--arch", nargs="+", default=None, choices=("tiny", "sd15-256", "sd15", "sdxl"))
     parser.add_argument("--layers", nargs="+", type=int, default=None,
                         help="layer counts (default: inference 1 2 4 8 on a GPU, 1 2 on the CPU; --train 2)")
     parser.add_argument("--steps", type=int, default=None,
@@ -601,6 +602,10 @@ def main(argv=None):
                         help=f"default: {' '.join(INFERENCE_PROVIDERS)}; with --train {' '.join(TRAIN_PROVIDERS)}")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--train", action="store_true", help="profile the training step instead of inference")
+    parser.add_argument("--step", action="store_true",
+                        help="profile one denoising step per provider (benchmarks/profile_step.py: mild eager and "
+                             "compiled, a sequential per-layer loop, dense-mask attention); default: tiny and "
+                             "sd15-256 with 3 layers on the CPU, sd15 and sdxl on a GPU")
     parser.add_argument("--train-weights", nargs="+", choices=tuple(TRAIN_WEIGHTS), default=None,
                         help="--train: weight dtypes, one case each (default fp32, as mild train; bf16 when fp32 "
                              "runs out of memory)")
@@ -608,7 +613,8 @@ def main(argv=None):
                         help="tiny model on the CPU, a harness check (inference: 2 steps, L = 1 and 2; --train: L = 2)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    known = TRAIN_PROVIDERS if args.train else INFERENCE_PROVIDERS
+    known = TRAIN_PROVIDERS if args.train else ("mild", "mild-compiled", "mild-cudagraphs", "sequential", "dense-mask") \
+        if args.step else INFERENCE_PROVIDERS
     if args.providers and not set(args.providers) <= set(known):
         parser.error(f"--providers: choose from {', '.join(known)}")
 
@@ -620,6 +626,13 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.train:
         return train_main(args, gpu, device, out_dir)
+    if args.step:
+        from benchmarks.profile_step import GPU_PROVIDERS, PROVIDERS, step_main
+
+        archs = args.arch or (["sd15", "sdxl"] if gpu else ["tiny", "sd15-256"])
+        providers = args.providers or (GPU_PROVIDERS if gpu else PROVIDERS)
+        return step_main(archs, args.layers or [3], providers, args.backend, warmup=2, timed=args.steps or (10 if gpu else 3),
+                         device=device, dtype=dtype, out_dir=out_dir)
     archs = args.arch or (["sd15", "sdxl"] if gpu else ["tiny"])
     layer_counts = args.layers or ([1, 2, 4, 8] if gpu else [1, 2])
     steps = args.steps or (30 if gpu else 2)

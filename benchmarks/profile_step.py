@@ -16,7 +16,9 @@ steps), host reads of tensor values (``Tensor.item``/``tolist``/``__bool__``/...
 over the timed steps; each is a GPU sync), launches (CUDA kernels on a GPU; on the CPU,
 operator calls: top-level aten and custom ops), and the peak of memory allocated within the
 step (``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the profiler's allocation
-events). Ratios are against ``mild`` (eager). Rows go to ``step.json`` in the shared schema.
+events, blind to inductor's C++ kernels: n/a there). On the CPU the torch backends read
+their tile lists and adapter ids to skip work (free there: no device to wait for); the
+Triton backend reads nothing (tests/test_mild_processors.py). Ratios are against ``mild`` (eager). Rows go to ``step.json`` in the shared schema.
 
     python benchmarks/profile_step.py                      # CPU: tiny (64 px) and SD 1.5 at 256 px, 3 layers
     python benchmarks/profile_step.py --arch sd15 sdxl     # GPU: 512 and 1024 px
@@ -34,10 +36,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import Results, _quantiles, count_host_reads  # noqa: E402
+from benchmarks.common import Results, _quantiles  # noqa: E402
 from benchmarks.profile_e2e import DenseMaskSDPAProcessor, build_components, mild_inputs, scene, sync  # noqa: E402
 from mild import MILDPipeline, RegionContext, enable_sma  # noqa: E402
 from mild_kernels import FusedStep, set_adapter_ids  # noqa: E402
+from mild_kernels._runtime import count_host_reads  # noqa: E402
 
 PROVIDERS = ("mild", "mild-compiled", "sequential", "dense-mask")
 GPU_PROVIDERS = PROVIDERS + ("mild-cudagraphs",)
@@ -144,8 +147,9 @@ def provider_step(case: StepCase, provider: str):
     return case.batched_step(unet, context)
 
 
-def peak_step_mb(run, device) -> float:
-    """Peak of the memory allocated within one call of ``run`` (MiB above its start)."""
+def peak_step_mb(run, device, compiled: bool) -> float:
+    """Peak of the memory allocated within one call of ``run`` (MiB above its start); NaN for
+    compiled code on the CPU, whose C++ kernels allocate where the profiler does not look."""
     if device == "cuda":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
@@ -153,6 +157,8 @@ def peak_step_mb(run, device) -> float:
         run()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - start) / 2**20
+    if compiled:
+        return float("nan")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     current = peak = 0
@@ -202,7 +208,7 @@ def measure(case: StepCase, provider: str, warmup: int, timed: int) -> dict:
                 sync(case.device)
                 samples.append(1e3 * (time.perf_counter() - start))
         launches = launches_per_step(step, case.device)
-        peak = peak_step_mb(step, case.device)
+        peak = peak_step_mb(step, case.device, compiled=provider.startswith("mild-"))
     return dict(ms=samples, host_reads=len(reads) / timed, launches=launches, peak_mb=peak)
 
 
@@ -214,9 +220,10 @@ def report_table(rows: list[dict]) -> str:
     for x in dict.fromkeys(r["x"] for r in rows):
         for provider in dict.fromkeys(r["provider"] for r in rows if r["x"] == x):
             ms, base = by[(x, provider, "ms_per_step")], by[(x, "mild", "ms_per_step")]
+            peak = by[(x, provider, "peak_mb_per_step")]
             lines.append(f"| {x} | {provider} | {ms:.1f} | {ms / base:.2f} | "
                          f"{by[(x, provider, 'host_reads_per_step')]:.0f} | {by[(x, provider, 'launches_per_step')]:.0f} | "
-                         f"{by[(x, provider, 'peak_mb_per_step')]:.1f} |")
+                         f"{'n/a' if peak != peak else f'{peak:.1f}'} |")
     return "\n".join(lines)
 
 

@@ -180,3 +180,32 @@ def launch(kernel: Callable, grid: tuple, *, num_warps: int, num_stages: int, ma
     else:
         device = next(v.device for v in kwargs.values() if isinstance(v, torch.Tensor))
         kernel[grid](**kwargs, **recorded.options_for(device_arch(device)))
+
+
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count every read of a tensor's value on the host, custom ops' insides included
+    (tests and the step profiler use it: each read is a GPU sync).
+
+    A dispatch mode does not see inside a custom op; patching the Tensor methods that
+    hand a value to Python does (on a GPU each of them is a device sync).
+    """
+    reads = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, original):
+        def method(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return method
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

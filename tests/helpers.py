@@ -2,7 +2,7 @@
 
 import torch
 
-from benchmarks.common import count_host_reads  # noqa: F401  (the profilers count reads the same way)
+from mild_kernels._runtime import count_host_reads  # noqa: F401  (the step profiler counts reads the same way)
 
 # Relative-error bounds ||out - ref|| / ||ref|| against a float64 reference.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}

@@ -49,6 +49,27 @@ def test_profile_e2e_train_cpu_smoke(tmp_path):
     assert (tmp_path / "e2e_train_throughput.png").exists() and (tmp_path / "e2e_train_stages.png").exists()
 
 
+@pytest.mark.slow  # a subprocess of ~60 s (the compiled provider compiles the tiny UNet)
+def test_mild_profile_step_measures_every_provider_per_step(tmp_path):
+    """`mild profile --step`: per denoising step, every provider's time, host reads, launches
+    and peak memory, the table with ratios to MILD eager, and the compiled step as one graph."""
+    proc = subprocess.run([sys.executable, "-m", "mild", "profile", "--step", "--arch", "tiny", "--layers", "2",
+                           "--steps", "2", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "step.json").read_text())
+    median = {(r["provider"], r["metric"]): r["q50"] for r in rows}
+    providers = ("mild", "mild-compiled", "sequential", "dense-mask")
+    assert {r["provider"] for r in rows} == set(providers)
+    for provider in providers:
+        assert median[provider, "ms_per_step"] > 0 and median[provider, "launches_per_step"] > 0
+        assert median[provider, "host_reads_per_step"] >= 0
+    # the sequential loop makes a UNet call per layer: more operator calls than one batched call
+    assert median["sequential", "launches_per_step"] > median["mild", "launches_per_step"]
+    table = (tmp_path / "step.md").read_text()
+    assert table.startswith("| case | provider | ms / step | x mild |") and "| tiny L2 | mild | " in table
+
+
 @pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
     """`mild profile` from any folder: results in ./mild_profile, every file named, no kineto lines."""

@@ -113,6 +113,7 @@ FUNCTION_CASES = {
             allow=torch.ones(2, 3, 3, dtype=torch.bool), allow_bits=torch.zeros(3, 3, dtype=torch.int32))),
     ("prepare_regions", "more than 64 regions"): lambda: prepare_regions(torch.tensor([0, 70])),
     ("prepare_regions", "negative labels"): lambda: prepare_regions(torch.tensor([-1, 0, 1])),
+    ("prepare_regions", "an unknown sort"): lambda: prepare_regions(torch.tensor([0, 1]), sort="k"),
     ("soft_regions", "size 0"): lambda: soft_regions(torch.rand(2, 8, 8), 0),
     ("soft_regions", "NaN in a mask"): lambda: soft_regions(torch.full((1, 8, 8), float("nan")), 4),
     ("soft_regions", "masks without pixels"): lambda: soft_regions(torch.rand(1, 0, 8), 4),

@@ -1,13 +1,16 @@
 """SMA processors inside real diffusers UNets, and CAG."""
 
 import dataclasses
+import functools
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import count_host_reads, rel_err
 from mild import RegionContext, cross_domain_attention_gap, enable_sma
+from mild.processors import SMAAttnProcessor
 from mild.architectures import SD15_INPAINT_UNET
 from mild_kernels import apply_multi_lora, set_adapter_ids, sma_attention, sma_attention_reference, soft_regions
 from mild_kernels._runtime import record_launches
@@ -185,3 +188,79 @@ def test_the_unet_traces_as_one_graph_with_regions_lora_and_cag():
     eager_cag, compiled_cag = eager_context.cag(), context.cag()
     assert set(compiled_cag) == set(eager_cag) and len(eager_cag) == 4
     assert all(abs(compiled_cag[key] - value) < 1e-6 for key, value in eager_cag.items())
+
+
+GATHERS = ("aten.gather.default", "aten.index_select.default", "aten.index.Tensor", "aten.take_along_dim.default")
+
+
+class GatherCount(TorchDispatchMode):
+    """Counts the aten gathers and SMA calls run inside it (a custom op is one op, its insides unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gathers = self.sma_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.gathers += str(func) in GATHERS
+        self.sma_calls += str(func).startswith("mild_kernels.sma_forward")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("config", ["tiny", "sdxl-like"])
+def test_no_gather_around_an_sma_processor_call(config, monkeypatch):
+    """Region order is kept across each transformer's blocks (RegionOrder): the processors gather
+    neither q, k, v nor the output; each transformer gathers its input and output once."""
+    unet = build_unet({"tiny": TINY, "sdxl-like": SDXL_LIKE}[config])
+    enable_sma(unet)
+    inputs = unet_inputs(unet, 2, 16)
+    allow = torch.ones(2, 3, 3, dtype=torch.bool)
+    allow[:, 1, 2] = allow[:, 2, 1] = False
+    context = RegionContext(person_masks(2, 64), (16, 16), torch.arange(2), alpha=1.0, beta=0.5, allow=allow,
+                            text_regions=torch.randint(0, 3, (2, 7)), backend="torch")
+    raster = dataclasses.replace(context, sort_tokens=False)
+    context.prepare(unet, 7)
+    processor_calls, original = [], SMAAttnProcessor.__call__
+
+    @functools.wraps(original)  # diffusers passes only the keyword arguments the signature names
+    def counting_call(self, attn, *args, **kwargs):
+        with GatherCount() as counter:
+            out = original(self, attn, *args, **kwargs)
+        assert counter.sma_calls == 1  # the call ran SMA, with its region context
+        processor_calls.append(counter.gathers)
+        return out
+
+    monkeypatch.setattr(SMAAttnProcessor, "__call__", counting_call)
+    with GatherCount() as whole:
+        sorted_out = run(unet, inputs, context)
+    transformers = sum(hasattr(m, "sma_region_order") for m in unet.modules())
+    assert processor_calls and processor_calls == [0] * len(processor_calls)
+    assert whole.gathers == 2 * transformers  # in at the first block, out at the last
+    assert len(processor_calls) > transformers  # several attentions share one transformer's two gathers
+    assert rel_err(sorted_out, run(unet, inputs, raster)) < 1e-5
+
+
+def test_region_order_under_gradient_checkpointing_gives_the_raster_order_gradients():
+    """Under gradient checkpointing diffusers calls the blocks with positional arguments (and twice):
+    the sorted and the raster-order runs give the same output and LoRA/modulation gradients."""
+    results = []
+    for sort_tokens in (True, False):
+        unet = build_unet(SDXL_LIKE)
+        enable_sma(unet)
+        apply_multi_lora(unet, 2, 4, backend="torch")
+        for module in unet.modules():
+            if hasattr(module, "lora_b"):
+                torch.nn.init.normal_(module.lora_b, std=0.1, generator=torch.Generator().manual_seed(1))
+        set_adapter_ids(unet, torch.tensor([0, 1]))
+        unet.enable_gradient_checkpointing()
+        unet.train()
+        torch.manual_seed(3)
+        x, text, extra = unet_inputs(unet, 2, 16)
+        context = RegionContext(person_masks(2, 64), (16, 16), torch.arange(2), alpha=1.0, beta=0.5,
+                                sort_tokens=sort_tokens, backend="torch")
+        out = unet(x, 37, text, cross_attention_kwargs={"region_context": context}, **extra).sample
+        out.square().mean().backward()
+        trained = [p for n, p in unet.named_parameters() if "lora" in n or "sma_modulation" in n]
+        results.append((out.detach(), torch.cat([p.grad.flatten() for p in trained])))
+    (out_sorted, grad_sorted), (out_raster, grad_raster) = results
+    assert rel_err(out_sorted, out_raster) < 1e-5
+    assert rel_err(grad_sorted, grad_raster) < 1e-4 and grad_raster.abs().sum() > 0

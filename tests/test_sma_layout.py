@@ -225,3 +225,19 @@ def test_soft_regions_of_overlapping_feathered_masks_always_prepare():
         assert regions.min() >= 0 and regions.max() <= 1
         assert torch.allclose(regions.sum(-1), torch.ones(256), atol=1e-6)
         prepare_regions(regions)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sorting_only_the_queries(backend):
+    """sort="q" (cross-attention): queries in region order, keys left as they are (no gather)."""
+    q_regions = torch.softmax(3 * torch.randn(2, 150, 3), -1)
+    k_regions = torch.randint(0, 3, (2, 19))
+    allow = torch.rand(2, 3, 3) > 0.3
+    allow[:, :, 0] = True
+    layout = prepare_regions(q_regions, k_regions, allow, sort="q")
+    assert layout.k_perm is None and layout.q_perm is not None
+    q, k, v = torch.randn(2, 2, 150, 32), torch.randn(2, 2, 19, 32), torch.randn(2, 2, 19, 32)
+    out = layout.unsort(sma_attention(layout.sort(q), k, v, layout=layout, backend=backend))
+    expected = sma_attention_reference(q.double(), k.double(), v.double(), q_regions.double(), k_regions,
+                                       allow=allow)
+    assert_close("out", out, expected, torch.float32)

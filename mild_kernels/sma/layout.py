@@ -270,7 +270,7 @@ def _(q_labels, k_labels, q_memberships, k_memberships, allow, num_regions, tile
     return derived
 
 
-def prepare_regions(q_regions, k_regions=None, allow=None, *, num_regions: int | None = None, sort: bool = False,
+def prepare_regions(q_regions, k_regions=None, allow=None, *, num_regions: int | None = None, sort: bool | str = False,
                     batch: int | None = None, tiles: bool = True, read_info: bool = True) -> SMALayout:
     """Check regions once and build what sma_attention needs to run on them.
 
@@ -284,6 +284,8 @@ def prepare_regions(q_regions, k_regions=None, allow=None, *, num_regions: int |
             then it defaults to 1 + the largest label.
         sort: reorder each side's tokens by hard label (stable), so that tiles are
             region-pure; use ``layout.sort`` / ``layout.unsort`` on q, k, v and the output.
+            ``"q"`` sorts the queries only (cross-attention: a few text keys gain little
+            from sorting, and unsorted they need no gather).
         batch: the attention's batch size when regions are shared (checks only).
         tiles: build the Triton kernels' tile lists (the torch backend does not read them).
         read_info: read the two tile flags on the host now (one sync), so that calls need none.
@@ -315,11 +317,14 @@ def prepare_regions(q_regions, k_regions=None, allow=None, *, num_regions: int |
                 f"{qr.labels.device}")
         allow3 = allow.reshape((1,) * (3 - allow.dim()) + tuple(allow.shape)).clone(
             memory_format=torch.contiguous_format)  # the layout's own copy (see normalize_regions)
+    require(sort in (False, True, "q"), f"sort: must be False, True or 'q', got {sort!r}")
     q_perm = q_inverse = k_perm = k_inverse = None
     if sort:
         q_perm, q_inverse = region_sort(qr.labels)
         qr = _permute_regions(qr, q_perm)
-        if k_regions is q_regions:
+        if sort == "q":
+            pass
+        elif k_regions is q_regions:
             k_perm, k_inverse, kr = q_perm, q_inverse, _permute_regions(kr, q_perm)
         else:
             k_perm, k_inverse = region_sort(kr.labels)
