@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .._checks import check_tensor, require
+from .._runtime import next_power_of_2
 from .regions import MAX_REGIONS, Regions, check_region_values, memberships, normalize_regions, region_sort
 from .sparsity import compact, tile_presence
 
@@ -161,6 +162,11 @@ def allow_bitmask(allow: torch.Tensor | None, num_regions: int, device) -> torch
     return (bits.to(torch.int32) if num_regions <= 32 else bits).contiguous()
 
 
+def soft_operand_regions(num_regions: int) -> int:
+    """Regions per term of the 16-bit soft bias dot: 4 of them make its width 16, tl.dot's least."""
+    return max(4, next_power_of_2(num_regions))
+
+
 def split_key_operand(k_memberships: torch.Tensor, num_regions: int) -> torch.Tensor:
     """The key side of the mixed tiles' bias dot for 16-bit kernels, split once here.
 
@@ -169,8 +175,6 @@ def split_key_operand(k_memberships: torch.Tensor, num_regions: int) -> torch.Te
     i; the kernel's query operand puts hi (i = 0) or lo (i = 1) of (Mq W)[q, r] there,
     so one dot sums all four products (hi + lo)(hi + lo). Width 4 * next_pow2(R).
     """
-    from .triton_forward import soft_operand_regions
-
     width = soft_operand_regions(num_regions)
     m = torch.nn.functional.pad(k_memberships.float(), (0, width - num_regions))
     hi = m.to(torch.bfloat16)
@@ -252,8 +256,6 @@ def sma_prepare(q_labels: torch.Tensor, k_labels: torch.Tensor, q_memberships: O
 
 @sma_prepare.register_fake
 def _(q_labels, k_labels, q_memberships, k_memberships, allow, num_regions, tiles):
-    from .triton_forward import soft_operand_regions
-
     R = num_regions
     (bq, nq), (bk, nk) = q_labels.shape, k_labels.shape
     ba = 1 if allow is None else allow.shape[0]

@@ -11,25 +11,51 @@ from __future__ import annotations
 
 import torch
 
-from .regions import hard_labels, memberships, num_regions_of
+
+# Labels and memberships are derived here, not imported from regions.py as the backends do:
+# a bug there (say, in the argmax's tie-breaking) must not pass as correct.
+def _num_regions(q_regions, k_regions, bias, allow) -> int:
+    for table in (bias, allow):
+        if table is not None:
+            return table.shape[-1]
+    for regions in (q_regions, k_regions):
+        if regions.is_floating_point():
+            return regions.shape[-1]
+    labels = [r for r in (q_regions, k_regions) if r.numel()]
+    return 1 + int(max(r.max() for r in labels)) if labels else 1
+
+
+def _memberships(regions, R, dtype):
+    """Soft memberships as given; hard labels one-hot."""
+    if regions.is_floating_point():
+        return regions.to(dtype)
+    return (regions.long()[..., None] == torch.arange(R, device=regions.device)).to(dtype)
+
+
+def _labels(regions, R):
+    """Hard labels as given; a soft token's label is its largest membership, the lowest index on a tie."""
+    if not regions.is_floating_point():
+        return regions.long()
+    index = torch.arange(R, device=regions.device).expand(regions.shape)
+    return torch.where(regions == regions.max(-1, keepdim=True).values, index, R).min(-1).values
 
 
 def sma_attention_reference(q, k, v, q_regions, k_regions, bias=None, allow=None, scale=None, *,
                             return_lse=False, return_region_mass=False):
     B, H, Nq, D = q.shape
-    R = num_regions_of(q_regions, k_regions, bias, allow)
+    R = _num_regions(q_regions, k_regions, bias, allow)
     scale = D ** -0.5 if scale is None else scale
     dtype = q.dtype
 
-    Mq = memberships(q_regions, R, dtype).expand(B, Nq, R)
-    Mk = memberships(k_regions, R, dtype).expand(B, k.shape[2], R)
+    Mq = _memberships(q_regions, R, dtype).expand(B, Nq, R)
+    Mk = _memberships(k_regions, R, dtype).expand(B, k.shape[2], R)
     W = torch.zeros(R, R, dtype=dtype, device=q.device) if bias is None else bias.to(dtype)
     W = W.expand(B, H, R, R)
 
     scores = scale * q @ k.transpose(-1, -2) + Mq[:, None] @ W @ Mk[:, None].transpose(-1, -2)
     if allow is not None:
-        lq = hard_labels(q_regions).long().expand(B, Nq)
-        lk = hard_labels(k_regions).long().expand(B, k.shape[2])
+        lq = _labels(q_regions, R).expand(B, Nq)
+        lk = _labels(k_regions, R).expand(B, k.shape[2])
         table = allow.expand(B, R, R)
         rows = torch.arange(B, device=q.device)[:, None, None]
         allowed = table[rows, lq[:, :, None], lk[:, None, :]]  # (B, Nq, Nk)

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import device_arch, empty, empty_like, interpreting, launch, next_power_of_2, unit_last_stride
-from .layout import REGION_BITS, TILE_M, TILE_N
+from .layout import REGION_BITS, TILE_M, TILE_N, soft_operand_regions
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -600,11 +600,6 @@ def pad_head_dim(x: torch.Tensor) -> torch.Tensor:
     """Zero-pad a head dim that is not a multiple of 8 (16 bytes of fp16), so that loads stay vectorised."""
     D = x.shape[-1]
     return x if D % 8 == 0 else torch.nn.functional.pad(x, (0, 8 - D % 8))
-
-
-def soft_operand_regions(num_regions: int) -> int:
-    """Regions per term of the 16-bit soft bias dot: 4 of them make its width 16, tl.dot's least."""
-    return max(4, next_power_of_2(num_regions))
 
 
 def bias_dot_shape(num_regions: int, soft: bool, precision: str) -> tuple[int, int, int]:
