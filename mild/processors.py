@@ -186,6 +186,10 @@ class SMAAttnProcessor:
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  region_context: RegionContext | None = None, **kwargs):
         cross = encoder_hidden_states is not None
+        if (attention_mask is not None and not cross and region_context is not None and region_context.sort_tokens
+                and getattr(attn, "sma_presorted", False)):
+            raise ValueError("attention_mask: a self-attention mask is given in the caller's token order, but the "
+                             "transformer keeps region order; use RegionContext(..., sort_tokens=False) with masks")
         if (region_context is None or attention_mask is not None or attn.spatial_norm is not None
                 or (cross and region_context.text_regions is None)):
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
@@ -258,33 +262,35 @@ class RegionOrder:
 
     Installed by ``enable_sma`` as hooks on the first and last block of every diffusers
     ``Transformer2DModel``; it sorts only when the call has a region context with
-    ``sort_tokens``, no attention mask, and SMA processors on the blocks' attention.
+    ``sort_tokens`` and an SMA processor on one of the blocks' attention modules.
     """
 
     def __init__(self, blocks):
-        self.blocks = blocks
-        for block in blocks:
-            for module in block.modules():
-                if isinstance(module, Attention):
-                    module.sma_presorted = True
+        self.attentions = [m for block in blocks for m in block.modules() if isinstance(m, Attention)]
+        for module in self.attentions:
+            module.sma_presorted = True  # its SMA processor then neither sorts nor unsorts
         self.handles = [blocks[0].register_forward_pre_hook(self.sort_input, with_kwargs=True),
                         blocks[-1].register_forward_hook(self.unsort_output, with_kwargs=True)]
 
-    def layout(self, block, args, kwargs, hidden_states):
-        """The self-attention layout whose order the blocks keep, or None when they keep none."""
+    def layout(self, args, kwargs, hidden_states):
+        """The self-attention layout whose order the blocks keep, or None when they keep none.
+
+        The rule is the SMA processors' own (a region context with ``sort_tokens``), so a
+        processor of these blocks finds its tokens sorted exactly when it expects them to be,
+        in a checkpointed block's recomputation too. Other processors here see sorted tokens:
+        attention without regions or masks does not depend on token order."""
         named = dict(zip(("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
                           "timestep", "cross_attention_kwargs"), args))  # positional under checkpointing
         named.update(kwargs)
         context = (named.get("cross_attention_kwargs") or {}).get("region_context")
-        if (context is None or not context.sort_tokens or named.get("attention_mask") is not None
-                or hidden_states.dim() != 3 or not isinstance(getattr(block, "attn1", None), Attention)
-                or not isinstance(block.attn1.processor, SMAAttnProcessor)):
+        if (context is None or not context.sort_tokens
+                or not any(isinstance(a.processor, SMAAttnProcessor) for a in self.attentions)):
             return None
         return context.layout_at(hidden_states.shape[1], None, hidden_states.device)
 
     def sort_input(self, block, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        layout = self.layout(block, args, kwargs, hidden_states)
+        layout = self.layout(args, kwargs, hidden_states)
         if layout is None:
             return None
         hidden_states = layout.sort(hidden_states[:, None])[:, 0]  # (B, N, C) seen as (B, 1, N, C)
@@ -294,7 +300,7 @@ class RegionOrder:
 
     def unsort_output(self, block, args, kwargs, output):
         hidden_states = args[0] if args else kwargs["hidden_states"]
-        layout = self.layout(block, args, kwargs, hidden_states)
+        layout = self.layout(args, kwargs, hidden_states)
         return None if layout is None else layout.unsort(output[:, None])[:, 0]
 
 

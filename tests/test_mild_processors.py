@@ -264,3 +264,24 @@ def test_region_order_under_gradient_checkpointing_gives_the_raster_order_gradie
     (out_sorted, grad_sorted), (out_raster, grad_raster) = results
     assert rel_err(out_sorted, out_raster) < 1e-5
     assert rel_err(grad_sorted, grad_raster) < 1e-4 and grad_raster.abs().sum() > 0
+
+
+def test_region_order_refuses_a_self_attention_mask_and_serves_mixed_processors():
+    """A self-attention mask comes in raster order, which region-ordered blocks do not keep: a
+    clear error, never a silently misaligned mask. A non-SMA processor beside an SMA one in the
+    same block sees sorted tokens and, having no regions, gives the same answer."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = build_unet(TINY)
+    enable_sma(unet)
+    inputs = unet_inputs(unet, 2, 16)
+    context = RegionContext(person_masks(2, 64), (16, 16), torch.arange(2), alpha=1.0, beta=0.5,
+                            text_regions=torch.randint(0, 3, (2, 7)), backend="torch")
+    raster = dataclasses.replace(context, sort_tokens=False)
+    block = next(m for m in unet.modules() if hasattr(m, "sma_region_order")).transformer_blocks[0]
+    block.attn1.set_processor(AttnProcessor2_0())  # self-attention plain, cross-attention SMA
+    assert rel_err(run(unet, inputs, context), run(unet, inputs, raster)) < 1e-5
+    processor = SMAAttnProcessor()
+    hidden = torch.randn(2, 64, block.attn1.query_dim)
+    with pytest.raises(ValueError, match="^attention_mask: a self-attention mask"):
+        processor(block.attn1, hidden, attention_mask=torch.zeros(2, 1, 64), region_context=context)
