@@ -57,10 +57,11 @@ class RegionContext:
     text_regions: torch.Tensor | None = None
     sort_tokens: bool = True
     backend: str = "auto"
-    _layouts: dict = dataclasses.field(default_factory=dict, repr=False)
-    _biases: dict = dataclasses.field(default_factory=dict, repr=False)
-    _cag: dict = dataclasses.field(default_factory=dict, repr=False)  # (h, w) -> (2, B) sums and counts
-    _domain_rows: dict = dataclasses.field(default_factory=dict, repr=False)  # device -> (B, R) indicator
+    # Caches, fresh in every context (dataclasses.replace makes new ones, never shares them):
+    _layouts: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _biases: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _cag: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # (h, w) -> (2, B) sums, counts
+    _domain_rows: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # device -> (B, R)
 
     @property
     def num_regions(self) -> int:

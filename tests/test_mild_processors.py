@@ -173,11 +173,14 @@ def test_the_unet_traces_as_one_graph_with_regions_lora_and_cag():
     torch._dynamo.reset()
     unet, context = lora_unet_with_regions("torch")  # the custom ops are opaque to dynamo on either backend
     x, text, extra = unet_inputs(unet, 2, 16)
+    unprepared = dataclasses.replace(context)  # its layouts are built inside the graph (flags read in the op)
     context.prepare(unet)
     kwargs = {"region_context": context}
-    explained = torch._dynamo.explain(unet)(x, torch.tensor(37), text, cross_attention_kwargs=kwargs)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    eager_context = dataclasses.replace(context, _cag={}, _layouts=dict(context._layouts))
+    for call_context in (unprepared, context):
+        explained = torch._dynamo.explain(unet)(x, torch.tensor(37), text,
+                                                cross_attention_kwargs={"region_context": call_context})
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    eager_context = dataclasses.replace(context)  # fresh caches
     with torch.no_grad():
         expected = unet(x, 37, text, cross_attention_kwargs={"region_context": eager_context}).sample
         compiled = torch.compile(unet, fullgraph=True, backend="aot_eager")

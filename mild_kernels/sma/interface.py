@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 import torch
@@ -50,10 +51,30 @@ def _check_bias(bias, batch, heads, num_regions, device):
     return unit_last_stride(bias)
 
 
-def _check_layout(layout, q, k):
+# Layouts whose parts were found consistent, by id (held, so an id is not reused): a layout is
+# immutable, and SMALayout.check costs ~25-50 us, which ~70 attention calls per SDXL UNet call
+# would pay on the host each step. Compiled callers trace the check once instead.
+_consistent_layouts: collections.OrderedDict = collections.OrderedDict()
+MAX_REMEMBERED_LAYOUTS = 256
+
+
+def _check_layout_parts(layout: SMALayout) -> None:
+    if torch.compiler.is_compiling():
+        layout.check()
+        return
+    if _consistent_layouts.get(id(layout)) is layout:
+        return
+    layout.check()
+    _consistent_layouts[id(layout)] = layout
+    if len(_consistent_layouts) > MAX_REMEMBERED_LAYOUTS:
+        _consistent_layouts.popitem(last=False)
+
+
+def _check_layout(layout, q, k, caller_given: bool = True):
     require(isinstance(layout, SMALayout), f"layout: expected an SMALayout from prepare_regions, got "
             f"{type(layout).__name__}")
-    layout.check()
+    if caller_given:  # one prepared here is consistent by construction
+        _check_layout_parts(layout)
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
     require(layout.q_tokens == Nq and layout.k_tokens == Nk,
             f"layout: prepared for {layout.q_tokens} query and {layout.k_tokens} key tokens, the attention has "
@@ -135,13 +156,13 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
         stated = int(bias.shape[-1]) if isinstance(bias, torch.Tensor) and bias.dim() >= 2 else None
         layout = prepare_regions(q_regions, k_regions, allow, num_regions=stated, batch=B, tiles=chosen == "triton",
                                  read_info=False)
-        check_values = True
+        check_values, caller_given = True, False
     else:
         require(q_regions is None and k_regions is None and allow is None,
                 "layout: carries the regions and the allow table; pass q_regions, k_regions and allow to "
                 "prepare_regions instead")
-        check_values = False  # a prepared call reads no tensor value: on a GPU each read is a sync
-    _check_layout(layout, q, k)
+        check_values, caller_given = False, True  # a prepared call reads no tensor value: on a GPU each is a sync
+    _check_layout(layout, q, k, caller_given)
     bias4 = _check_bias(bias, B, H, layout.num_regions, q.device)
     scale = D ** -0.5 if scale is None else float(scale)
     require(scale == scale and abs(scale) != float("inf"), f"scale: must be finite, got {scale}")

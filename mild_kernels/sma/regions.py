@@ -123,7 +123,8 @@ def soft_regions(instance_masks: torch.Tensor, size) -> torch.Tensor:
     require(h > 0 and w > 0, f"size: must be positive, got {size}")
     require(instance_masks.shape[-2] > 0 and instance_masks.shape[-1] > 0,
             f"instance_masks: needs pixels, got shape {tuple(instance_masks.shape)}")
-    require(not bool(instance_masks.isnan().any()), "instance_masks: contains NaN; masks must lie in [0, 1]")
+    if not torch.compiler.is_compiling():  # traced, NaN memberships still fail prepare_regions' check (in its op)
+        require(not bool(instance_masks.isnan().any()), "instance_masks: contains NaN; masks must lie in [0, 1]")
     unbatched = instance_masks.dim() == 3
     persons = (instance_masks.unsqueeze(0) if unbatched else instance_masks).float().clamp(0, 1)
     total = persons.sum(1, keepdim=True)
