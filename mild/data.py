@@ -49,6 +49,9 @@ class PairedSample:
     keypoints: torch.Tensor | None = None  # (P, 17, 3) float32 (x, y, conf); conf 0 for persons without keypoints
     parsing: torch.Tensor | None = None  # (P, H, W) int64 class ids
     occlusion_order: list[float] | None = None  # one depth per person, larger = nearer the camera
+    # Layer targets (docs/semantics.md, Paired data): what each MILD layer reconstructs on its own.
+    plate: torch.Tensor | None = None  # (3, H, W) the clean background, with no person at all
+    people: torch.Tensor | None = None  # (P, 4, H, W) each person's amodal RGBA: full appearance, full silhouette
 
 
 # ------------------------------------------------------------------ reading
@@ -89,10 +92,16 @@ def read_sample(folder, *, require_target: bool = False) -> PairedSample:
     elif require_target:
         raise DataError(f"{folder} has no target.png (training and evaluation need the erased truth)")
 
+    plate = None
+    plate_path = folder / "plate.png"
+    if plate_path.exists():
+        plate = _read_rgb(plate_path)
+        _require_size(plate_path, tuple(plate.shape[1:]), size, image_path)
     return PairedSample(name=folder.name, image=image, masks=masks, erase=_read_erase(folder / "erase.json", P),
                         target=target, keypoints=_read_keypoints(folder / "keypoints.json", P),
                         parsing=_read_parsing(folder, P, size, image_path),
-                        occlusion_order=_read_occlusion(folder / "occlusion.json", P))
+                        occlusion_order=_read_occlusion(folder / "occlusion.json", P), plate=plate,
+                        people=_read_people(folder, P, size, image_path))
 
 
 def _image_path(folder: Path) -> Path | None:
@@ -206,6 +215,23 @@ def _read_parsing(folder: Path, P: int, size, image_path: Path) -> torch.Tensor 
     return torch.stack(maps)
 
 
+def _read_people(folder: Path, P: int, size, image_path: Path) -> torch.Tensor | None:
+    """(P, 4, H, W) amodal RGBA per person from person_<n>.png, or None without them."""
+    paths = _numbered_files(folder, "person")
+    if not paths:
+        return None
+    _require_contiguous(folder, "person", paths, P)
+    people = []
+    for n in sorted(paths):
+        image = _open(paths[n])
+        if image.mode != "RGBA":
+            raise DataError(f"{paths[n]}: an amodal person layer must be RGBA (its alpha is the full silhouette), "
+                            f"got mode {image.mode}")
+        _require_size(paths[n], (image.height, image.width), size, image_path)
+        people.append(torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255))
+    return torch.stack(people)
+
+
 def _read_occlusion(path: Path, P: int) -> list[float] | None:
     if not path.exists():
         return None
@@ -268,6 +294,10 @@ def _check_sample(sample: PairedSample) -> None:
             fail(f"parsing class ids must lie in [0, {DEFAULT_PARSING_CLASSES})")
     if sample.occlusion_order is not None and len(sample.occlusion_order) != P:
         fail(f"occlusion_order needs {P} depths, got {len(sample.occlusion_order)}")
+    if sample.plate is not None and sample.plate.shape != sample.image.shape:
+        fail(f"plate must be (3, {H}, {W}), got {tuple(sample.plate.shape)}")
+    if sample.people is not None and sample.people.shape != (P, 4, H, W):
+        fail(f"people must be ({P}, 4, {H}, {W}) amodal RGBA layers, got {tuple(sample.people.shape)}")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -299,6 +329,11 @@ def _write_files(folder: Path, sample: PairedSample) -> None:
             _save_png(classes.astype(np.uint8), folder / f"parsing_{n}.png")
     if sample.occlusion_order is not None:
         (folder / "occlusion.json").write_text(json.dumps([float(d) for d in sample.occlusion_order]))
+    if sample.plate is not None:
+        _save_png(_to_bytes(sample.plate), folder / "plate.png")
+    if sample.people is not None:
+        for n, rgba in enumerate(sample.people, start=1):
+            _save_png(_to_bytes(rgba), folder / f"person_{n}.png")
 
 
 # ------------------------------------------------------------------ scenes, shared by both generators
@@ -381,10 +416,14 @@ def _assemble(rng, name: str, background: np.ndarray, layers: list, depths: np.n
         image = image * (1 - alpha) + rgb * alpha
         if i + 1 not in erase:  # the target shows the kept people whole: their hidden parts completed
             target = target * (1 - alpha) + rgb * alpha
+    # Layer targets: the plate, and every kept person whole (straight alpha; no colour outside it)
+    people = np.stack([np.concatenate([rgb * (alpha > 0), alpha[None]]) for rgb, alpha in layers])
     sample = PairedSample(name=name, image=torch.from_numpy(np.clip(image, 0, 1).astype(np.float32)),
                           masks=torch.from_numpy(_visible_parts(silhouettes, depths).astype(np.float32)),
                           erase=erase, target=torch.from_numpy(np.clip(target, 0, 1).astype(np.float32)),
-                          occlusion_order=[float(d) for d in depths])
+                          occlusion_order=[float(d) for d in depths],
+                          plate=torch.from_numpy(np.clip(background, 0, 1).astype(np.float32)),
+                          people=torch.from_numpy(np.clip(people, 0, 1).astype(np.float32)))
     return sample, keep
 
 

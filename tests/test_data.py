@@ -26,7 +26,8 @@ def same(x, y):
 
 def fields_equal(a, b):
     return (a.erase == b.erase and a.occlusion_order == b.occlusion_order
-            and all(same(getattr(a, f), getattr(b, f)) for f in ("image", "masks", "target", "keypoints", "parsing")))
+            and all(same(getattr(a, f), getattr(b, f))
+                    for f in ("image", "masks", "target", "keypoints", "parsing", "plate", "people")))
 
 
 def hand_sample(P=2, target=True):
@@ -122,6 +123,60 @@ def test_round_trip(tmp_path):
     assert (back.target - original.target).abs().max() <= 0.5 / 255 + 1e-6
     assert torch.equal(back.keypoints, original.keypoints) and torch.equal(back.parsing, original.parsing)
     assert back.erase == original.erase and back.occlusion_order == original.occlusion_order
+
+
+def composite(plate, people, depths, keep=None):
+    """The float64 'over' of the plate and the people back to front (keep: 0-based ids, default all)."""
+    out = plate.double()
+    for i in sorted(range(len(people)), key=lambda i: depths[i]):
+        if keep is None or i in keep:
+            alpha = people[i, 3:].double()
+            out = out * (1 - alpha) + people[i, :3].double() * alpha
+    return out
+
+
+def check_layer_targets(sample, tolerance):
+    """The plate and amodal people composite to the photo, and without the erased ones to the
+    target; each person's alpha covers its visible mask."""
+    P = len(sample.masks)
+    assert sample.plate.shape == sample.image.shape and sample.people.shape == (P, 4, *sample.image.shape[1:])
+    depths = sample.occlusion_order
+    assert (composite(sample.plate, sample.people, depths) - sample.image.double()).abs().max() <= tolerance
+    kept = [i for i in range(P) if i + 1 not in (sample.erase or range(1, P + 1))]
+    assert (composite(sample.plate, sample.people, depths, kept) - sample.target.double()).abs().max() <= tolerance
+    assert (sample.people[:, 3][sample.masks > 0] > 0.5).all()  # amodal covers visible
+
+
+def test_procedural_samples_carry_their_layer_targets():
+    completed = 0
+    for seed in range(12):
+        sample = procedural_sample(seed, size=64)
+        check_layer_targets(sample, 1e-6)
+        hidden = (sample.people[:, 3] > 0.5) & (sample.masks == 0)  # amodal pixels another person hides
+        completed += int(hidden.flatten(1).sum(1).max()) > 10
+    assert completed >= 3  # occluded people come whole
+
+
+def test_layer_targets_round_trip_and_are_deterministic(tmp_path):
+    for name in ("a", "b"):
+        write_sample(tmp_path / name, procedural_sample(11, size=SIZE))
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    P = len(read_sample(tmp_path / "a").masks)
+    assert "plate.png" in names and [f"person_{n}.png" for n in range(1, P + 1)] == [
+        n for n in names if n.startswith("person_")]
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    assert Image.open(tmp_path / "a" / "person_1.png").mode == "RGBA"
+    back = read_sample(tmp_path / "a", require_target=True)
+    original = procedural_sample(11, size=SIZE)
+    assert (back.plate - original.plate).abs().max() <= 0.5 / 255 + 1e-6
+    assert (back.people - original.people).abs().max() <= 0.5 / 255 + 1e-6
+    check_layer_targets(back, 4 / 255)  # 8-bit plate, colours and alpha
+
+
+def test_samples_without_layer_targets_still_load(sample_dir):
+    """Older samples (and real photos without amodal annotation) have no plate or people."""
+    back = read_sample(sample_dir, require_target=True)
+    assert back.plate is None and back.people is None
 
 
 def test_inference_sample_without_target_or_extras(tmp_path):
@@ -221,6 +276,16 @@ def break_sample(folder, case):
     if case == "occlusion length":
         (folder / "occlusion.json").write_text(json.dumps([1.0, 2.0, 3.0]))
         return "occlusion.json"
+    if case == "plate size":
+        Image.new("RGB", (16, 16)).save(folder / "plate.png")
+        return "plate.png is 16x16 but image.png is 32x32"
+    if case == "person layer not RGBA":
+        Image.new("RGB", (SIZE, SIZE)).save(folder / "person_1.png")
+        Image.new("RGBA", (SIZE, SIZE)).save(folder / "person_2.png")
+        return "person_1.png"
+    if case == "person layer missing":
+        Image.new("RGBA", (SIZE, SIZE)).save(folder / "person_1.png")
+        return "person_2.png is missing"
     if case == "occlusion not numbers":
         (folder / "occlusion.json").write_text(json.dumps(["near", "far"]))
         return "occlusion.json"
@@ -231,7 +296,8 @@ CASES = ["unreadable image", "no image", "unreadable mask", "unreadable erase.js
          "target size", "mask size", "parsing size", "parsing class", "parsing missing", "parsing extra",
          "empty mask", "mask_x.png", "mask_01.png", "mask.png", "mask_0.png", "mask_1.jpg", "mask gap", "no masks",
          "erase []", "erase [0]", "erase [3]", "erase [1, 1]", "erase ['1']", "erase {'1': 1}",
-         "keypoints 16x3", "keypoints 17x2", "keypoints person 3", "occlusion length", "occlusion not numbers"]
+         "keypoints 16x3", "keypoints 17x2", "keypoints person 3", "occlusion length", "occlusion not numbers",
+         "plate size", "person layer not RGBA", "person layer missing"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -327,6 +393,7 @@ def test_cutout_sample(tmp_path):
         fringe = torch.nn.functional.max_pool2d(erased[None].float(), 5, stride=1, padding=2)[0] > 0
         assert torch.equal(s.image[:, ~fringe], s.target[:, ~fringe])
         assert ((s.image - s.target).abs().amax(0)[erased] > 1 / 255).float().mean() > 0.5
+        check_layer_targets(s, 1e-6)  # cut-outs are amodal by construction
     assert several >= 4
 
 
