@@ -247,6 +247,7 @@ def step_main(archs, layer_counts, providers, backend, warmup, timed, device, dt
             tqdm.write(f"{x} {provider}: {statistics.median(measured['ms']):.1f} ms/step, "
                        f"{measured['host_reads']:.0f} host reads, {measured['launches']} launches, "
                        f"{measured['peak_mb']:.1f} MiB")
+            results.write(out_dir)  # after every provider: a run cut by its time limit keeps what it measured
         del case
     path = results.write(out_dir)
     table = report_table(results.rows)
