@@ -51,13 +51,13 @@ class StepCase:
 
     def __init__(self, arch: str, layers: int, device, dtype, backend: str):
         parts = build_components(arch, device, dtype)
-        self.unet, self.text_shape, self.pooled, resolution = parts[0], parts[3], parts[4], parts[5]
+        self.unet, resolution = parts[0], parts[5]
         self.pipe = MILDPipeline(vae=parts[1], text_encoder=None, tokenizer=None, unet=self.unet, scheduler=parts[2],
                                  backend=backend)
         self.scheduler = parts[2]
         self.scheduler.set_timesteps(50, device=device)
         self.timestep = self.scheduler.timesteps[10]
-        self.device, self.dtype, self.backend, self.guidance = device, dtype, backend, 7.5
+        self.device, self.backend, self.guidance = device, backend, 7.5
         image, masks = scene(resolution, layers)
         self.rows = self.pipe.prepare_layers(image, masks, erase=[1])
         self.layers = L = len(self.rows.plan.layers)
@@ -73,7 +73,6 @@ class StepCase:
         # The inpainting condition: region mask and masked-image latents (random: speed only)
         self.condition = torch.cat([self.rows.inpaint_latent, torch.randn(L, 4, h, w, generator=generator)],
                                    1).to(device, dtype)
-        self.context = self.rows.context(halves=2, alpha=1.0, beta=1.0, backend=backend, device=device)
 
     def model_input(self, latents, rows=slice(None)):
         return torch.cat([latents.repeat(2, 1, 1, 1), self.condition[rows].repeat(2, 1, 1, 1)], 1)
