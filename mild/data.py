@@ -29,6 +29,9 @@ from tqdm import tqdm
 from .hmg import DEFAULT_PARSING_CLASSES, NUM_KEYPOINTS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# HMG inputs as a user has them: a pose estimator also places the joints another person hides,
+# with lower confidence; a human parser labels only the pixels it sees.
+HIDDEN_KEYPOINT_CONFIDENCE = 0.3
 
 # Parsing class ids of the procedural figures (the LIP numbering, below DEFAULT_PARSING_CLASSES).
 # The person's left is the image's right: the figures face the camera.
@@ -585,9 +588,24 @@ def procedural_sample(seed: int, size: int = 128, max_people: int = 3, name: str
         sample, keep = _assemble(rng, name, background, layers, depths)
         if sample is not None:
             break
-    sample.parsing = torch.from_numpy(np.stack([figures[k][2] for k in keep]))
-    sample.keypoints = torch.from_numpy(np.stack([figures[k][3] for k in keep]))
+    visible = sample.masks.numpy() > 0.5
+    amodal = sample.people[:, 3].numpy() > 0.5
+    sample.parsing = torch.from_numpy(np.stack([figures[k][2] for k in keep]) * visible)
+    sample.keypoints = torch.from_numpy(np.stack([_as_estimated(figures[k][3], amodal[i], visible[i])
+                                                  for i, k in enumerate(keep)]))
     return sample
+
+
+def _as_estimated(keypoints: np.ndarray, amodal: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Keypoints as a pose estimator reports them: a joint on the person's hidden part keeps its
+    place with HIDDEN_KEYPOINT_CONFIDENCE."""
+    out = keypoints.copy()
+    size = amodal.shape[0]
+    x = np.clip(np.rint(out[:, 0]).astype(int), 0, size - 1)
+    y = np.clip(np.rint(out[:, 1]).astype(int), 0, size - 1)
+    hidden = (out[:, 2] > 0) & amodal[y, x] & ~visible[y, x]
+    out[hidden, 2] = HIDDEN_KEYPOINT_CONFIDENCE
+    return out
 
 
 # ------------------------------------------------------------------ cut-out compositing

@@ -73,7 +73,7 @@ def test_procedural_sample_is_consistent(seed):
     assert len(s.occlusion_order) == P and len(set(s.occlusion_order)) == P
     assert s.keypoints.shape == (P, 17, 3) and s.parsing.shape == (P, 64, 64)
     assert 0 <= s.parsing.min() and s.parsing.max() < 20
-    assert (s.parsing[s.masks > 0] > 0).all()  # the parsing covers the whole person, hidden parts too
+    assert (s.parsing[s.masks > 0] > 0).all() and (s.parsing[s.masks == 0] == 0).all()  # visible pixels only
 
     erased = erased_union(s)
     assert torch.equal(s.image[:, ~erased], s.target[:, ~erased])
@@ -85,12 +85,28 @@ def test_procedural_keypoints_lie_on_their_figure():
     inside = total = 0
     for seed in range(10):
         s = procedural_sample(seed, size=64)
-        for person, points in zip(s.parsing, s.keypoints):
+        for silhouette, points in zip(s.people[:, 3] > 0.5, s.keypoints):
             seen = points[points[:, 2] > 0]
             x, y = seen[:, 0].round().long().clamp(0, 63), seen[:, 1].round().long().clamp(0, 63)
-            inside += int((person[y, x] > 0).sum())
+            inside += int(silhouette[y, x].sum())
             total += len(seen)
     assert total > 0 and inside >= 0.95 * total
+
+
+def test_procedural_keypoints_are_estimated_and_hidden_ones_less_sure():
+    """As a pose estimator: joints on a hidden part are placed, with confidence 0.3; joints on the
+    visible part keep 1 (HMG never sees the hidden silhouette itself)."""
+    hidden_joints = 0
+    for seed in range(20):
+        s = procedural_sample(seed, size=64)
+        for mask, silhouette, points in zip(s.masks > 0, s.people[:, 3] > 0.5, s.keypoints):
+            x, y = points[:, 0].round().long().clamp(0, 63), points[:, 1].round().long().clamp(0, 63)
+            on_image = points[:, 2] > 0
+            hidden = on_image & silhouette[y, x] & ~mask[y, x]
+            assert torch.all(points[hidden, 2] == data.HIDDEN_KEYPOINT_CONFIDENCE)
+            assert torch.all(points[on_image & ~hidden, 2] == 1)
+            hidden_joints += int(hidden.sum())
+    assert hidden_joints >= 10
 
 
 def test_procedural_scenes_have_occlusion_to_complete():
@@ -100,7 +116,7 @@ def test_procedural_scenes_have_occlusion_to_complete():
     completed = 0
     for s in samples:
         kept = [i for i in range(1, len(s.masks) + 1) if i not in s.erase]
-        hidden_then_shown = [((s.parsing[i - 1] > 0) & erased_union(s)).any() for i in kept]
+        hidden_then_shown = [((s.people[i - 1, 3] > 0.5) & erased_union(s)).any() for i in kept]
         completed += any(hidden_then_shown)
     assert completed >= 8
 
