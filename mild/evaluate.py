@@ -12,8 +12,11 @@ the truth is the photo, so pixels there would only dilute the differences):
 - ``input``: the photo unchanged, the floor.
 
 Metrics: masked PSNR and SSIM, and LPIPS when the ``lpips`` package and its AlexNet
-weights are already on this machine (nothing is downloaded). MILD's CAG per layer is
-reported beside them.
+weights are already on this machine (nothing is downloaded). Samples with layer targets
+(the kept people's amodal silhouettes, mild.data) also split the erased region by kind:
+``psnr_background`` over its background-only pixels and ``psnr_hidden`` over the parts of
+kept people that the erased ones hid. Each mean comes with a 95% bootstrap interval over
+the samples. MILD's CAG per layer is reported beside them.
 """
 
 from __future__ import annotations
@@ -61,6 +64,31 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     error = (pred.double() - target.double())[:, inside]
     mse = error.square().mean().item()
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def pixel_kinds(sample, erased: torch.Tensor) -> dict:
+    """{"background": (H, W), "hidden": (H, W)} {0, 1} splits of the erased region: pixels no kept
+    person covers, and the kept people's hidden parts (their amodal silhouettes inside the region).
+    Empty without the sample's layer targets."""
+    if sample.people is None:
+        return {}
+    erase = set(sample.erase or range(1, len(sample.masks) + 1))
+    kept = [i for i in range(len(sample.masks)) if i + 1 not in erase]
+    covered = (sample.people[kept, 3] > 0.5).any(0) if kept else torch.zeros_like(erased, dtype=torch.bool)
+    inside = erased > 0.5
+    return {"background": (inside & ~covered).float(), "hidden": (inside & covered).float()}
+
+
+def mean_interval(values, *, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple:
+    """(mean, low, high, n) of the finite values: a percentile bootstrap interval of the mean
+    (fixed seed: the same values give the same interval). NaNs when there is no finite value."""
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if len(finite) == 0:
+        return math.nan, math.nan, math.nan, 0
+    rng = np.random.default_rng(seed)
+    means = finite[rng.integers(0, len(finite), (resamples, len(finite)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(finite.mean()), float(low), float(high), len(finite)
 
 
 def _gaussian_window(device) -> torch.Tensor:
@@ -209,16 +237,21 @@ class EvalReport:
 
     @property
     def metrics(self) -> list[str]:
-        return ["psnr", "ssim"] + (["lpips"] if any("lpips" in row for row in self.rows) else [])
+        optional = ("lpips", "psnr_background", "psnr_hidden")
+        return ["psnr", "ssim"] + [m for m in optional if any(m in row for row in self.rows)]
 
     def summary(self) -> list[dict]:
-        """Per method, in the order they ran: the mean of every metric and the sample count."""
+        """Per method, in the order they ran: every metric's mean over the samples where it is
+        finite, its 95% bootstrap interval (``<metric>_low``/``_high``) and count (``_n``)."""
         methods = list(dict.fromkeys(row["method"] for row in self.rows))
         summary = []
         for method in methods:
             rows = [row for row in self.rows if row["method"] == method]
-            summary.append({"method": method, **{metric: sum(row[metric] for row in rows) / len(rows)
-                                                  for metric in self.metrics}, "samples": len(rows)})
+            entry = {"method": method}
+            for metric in self.metrics:
+                mean, low, high, n = mean_interval(row.get(metric, math.nan) for row in rows)
+                entry.update({metric: mean, f"{metric}_low": low, f"{metric}_high": high, f"{metric}_n": n})
+            summary.append({**entry, "samples": len(rows)})
         return summary
 
     def cag_summary(self) -> list[dict]:
@@ -229,17 +262,26 @@ class EvalReport:
 
     def markdown(self) -> str:
         summary = self.summary()
-        headers = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
-        best = {metric: (min if metric == "lpips" else max)(row[metric] for row in summary)
-                for metric in self.metrics} if summary else {}
+        headers = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓",
+                   "psnr_background": "background-only PSNR ↑", "psnr_hidden": "hidden-person PSNR ↑"}
+        finite = {m: [row[m] for row in summary if math.isfinite(row[m])] for m in self.metrics}
+        best = {m: (min if m == "lpips" else max)(values) for m, values in finite.items() if values}
         lines = ["| method | " + " | ".join(headers[m] for m in self.metrics) + " | samples |",
                  "|---|" + "---:|" * (len(self.metrics) + 1)]
         for row in summary:
-            cells = [f"{row[m]:.4f}" if m != "psnr" else f"{row[m]:.2f}" for m in self.metrics]
-            cells = [f"**{cell}**" if row[m] == best[m] and len(summary) > 1 else cell
-                     for m, cell in zip(self.metrics, cells)]
+            cells = []
+            for m in self.metrics:
+                digits = 2 if m.startswith("psnr") else 4
+                cell = f"{row[m]:.{digits}f} [{row[m + '_low']:.{digits}f}, {row[m + '_high']:.{digits}f}]"
+                if not math.isfinite(row[m]):
+                    cell = "–"
+                elif row[m] == best.get(m) and len(summary) > 1:
+                    cell = f"**{cell}**"
+                cells.append(cell)
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['samples']} |")
-        lines += ["", "Metrics over the erased people's masks, against the truth."]
+        lines += ["", "Metrics over the erased people's masks, against the truth: means over the samples with 95% "
+                  "bootstrap intervals. Background-only and hidden-person PSNR split that region by the kept "
+                  "people's amodal silhouettes (samples with layer targets only)."]
         if "lpips" not in self.metrics:
             lines.append("LPIPS: unavailable (no local weights)")
         layers = self.cag_summary()
@@ -298,11 +340,14 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = N
                 outputs[method] = telea(photo, region)
             else:
                 outputs[method] = photo.clone()
+        kinds = pixel_kinds(sample, erased)
         for method, result in outputs.items():
             row = {"sample": sample.name, "method": method, "psnr": masked_psnr(result, target, erased),
                    "ssim": masked_ssim(result, target, erased)}
             if masked_lpips is not None:
                 row["lpips"] = masked_lpips(result, target, erased)
+            for kind, pixels in kinds.items():
+                row[f"psnr_{kind}"] = masked_psnr(result, target, pixels) if pixels.any() else math.nan
             rows.append(row)
         results[sample.name] = outputs
     return EvalReport(rows, cag, notes), results

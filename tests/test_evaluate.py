@@ -14,8 +14,8 @@ import torch
 from mild import MILDPipeline, plan_layers
 from mild.data import DataError, procedural_sample, synthesize
 from mild.evaluate import (ALEXNET_WEIGHTS, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
-                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, run_eval, single_layer,
-                           single_layer_pipeline, telea)
+                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, pixel_kinds, run_eval,
+                           single_layer, single_layer_pipeline, telea)
 
 SIZE, STEPS = 64, 2
 
@@ -215,6 +215,11 @@ def test_evaluate_scores_every_method_and_reports_cag(evaluated, samples):
     assert list(summary) == list(METHODS) and all(row["samples"] == 2 for row in summary.values())
     assert summary["telea"]["psnr"] == pytest.approx(
         np.mean([row["psnr"] for row in report.rows if row["method"] == "telea"]))
+    assert {"psnr_background", "psnr_hidden"} <= set(report.metrics)  # procedural samples carry layer targets
+    for row in summary.values():
+        for metric in report.metrics:
+            if row[f"{metric}_n"]:
+                assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"]
 
 
 def test_evaluate_is_reproducible(tiny_pipe, samples, evaluated):
@@ -239,11 +244,36 @@ def test_markdown_table_and_lpips_column():
     cag = [{"sample": "a", "layer": 0, "domain": [0], "cag": 0.25},
            {"sample": "a", "layer": 1, "domain": [2], "cag": 0.75}]
     text = EvalReport(rows, cag).markdown()
-    assert "| mild | **20.00** | **0.5000** | 1 |" in text and "| input | 10.00 | 0.2000 | 1 |" in text
+    assert "| mild | **20.00 [20.00, 20.00]** | **0.5000 [0.5000, 0.5000]** | 1 |" in text
+    assert "| input | 10.00 [10.00, 10.00] | 0.2000 [0.2000, 0.2000] | 1 |" in text
     assert "LPIPS: unavailable (no local weights)" in text
     assert "layer 0: 0.2500" in text and "layer 1: 0.7500" in text
     with_lpips = EvalReport([{**row, "lpips": 0.1 * (i + 1)} for i, row in enumerate(rows)], cag).markdown()
-    assert "LPIPS ↓" in with_lpips and "unavailable" not in with_lpips and "**0.1000**" in with_lpips
+    assert "LPIPS ↓" in with_lpips and "unavailable" not in with_lpips and "**0.1000 [0.1000, 0.1000]**" in with_lpips
+
+
+def test_mean_interval_is_a_reproducible_bootstrap_of_the_mean():
+    rng = np.random.default_rng(1)
+    few, many = rng.normal(15, 3, 10), rng.normal(15, 3, 400)
+    for values in (few, many):
+        mean, low, high, n = mean_interval(list(values) + [math.nan, math.inf])  # non-finite values are left out
+        assert n == len(values) and mean == pytest.approx(values.mean()) and low < mean < high
+        assert mean_interval(values) == mean_interval(values)  # fixed seed
+        # close to the normal approximation's half-width 1.96 s / sqrt(n)
+        assert (high - low) / 2 == pytest.approx(1.96 * values.std(ddof=1) / math.sqrt(n), rel=0.35)
+    assert mean_interval([])[3] == 0 and math.isnan(mean_interval([math.nan])[0])
+
+
+def test_pixel_kinds_split_the_erased_region_by_the_kept_peoples_amodal_silhouettes():
+    sample = procedural_sample(0, size=64)
+    erased = erased_union(sample.masks, sample.erase)
+    kinds = pixel_kinds(sample, erased)
+    assert torch.equal(kinds["background"] + kinds["hidden"], erased)  # a partition of the region
+    kept = [i for i in range(len(sample.masks)) if i + 1 not in sample.erase]
+    silhouettes = (sample.people[kept, 3] > 0.5).any(0) if kept else torch.zeros(64, 64, dtype=torch.bool)
+    assert torch.equal(kinds["hidden"] > 0, (erased > 0) & silhouettes)
+    sample.people = None
+    assert pixel_kinds(sample, erased) == {}
 
 
 def eval_args(argv):
