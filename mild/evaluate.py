@@ -184,6 +184,11 @@ def single_layer_pipeline(pipe):
         scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     inpainter.set_progress_bar_config(disable=True)
+    if pipe.text_encoder is not None:
+        # The prompt's embedding as MILD makes it, truncated to the text encoder's length without
+        # diffusers' per-call warning (the tiny model's 16 tokens cut the default prompt).
+        with torch.no_grad():
+            inpainter.baseline_embeds = pipe._embed([BASELINE_PROMPT, ""])  # (prompt, unconditional)
     return inpainter
 
 
@@ -210,7 +215,9 @@ def single_layer(inpainter, photo: torch.Tensor, region: torch.Tensor, steps: in
     image = F.pad(photo[None], (0, pad_w, 0, pad_h), mode="replicate")
     mask = F.pad(region[None, None], (0, pad_w, 0, pad_h))  # 1 = repaint
     set_adapter_ids(inpainter.unet, None)  # the base weights; without a region context SMA is plain attention
-    result = inpainter(prompt=BASELINE_PROMPT, image=image, mask_image=mask, height=H + pad_h, width=W + pad_w,
+    prompt, negative = inpainter.baseline_embeds.to(inpainter.unet.dtype).chunk(2)
+    result = inpainter(prompt_embeds=prompt, negative_prompt_embeds=negative, image=image, mask_image=mask,
+                       height=H + pad_h, width=W + pad_w,
                        num_inference_steps=steps, guidance_scale=guidance, generator=generator,
                        output_type="pt").images[0, :, :H, :W]
     return paste(result.float().cpu(), photo, region)

@@ -13,9 +13,9 @@ import torch
 
 from mild import MILDPipeline, plan_layers
 from mild.data import DataError, procedural_sample, synthesize
-from mild.evaluate import (ALEXNET_WEIGHTS, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
-                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, pixel_kinds, run_eval,
-                           single_layer, single_layer_pipeline, telea)
+from mild.evaluate import (ALEXNET_WEIGHTS, BASELINE_PROMPT, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
+                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, paste, pixel_kinds,
+                           run_eval, single_layer, single_layer_pipeline, telea)
 
 SIZE, STEPS = 64, 2
 
@@ -183,6 +183,25 @@ def test_single_layer_repaints_only_the_dilated_union(tiny_pipe, samples):
     assert not torch.equal(result[:, region > 0], sample.image[:, region > 0])
     again = single_layer(inpainter, sample.image, region, STEPS, 7.5, torch.Generator().manual_seed(0))
     assert torch.equal(result, again)  # one seeded generator per run: reproducible
+
+
+def test_single_layer_runs_on_mild_s_prompt_embedding_without_retokenizing(tiny_pipe, samples, monkeypatch):
+    """The baseline's prompt is embedded once, as MILD embeds it (truncated silently to the tiny
+    model's 16 tokens): diffusers never tokenizes it again, so its truncation warning never prints;
+    the result is diffusers' own for the prompt."""
+    sample = samples[0]
+    region = inpaint_region(erased_union(sample.masks, sample.erase))
+    inpainter = single_layer_pipeline(tiny_pipe)
+    expected = inpainter(prompt=BASELINE_PROMPT, image=sample.image[None], mask_image=region[None, None],
+                         height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+                         generator=torch.Generator().manual_seed(0), output_type="pt").images[0]
+    calls = []
+    tokenize = type(inpainter.tokenizer).__call__
+    monkeypatch.setattr(type(inpainter.tokenizer), "__call__",
+                        lambda self, *args, **kwargs: calls.append(args) or tokenize(self, *args, **kwargs))
+    result = single_layer(inpainter, sample.image, region, STEPS, 7.5, torch.Generator().manual_seed(0))
+    assert calls == []
+    assert torch.equal(result, paste(expected.float(), sample.image, region))
 
 
 def test_single_layer_handles_sizes_off_the_vae_grid(tiny_pipe):
