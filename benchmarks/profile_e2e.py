@@ -613,8 +613,8 @@ def main(argv=None):
                         help="tiny model on the CPU, a harness check (inference: 2 steps, L = 1 and 2; --train: L = 2)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    known = TRAIN_PROVIDERS if args.train else ("mild", "mild-compiled", "mild-cudagraphs", "sequential", "dense-mask") \
-        if args.step else INFERENCE_PROVIDERS
+    step_providers = ("mild", "mild-compiled", "mild-cudagraphs", "sequential", "dense-mask")
+    known = TRAIN_PROVIDERS if args.train else step_providers if args.step else INFERENCE_PROVIDERS
     if args.providers and not set(args.providers) <= set(known):
         parser.error(f"--providers: choose from {', '.join(known)}")
 
@@ -631,8 +631,8 @@ def main(argv=None):
 
         archs = args.arch or (["sd15", "sdxl"] if gpu else ["tiny", "sd15-256"])
         providers = args.providers or (GPU_PROVIDERS if gpu else PROVIDERS)
-        return step_main(archs, args.layers or [3], providers, args.backend, warmup=2, timed=args.steps or (10 if gpu else 3),
-                         device=device, dtype=dtype, out_dir=out_dir)
+        return step_main(archs, args.layers or [3], providers, args.backend, warmup=2,
+                         timed=args.steps or (10 if gpu else 3), device=device, dtype=dtype, out_dir=out_dir)
     archs = args.arch or (["sd15", "sdxl"] if gpu else ["tiny"])
     layer_counts = args.layers or ([1, 2, 4, 8] if gpu else [1, 2])
     steps = args.steps or (30 if gpu else 2)

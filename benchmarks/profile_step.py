@@ -18,10 +18,11 @@ operator calls: top-level aten and custom ops), and the peak of memory allocated
 step (``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the profiler's allocation
 events, blind to inductor's C++ kernels: n/a there). On the CPU the torch backends read
 their tile lists and adapter ids to skip work (free there: no device to wait for); the
-Triton backend reads nothing (tests/test_mild_processors.py). Ratios are against ``mild`` (eager). Rows go to ``step.json`` in the shared schema.
+Triton backend reads nothing (tests/test_mild_processors.py). Ratios are against ``mild`` (eager).
+Rows go to ``step.json`` in the shared schema.
 
-    python benchmarks/profile_step.py                      # CPU: tiny (64 px) and SD 1.5 at 256 px, 3 layers
-    python benchmarks/profile_step.py --arch sd15 sdxl     # GPU: 512 and 1024 px
+    python benchmarks/profile_e2e.py --step                     # CPU: tiny (64 px) and SD 1.5 at 256 px, 3 layers
+    python benchmarks/profile_e2e.py --step --arch sd15 sdxl    # GPU: 512 and 1024 px (or `mild profile --step`)
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ def report_table(rows: list[dict]) -> str:
         for provider in dict.fromkeys(r["provider"] for r in rows if r["x"] == x):
             ms, base = by[(x, provider, "ms_per_step")], by[(x, "mild", "ms_per_step")]
             peak = by[(x, provider, "peak_mb_per_step")]
-            lines.append(f"| {x} | {provider} | {ms:.1f} | {ms / base:.2f} | "
-                         f"{by[(x, provider, 'host_reads_per_step')]:.0f} | {by[(x, provider, 'launches_per_step')]:.0f} | "
+            reads, launches = by[(x, provider, "host_reads_per_step")], by[(x, provider, "launches_per_step")]
+            lines.append(f"| {x} | {provider} | {ms:.1f} | {ms / base:.2f} | {reads:.0f} | {launches:.0f} | "
                          f"{'n/a' if peak != peak else f'{peak:.1f}'} |")
     return "\n".join(lines)
 

@@ -13,9 +13,9 @@ import torch
 
 from mild import MILDPipeline, plan_layers
 from mild.data import DataError, procedural_sample, synthesize
-from mild.evaluate import (ALEXNET_WEIGHTS, BASELINE_PROMPT, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
-                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, paste, pixel_kinds,
-                           run_eval, single_layer, single_layer_pipeline, telea)
+from mild.evaluate import (ALEXNET_WEIGHTS, BASELINE_PROMPT, METHODS, EvalReport, add_eval_arguments, erased_union,
+                           evaluate, inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, paste,
+                           pixel_kinds, run_eval, single_layer, single_layer_pipeline, telea)
 
 SIZE, STEPS = 64, 2
 

@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent('''
         assert mass.isfinite().all()
     x = torch.randn(2, 5, 8, requires_grad=True)
     multi_lora_linear(x, torch.randn(4, 8), None, torch.randn(2, 3, 8), torch.randn(2, 4, 3), [0, 1]).sum().backward()
-    composite_layers(torch.rand(2, 1, 3, 4, 4), torch.rand(2, 1, 1, 4, 4), torch.rand(1, 3, 4, 4), torch.rand(1, 1, 4, 4))
+    composite_layers(torch.rand(2, 1, 3, 4, 4), torch.rand(2, 1, 1, 4, 4), torch.rand(1, 3, 4, 4),
+                     torch.rand(1, 1, 4, 4))
     scheduler = DDIMScheduler()
     scheduler.set_timesteps(5)
     FusedStep(scheduler).step(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), scheduler.timesteps[0],
