@@ -619,9 +619,9 @@ def config_key(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int) 
 def forward_config(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int, device) -> ForwardConfig:
     """The shipped config for the device's architecture: Hopper's table (wgmma), or sm_80's for
     every earlier one. sm_86 and sm_89 (Ada) take the sm_80 table too: like Ampere they have
-    mma.sync and no wgmma, but less shared memory (99 KB a block against sm_80's 163 KB), so
-    a config the sm_80 gate passed may fail to launch there (an error, not a wrong answer);
-    the gate does not check them and no such GPU has been lent."""
+    mma.sync and no wgmma, but less shared memory (99 KB a block against sm_80's 163 KB); a
+    config that does not fit runs with fewer pipeline stages (_runtime.launch_fitting). Not
+    tuned for them, and no such GPU has been lent."""
     table = FORWARD_CONFIGS if device_arch(device) >= 90 else FORWARD_CONFIGS_SM80
     return table[config_key(head_dim, dtype, mass, num_regions)]
 
