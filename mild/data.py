@@ -55,6 +55,7 @@ class PairedSample:
     # Layer targets (docs/semantics.md, Paired data): what each MILD layer reconstructs on its own.
     plate: torch.Tensor | None = None  # (3, H, W) the clean background, with no person at all
     people: torch.Tensor | None = None  # (P, 4, H, W) each person's amodal RGBA: full appearance, full silhouette
+    scene: dict | None = None  # how a synthetic scene was drawn (kind, texture, amplitude, ...): scene.json
 
 
 # ------------------------------------------------------------------ reading
@@ -104,7 +105,7 @@ def read_sample(folder, *, require_target: bool = False) -> PairedSample:
                         target=target, keypoints=_read_keypoints(folder / "keypoints.json", P),
                         parsing=_read_parsing(folder, P, size, image_path),
                         occlusion_order=_read_occlusion(folder / "occlusion.json", P), plate=plate,
-                        people=_read_people(folder, P, size, image_path))
+                        people=_read_people(folder, P, size, image_path), scene=_read_scene(folder / "scene.json"))
 
 
 def _image_path(folder: Path) -> Path | None:
@@ -235,6 +236,15 @@ def _read_people(folder: Path, P: int, size, image_path: Path) -> torch.Tensor |
     return torch.stack(people)
 
 
+def _read_scene(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    scene = _read_json(path)
+    if not isinstance(scene, dict):
+        raise DataError(f"{path}: need a JSON object describing the scene, got {type(scene).__name__}")
+    return scene
+
+
 def _read_occlusion(path: Path, P: int) -> list[float] | None:
     if not path.exists():
         return None
@@ -337,6 +347,8 @@ def _write_files(folder: Path, sample: PairedSample) -> None:
     if sample.people is not None:
         for n, rgba in enumerate(sample.people, start=1):
             _save_png(_to_bytes(rgba), folder / f"person_{n}.png")
+    if sample.scene is not None:
+        (folder / "scene.json").write_text(json.dumps(sample.scene, sort_keys=True))
 
 
 # ------------------------------------------------------------------ scenes, shared by both generators
@@ -404,15 +416,18 @@ def _choose_erase(rng, silhouettes: np.ndarray, depths: np.ndarray) -> list[int]
     return sorted(i + 1 for i in erase)
 
 
-def _assemble(rng, name: str, background: np.ndarray, layers: list, depths: np.ndarray):
+def _assemble(rng, name: str, background: np.ndarray, layers: list, depths: np.ndarray, choose=None):
     """The sample of people (rgb (3, H, W), alpha (H, W)) over ``background``, and the
-    indices of the people kept; None when nobody stays visible."""
+    indices of the people kept; None when nobody stays visible, or when ``choose`` (an erase
+    chooser like _choose_erase) finds no erase set it wants."""
     silhouettes = np.stack([alpha > 0.5 for _, alpha in layers])
     keep = _keep_visible(silhouettes, depths)
     if not keep:
         return None, keep
     layers, silhouettes, depths = [layers[k] for k in keep], silhouettes[keep], depths[keep]
-    erase = _choose_erase(rng, silhouettes, depths)
+    erase = (choose or _choose_erase)(rng, silhouettes, depths)
+    if erase is None:
+        return None, keep
     image, target = background.copy(), background.copy()
     for i in np.argsort(depths, kind="stable"):  # back to front
         rgb, alpha = layers[i]
@@ -571,23 +586,113 @@ def _figure(rng, size: int, x: float, foot: float, height: float):
     return rgb, parsing > 0, parsing, keypoints
 
 
-def procedural_sample(seed: int, size: int = 128, max_people: int = 3, name: str | None = None) -> PairedSample:
-    """A synthetic scene of 1..max_people overlapping figures; the same seed gives the same sample."""
+SCENE_KINDS = ("mixed", "textured", "occluded")
+STRONG_TEXTURES = ("stripes", "checks", "bricks")
+MIN_HIDDEN_FRACTION = 0.3  # "occluded" scenes: a kept person at least this much hidden by an erased one
+
+
+def _strong_texture(rng, size: int) -> tuple[np.ndarray, dict]:
+    """(H, W) in [0, 1]: stripes, checks or bricks at any orientation, period 6-30 px: the
+    high-contrast backgrounds where diffusion-free inpainting (Telea) smears."""
+    ys, xs = _grid(size)
+    kind = STRONG_TEXTURES[rng.integers(len(STRONG_TEXTURES))]
+    period, angle = float(rng.uniform(6, 30)), float(rng.uniform(0, np.pi))
+    a = (xs * np.cos(angle) + ys * np.sin(angle)) / period  # along the pattern, in periods
+    b = (-xs * np.sin(angle) + ys * np.cos(angle)) / period
+    if kind == "stripes":
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * a + rng.uniform(0, 2 * np.pi))
+    elif kind == "checks":
+        pattern = (np.floor(a) + np.floor(b)) % 2
+    else:  # bricks two periods long, a period high, every other row shifted by half a brick
+        row = np.floor(b)
+        pattern = ((b % 1 < 0.15) | ((a / 2 + 0.5 * (row % 2)) % 1 < 0.08)).astype(np.float32)
+    return pattern.astype(np.float32), {"texture": kind, "period": round(period, 3), "angle": round(angle, 4)}
+
+
+def _textured_background(rng, size: int) -> tuple[np.ndarray, dict]:
+    """A sky gradient over ground at a random horizon, one strong texture of amplitude
+    0.2-0.5 over the ground (or, one time in three, the whole picture), and grain."""
+    ys, xs = _grid(size)
+    u, v = xs / (size - 1), ys / (size - 1)
+    horizon = rng.uniform(0.3, 0.75) + rng.uniform(-0.1, 0.1) * (u - 0.5)
+    ground = v > horizon
+    image = np.where(ground, _blend(_colour(rng), _colour(rng), (v - horizon) / (1 - horizon)),
+                     _blend(_colour(rng), _colour(rng), v / horizon))
+    pattern, scene = _strong_texture(rng, size)
+    amplitude = float(rng.uniform(0.2, 0.5))
+    where = ground if rng.random() < 2 / 3 else np.ones_like(ground)
+    strength = amplitude * pattern
+    image = np.where(where, image * (1 - strength) + _colour(rng)[:, None, None] * strength, image)
+    image = image + rng.normal(0, 0.01, image.shape)
+    return np.clip(image, 0, 1).astype(np.float32), {**scene, "amplitude": round(amplitude, 4)}
+
+
+def _hidden_fraction(silhouettes: np.ndarray, front: int, behind: int) -> float:
+    return float((silhouettes[front] & silhouettes[behind]).sum() / max(1, silhouettes[behind].sum()))
+
+
+def _erase_an_occluder(rng, silhouettes: np.ndarray, depths: np.ndarray) -> list[int] | None:
+    """An erase set holding a person who hides at least MIN_HIDDEN_FRACTION of a kept one, or
+    None when the scene has no such pair (the caller draws again)."""
+    pairs = [(e, k) for e in range(len(depths)) for k in range(len(depths))
+             if depths[e] > depths[k] and _hidden_fraction(silhouettes, e, k) >= MIN_HIDDEN_FRACTION]
+    if not pairs:
+        return None
+    front, behind = pairs[rng.integers(len(pairs))]
+    others = {i for i in range(len(depths)) if i not in (front, behind) and rng.random() < 0.3}
+    return sorted(i + 1 for i in others | {front})
+
+
+def _occluding_figures(rng, size: int, max_people: int) -> list:
+    """Placements for 2..max(2, max_people) figures, the second standing close in front of the first."""
+    count = int(rng.integers(2, max(2, max_people) + 1))
+    height = rng.uniform(0.45, 0.8) * size
+    x, foot = rng.uniform(0.25, 0.75) * size, rng.uniform(0.8, 1.05) * size
+    placed = [(x, foot, height), (x + rng.choice([-1, 1]) * rng.uniform(0.0, 0.15) * height,
+                                  foot + rng.uniform(0, 0.08) * size, height * rng.uniform(0.85, 1.15))]
+    placed = [(px, float(np.clip(pf, 0.95 * ph, 1.1 * size)), ph) for px, pf, ph in placed]
+    for _ in range(count - 2):
+        other_height = rng.uniform(0.35, 0.8) * size
+        placed.append((*_place(rng, size, placed, other_height), other_height))
+    return placed
+
+
+def procedural_sample(seed: int, size: int = 128, max_people: int = 3, name: str | None = None,
+                      kind: str = "mixed") -> PairedSample:
+    """A synthetic scene of 1..max_people overlapping figures; the same seed gives the same sample.
+
+    ``kind``: "mixed" (varied backgrounds, people who often overlap), "textured" (a sky and
+    ground under one strong stripes/checks/bricks texture, amplitude 0.2-0.5, period 6-30 px,
+    any orientation) or "occluded" (a kept person at least 30% hidden by an erased one). The
+    scene's kind and texture go to ``sample.scene``.
+    """
+    if kind not in SCENE_KINDS:
+        raise DataError(f"kind: must be one of {SCENE_KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
     name = name or f"procedural_{seed}"
-    background = _background(rng, size)
-    while True:  # until somebody stays visible (almost always at once)
-        figures, placed = [], []
-        for _ in range(_people_count(rng, max_people)):
-            height = rng.uniform(0.35, 0.8) * size
-            x, foot = _place(rng, size, placed, height)
-            placed.append((x, foot, height))
-            figures.append(_figure(rng, size, x, foot, height))
+    if kind == "textured":
+        background, scene = _textured_background(rng, size)
+    else:
+        background, scene = _background(rng, size), {}
+    while True:  # until somebody stays visible (almost always at once) and, occluded, someone is hidden
+        if kind == "occluded":
+            figures = [_figure(rng, size, *where) for where in _occluding_figures(rng, size, max_people)]
+        else:  # placement and drawing interleave: the random stream (and so every sample) as it always was
+            figures, placed = [], []
+            for _ in range(_people_count(rng, max_people)):
+                height = rng.uniform(0.35, 0.8) * size
+                x, foot = _place(rng, size, placed, height)
+                placed.append((x, foot, height))
+                figures.append(_figure(rng, size, x, foot, height))
         depths = (rng.permutation(len(figures)) + 1).astype(np.float64)
+        if kind == "occluded":
+            depths[1] = depths.max() + 1  # the second figure stands in front of the first
         layers = [(rgb, silhouette.astype(np.float32)) for rgb, silhouette, _, _ in figures]
-        sample, keep = _assemble(rng, name, background, layers, depths)
+        sample, keep = _assemble(rng, name, background, layers, depths,
+                                 _erase_an_occluder if kind == "occluded" else None)
         if sample is not None:
             break
+    sample.scene = {"kind": kind, **scene}
     visible = sample.masks.numpy() > 0.5
     amodal = sample.people[:, 3].numpy() > 0.5
     sample.parsing = torch.from_numpy(np.stack([figures[k][2] for k in keep]) * visible)
@@ -688,12 +793,18 @@ def cutout_sample(seed: int, cutouts: list[Path], backgrounds: list[Path], size:
 
 
 def synthesize(out, count: int, seed: int = 0, size: int = 128, cutouts_dir=None, backgrounds_dir=None,
-               max_people: int = 3, progress: bool = True) -> list[Path]:
+               max_people: int = 3, progress: bool = True, scene: str = "mixed") -> list[Path]:
     """Write ``count`` samples ``out/sample_00000`` ... and return the folders written now.
 
-    Procedural scenes, or cut-out compositing when both folders are given. Sample i
-    depends only on (seed, i), and existing sample folders are skipped: a rerun
-    completes a partial run with the same samples."""
+    Procedural scenes of the ``scene`` kind (procedural_sample's; "all" takes the kinds in
+    turn), or cut-out compositing when both folders are given. Sample i depends only on
+    (seed, i), and existing sample folders are skipped: a rerun completes a partial run
+    with the same samples."""
+    if scene not in (*SCENE_KINDS, "all"):
+        raise DataError(f"scene must be one of {(*SCENE_KINDS, 'all')}, got {scene!r}")
+    if cutouts_dir is not None and scene != "mixed":
+        raise DataError("scene kinds are procedural; cut-out compositing takes none")
+    kinds = SCENE_KINDS if scene == "all" else (scene,)
     if count < 1:
         raise DataError(f"count must be at least 1, got {count}")
     if seed < 0:
@@ -719,7 +830,7 @@ def synthesize(out, count: int, seed: int = 0, size: int = 128, cutouts_dir=None
             continue
         sample_seed = _sample_seed(seed, index)
         if cutouts_dir is None:
-            sample = procedural_sample(sample_seed, size, max_people, name=folder.name)
+            sample = procedural_sample(sample_seed, size, max_people, name=folder.name, kind=kinds[index % len(kinds)])
         else:
             sample = cutout_sample(sample_seed, cutouts, backgrounds, size, max_people, name=folder.name)
         write_sample(folder, sample)
@@ -735,13 +846,16 @@ def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cutouts", metavar="DIR", help="RGBA people cut-outs (with --backgrounds)")
     parser.add_argument("--backgrounds", metavar="DIR", help="background photos (with --cutouts)")
     parser.add_argument("--max-people", type=int, default=3, help="at most this many people per sample")
+    parser.add_argument("--scene", choices=(*SCENE_KINDS, "all"), default="mixed",
+                        help="procedural scene kind: mixed (varied), textured (strong stripes/checks/bricks), "
+                             "occluded (a kept person >= 30%% hidden by an erased one), or all of them in turn")
 
 
 def run_synth(args) -> int:
     if (args.cutouts is None) != (args.backgrounds is None):
         raise DataError("--cutouts and --backgrounds go together: give both or neither")
     written = synthesize(args.out, args.count, seed=args.seed, size=args.size, cutouts_dir=args.cutouts,
-                         backgrounds_dir=args.backgrounds, max_people=args.max_people)
+                         backgrounds_dir=args.backgrounds, max_people=args.max_people, scene=args.scene)
     kind = "procedural" if args.cutouts is None else "cut-out"
     print(f"wrote {len(written)} {kind} samples to {args.out} ({args.count - len(written)} already there)")
     return 0

@@ -302,6 +302,9 @@ def break_sample(folder, case):
     if case == "person layer missing":
         Image.new("RGBA", (SIZE, SIZE)).save(folder / "person_1.png")
         return "person_2.png is missing"
+    if case == "scene not an object":
+        (folder / "scene.json").write_text(json.dumps(["textured"]))
+        return "scene.json"
     if case == "occlusion not numbers":
         (folder / "occlusion.json").write_text(json.dumps(["near", "far"]))
         return "occlusion.json"
@@ -313,7 +316,7 @@ CASES = ["unreadable image", "no image", "unreadable mask", "unreadable erase.js
          "empty mask", "mask_x.png", "mask_01.png", "mask.png", "mask_0.png", "mask_1.jpg", "mask gap", "no masks",
          "erase []", "erase [0]", "erase [3]", "erase [1, 1]", "erase ['1']", "erase {'1': 1}",
          "keypoints 16x3", "keypoints 17x2", "keypoints person 3", "occlusion length", "occlusion not numbers",
-         "plate size", "person layer not RGBA", "person layer missing"]
+         "plate size", "person layer not RGBA", "person layer missing", "scene not an object"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -484,8 +487,11 @@ def test_run_synth(tmp_path, capsys):
 
 def test_synth_arguments_defaults_and_errors(tmp_path):
     args = parse(["--out", "x"])
-    assert (args.count, args.seed, args.size, args.max_people, args.cutouts, args.backgrounds) == \
-        (64, 0, 128, 3, None, None)
+    assert (args.count, args.seed, args.size, args.max_people, args.cutouts, args.backgrounds, args.scene) == \
+        (64, 0, 128, 3, None, None, "mixed")
+    assert parse(["--out", "x", "--scene", "occluded"]).scene == "occluded"
+    with pytest.raises(SystemExit):
+        parse(["--out", "x", "--scene", "foggy"])
     with pytest.raises(SystemExit):
         parse([])  # --out is required
     with pytest.raises(DataError, match="--cutouts and --backgrounds"):
@@ -495,3 +501,54 @@ def test_synth_arguments_defaults_and_errors(tmp_path):
         with pytest.raises(DataError, match=message):
             run_synth(parse(["--out", str(tmp_path / "d")] + flags))
     assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------ scene kinds
+
+
+def hidden_by_erased(sample) -> float:
+    """The largest fraction of a kept person's amodal silhouette that erased people cover."""
+    P = len(sample.masks)
+    silhouettes = sample.people[:, 3] > 0.5
+    erased = torch.zeros_like(silhouettes[0])
+    for i in sample.erase:
+        erased |= silhouettes[i - 1]
+    kept = [i for i in range(P) if i + 1 not in sample.erase]
+    return max((float((silhouettes[k] & erased).sum() / silhouettes[k].sum()) for k in kept), default=0.0)
+
+
+def test_occluded_scenes_hide_a_kept_person_behind_an_erased_one():
+    for seed in range(20):
+        sample = procedural_sample(seed, size=64, kind="occluded")
+        assert sample.scene == {"kind": "occluded"} and len(sample.masks) >= 2
+        check_layer_targets(sample, 1e-6)
+        assert hidden_by_erased(sample) >= data.MIN_HIDDEN_FRACTION
+    mixed = [hidden_by_erased(procedural_sample(seed, size=64)) >= 0.3 for seed in range(20)]
+    assert sum(mixed) < 20  # the default mix is not all like that
+
+
+def test_textured_scenes_draw_strong_textures_at_any_orientation():
+    scenes = [procedural_sample(seed, size=64, kind="textured").scene for seed in range(24)]
+    assert {scene["texture"] for scene in scenes} == set(data.STRONG_TEXTURES)
+    assert all(0.2 <= scene["amplitude"] <= 0.5 and 6 <= scene["period"] <= 30 for scene in scenes)
+    angles = [scene["angle"] for scene in scenes]
+    assert min(angles) < 0.8 and max(angles) > 2.3  # not only axis-aligned
+    stripes = procedural_sample(next(i for i, s in enumerate(scenes) if s["texture"] == "stripes"), size=64,
+                                kind="textured")
+    plate = stripes.plate.mean(0)
+    assert (plate - torch.nn.functional.avg_pool2d(plate[None, None], 9, 1, 4)[0, 0]).abs().mean() > 0.01
+
+
+def test_synthesize_takes_the_scene_kinds_in_turn_and_writes_scene_json(tmp_path):
+    written = synthesize(tmp_path / "all", 3, seed=1, size=SIZE, progress=False, scene="all")
+    kinds = [read_sample(folder).scene["kind"] for folder in written]
+    assert kinds == list(data.SCENE_KINDS)
+    assert json.loads((written[1] / "scene.json").read_text())["kind"] == "textured"
+    with pytest.raises(DataError, match="scene must be one of"):
+        synthesize(tmp_path / "bad", 1, size=SIZE, progress=False, scene="foggy")
+    with pytest.raises(DataError, match="kind: must be one of"):
+        procedural_sample(0, kind="foggy")
+    make_cutouts(tmp_path / "people"), make_backgrounds(tmp_path / "bg")
+    with pytest.raises(DataError, match="cut-out compositing takes none"):
+        synthesize(tmp_path / "c", 1, size=SIZE, cutouts_dir=tmp_path / "people", backgrounds_dir=tmp_path / "bg",
+                   progress=False, scene="occluded")
