@@ -15,8 +15,9 @@ Metrics: masked PSNR and SSIM, and LPIPS when the ``lpips`` package and its Alex
 weights are already on this machine (nothing is downloaded). Samples with layer targets
 (the kept people's amodal silhouettes, mild.data) also split the erased region by kind:
 ``psnr_background`` over its background-only pixels and ``psnr_hidden`` over the parts of
-kept people that the erased ones hid. Each mean comes with a 95% bootstrap interval over
-the samples. MILD's CAG per layer is reported beside them.
+kept people that the erased ones hid. Textured scenes (scene.json's amplitude) are also
+reported by texture amplitude. Each mean comes with a 95% bootstrap interval over the
+samples. MILD's CAG per layer is reported beside them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ BASELINE_PROMPT = DEFAULT_PROMPTS["background"]  # the prompt of MILD's own back
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's file name in the torch hub cache
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # (K * L)^2 with L = 1 for images in [0, 1]
+AMPLITUDE_BINS = ((0.2, 0.3), (0.3, 0.4), (0.4, 0.51))  # textured scenes' amplitudes lie in [0.2, 0.5]
 
 
 # ------------------------------------------------------------------ metrics
@@ -261,6 +263,18 @@ class EvalReport:
             summary.append({**entry, "samples": len(rows)})
         return summary
 
+    def amplitude_summary(self) -> list[dict]:
+        """Textured scenes (scene.json's amplitude) by texture amplitude: per bin and method the
+        erased-region PSNR's mean, 95% interval and count."""
+        summary = []
+        for low, high in AMPLITUDE_BINS:
+            rows = [row for row in self.rows if low <= row.get("amplitude", -1) < high]
+            for method in dict.fromkeys(row["method"] for row in rows):
+                mean, lo, hi, n = mean_interval(row["psnr"] for row in rows if row["method"] == method)
+                summary.append({"amplitude": f"{low:.1f}-{min(high, 0.5):.1f}", "method": method, "psnr": mean,
+                                "psnr_low": lo, "psnr_high": hi, "samples": n})
+        return summary
+
     def cag_summary(self) -> list[dict]:
         """Per layer index: the mean CAG over the samples that have that layer."""
         layers = sorted({row["layer"] for row in self.cag})
@@ -291,6 +305,13 @@ class EvalReport:
                   "people's amodal silhouettes (samples with layer targets only)."]
         if "lpips" not in self.metrics:
             lines.append("LPIPS: unavailable (no local weights)")
+        by_amplitude = self.amplitude_summary()
+        if by_amplitude:
+            lines += ["", "Textured scenes by texture amplitude (erased-region PSNR):", "",
+                      "| amplitude | method | PSNR (dB) | samples |", "|---|---|---:|---:|"]
+            lines += [f"| {row['amplitude']} | {row['method']} | {row['psnr']:.2f} [{row['psnr_low']:.2f}, "
+                      f"{row['psnr_high']:.2f}] | {row['samples']} |" for row in by_amplitude]
+            lines.append("")
         layers = self.cag_summary()
         if layers:
             lines.append("CAG per MILD layer (mean over samples and resolutions; layer 0 is the background): " +
@@ -355,6 +376,8 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = N
                 row["lpips"] = masked_lpips(result, target, erased)
             for kind, pixels in kinds.items():
                 row[f"psnr_{kind}"] = masked_psnr(result, target, pixels) if pixels.any() else math.nan
+            if sample.scene and "amplitude" in sample.scene:
+                row["amplitude"] = float(sample.scene["amplitude"])
             rows.append(row)
         results[sample.name] = outputs
     return EvalReport(rows, cag, notes), results
@@ -431,14 +454,16 @@ def run_eval(args, pipe) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "eval.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["sample", "method", *report.metrics])
+        extra = ["amplitude"] if any("amplitude" in row for row in report.rows) else []
+        writer = csv.DictWriter(file, fieldnames=["sample", "method", *report.metrics, *extra])
         writer.writeheader()
         writer.writerows(report.rows)
     settings = {"data": str(args.data), "samples": len(samples), "limit": args.limit, "steps": args.steps,
                 "guidance": guidance, "seed": args.seed, "methods": list(args.methods)}
     (out / "eval.json").write_text(json.dumps(
         {"settings": settings, "summary": _json_rows(report.summary()), "rows": _json_rows(report.rows),
-         "cag": _json_rows(report.cag), "cag_summary": _json_rows(report.cag_summary()), "notes": report.notes},
+         "cag": _json_rows(report.cag), "cag_summary": _json_rows(report.cag_summary()),
+         "by_amplitude": _json_rows(report.amplitude_summary()), "notes": report.notes},
         indent=2, allow_nan=False) + "\n")
     markdown = report.markdown()
     (out / "eval.md").write_text(markdown)

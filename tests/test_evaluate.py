@@ -271,6 +271,18 @@ def test_markdown_table_and_lpips_column():
     assert "LPIPS ↓" in with_lpips and "unavailable" not in with_lpips and "**0.1000 [0.1000, 0.1000]**" in with_lpips
 
 
+def test_textured_scenes_are_reported_by_texture_amplitude():
+    rows = [{"sample": f"s{i}", "method": method, "psnr": psnr + i, "ssim": 0.5, "amplitude": amplitude}
+            for i, amplitude in enumerate((0.22, 0.28, 0.45)) for method, psnr in (("mild", 20.0), ("telea", 15.0))]
+    rows.append({"sample": "plain", "method": "mild", "psnr": 30.0, "ssim": 0.5})  # not textured: in no bin
+    report = EvalReport(rows, [])
+    by_bin = {(row["amplitude"], row["method"]): row for row in report.amplitude_summary()}
+    assert set(by_bin) == {("0.2-0.3", "mild"), ("0.2-0.3", "telea"), ("0.4-0.5", "mild"), ("0.4-0.5", "telea")}
+    assert by_bin["0.2-0.3", "mild"]["psnr"] == pytest.approx(20.5) and by_bin["0.2-0.3", "mild"]["samples"] == 2
+    assert by_bin["0.4-0.5", "telea"]["psnr"] == pytest.approx(17.0)
+    assert "| 0.2-0.3 | mild | 20.50 [" in report.markdown()
+
+
 def test_mean_interval_is_a_reproducible_bootstrap_of_the_mean():
     rng = np.random.default_rng(1)
     few, many = rng.normal(15, 3, 10), rng.normal(15, 3, 400)
