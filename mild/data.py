@@ -200,20 +200,32 @@ def _read_keypoints(path: Path, P: int) -> torch.Tensor | None:
     return keypoints
 
 
-def _read_parsing(folder: Path, P: int, size, image_path: Path) -> torch.Tensor | None:
-    files = _numbered_files(folder, "parsing")
+def _per_person_images(folder: Path, stem: str, P: int, size, image_path: Path) -> list | None:
+    """[(path, image)] of ``<stem>_1.png`` .. ``<stem>_P.png``, each the photo's size, or None
+    without any; every person's file or none."""
+    files = _numbered_files(folder, stem)
     if not files:
         return None
-    _require_contiguous(folder, "parsing", files, P)
-    maps = []
+    _require_contiguous(folder, stem, files, P)
+    images = []
     for n in range(1, P + 1):
         image = _open(files[n])
+        _require_size(files[n], (image.height, image.width), size, image_path)
+        images.append((files[n], image))
+    return images
+
+
+def _read_parsing(folder: Path, P: int, size, image_path: Path) -> torch.Tensor | None:
+    images = _per_person_images(folder, "parsing", P, size, image_path)
+    if images is None:
+        return None
+    maps = []
+    for path, image in images:
         if len(image.getbands()) != 1:
-            raise DataError(f"{files[n]}: need a single-channel (L) map of class ids, got mode {image.mode}")
+            raise DataError(f"{path}: need a single-channel (L) map of class ids, got mode {image.mode}")
         classes = np.asarray(image).astype(np.int64)
-        _require_size(files[n], classes.shape, size, image_path)
         if classes.min() < 0 or classes.max() >= DEFAULT_PARSING_CLASSES:
-            raise DataError(f"{files[n]}: class ids must lie in [0, {DEFAULT_PARSING_CLASSES}), "
+            raise DataError(f"{path}: class ids must lie in [0, {DEFAULT_PARSING_CLASSES}), "
                             f"found {int(classes.max())}")
         maps.append(torch.from_numpy(classes))
     return torch.stack(maps)
@@ -221,17 +233,14 @@ def _read_parsing(folder: Path, P: int, size, image_path: Path) -> torch.Tensor 
 
 def _read_people(folder: Path, P: int, size, image_path: Path) -> torch.Tensor | None:
     """(P, 4, H, W) amodal RGBA per person from person_<n>.png, or None without them."""
-    paths = _numbered_files(folder, "person")
-    if not paths:
+    images = _per_person_images(folder, "person", P, size, image_path)
+    if images is None:
         return None
-    _require_contiguous(folder, "person", paths, P)
     people = []
-    for n in sorted(paths):
-        image = _open(paths[n])
+    for path, image in images:
         if image.mode != "RGBA":
-            raise DataError(f"{paths[n]}: an amodal person layer must be RGBA (its alpha is the full silhouette), "
+            raise DataError(f"{path}: an amodal person layer must be RGBA (its alpha is the full silhouette), "
                             f"got mode {image.mode}")
-        _require_size(paths[n], (image.height, image.width), size, image_path)
         people.append(torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255))
     return torch.stack(people)
 
