@@ -50,7 +50,10 @@ def _rows(x: torch.Tensor, indices) -> torch.Tensor:
 
 
 def _add_rows(out: torch.Tensor, indices, value: torch.Tensor) -> None:
-    out.add_(value) if indices is None else out.index_add_(0, indices, value)
+    if indices is None:
+        out.add_(value)
+    else:
+        out.index_add_(0, indices, value)
 
 
 def multi_lora_forward_torch(x3, weight, bias, lora_a, lora_b, ids, scale, scales):
