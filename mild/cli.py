@@ -268,6 +268,8 @@ def parse_args(argv):
     demo.add_argument("--out", default="demo_out", help="where the images go")
     demo.add_argument("--steps", type=int, default=10)
     demo.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
+    demo.add_argument("--figure", help="also write one picture of the run (input, truth, result, each layer and "
+                                       "its alpha) to this path, as README's docs/images/demo.png")
     return parser.parse_known_args(argv)
 
 
@@ -319,8 +321,11 @@ def run_demo(args) -> int:
     result = pipe(image, masks, erase=[2], num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - start
     save(result.image, "erased.png")
-    for i, layer in enumerate(result.layers):
+    for i, (layer, alpha) in enumerate(zip(result.layers, result.alphas)):
         save(layer, f"layer_{i}.png")
+        save(alpha.expand(3, -1, -1), f"alpha_{i}.png")
+    if args.figure:
+        demo_figure(image, truth, masks[1], result, args.figure)
     outside = result.plan.paste_region == 0
     unchanged = bool(torch.equal(result.image[:, outside], image[:, outside]))
     from .evaluate import masked_psnr
@@ -332,8 +337,31 @@ def run_demo(args) -> int:
     for layer, per_resolution in sorted(result.cag.items()):
         cells = ", ".join(f"{res}: {value:+.3f}" for res, value in per_resolution.items())
         print(f"CAG of layer {layer} (domain {result.plan.layers[layer].domain}): {cells}")
-    print(f"wrote {out}/input.png, truth.png, mask_*.png, erased.png and layer_*.png")
+    print(f"wrote {out}/input.png, truth.png, mask_*.png, erased.png, layer_*.png and alpha_*.png"
+          + (f"; the figure {args.figure}" if args.figure else ""))
     return 0 if unchanged else 1
+
+
+def demo_figure(image, truth, erased_mask, result, path) -> None:
+    """One row: the input with the erased person outlined, the truth, the result, then every
+    layer beside the alpha it was composited with."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend
+
+    panels = [(image, "input (blue erased)"), (truth, "truth"), (result.image, "MILD")]
+    for index, (layer, alpha) in enumerate(zip(result.layers, result.alphas)):
+        name = "background" if index == 0 else f"person {result.plan.layers[index].person}"
+        panels.append((layer, f"layer {index}: {name}"))
+        if index:
+            panels.append((alpha.expand(3, -1, -1), f"layer {index} alpha"))
+    figure = Figure(figsize=(2.0 * len(panels), 2.3), layout="constrained")
+    for ax, (tensor, title) in zip(figure.subplots(1, len(panels)), panels):
+        ax.imshow(tensor.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.axes[0].contour(erased_mask.numpy(), levels=[0.5], colors="white", linewidths=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def profiler_path() -> Path:

@@ -11,6 +11,7 @@ background photos.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import json
 import math
@@ -595,7 +596,7 @@ def _figure(rng, size: int, x: float, foot: float, height: float):
     return rgb, parsing > 0, parsing, keypoints
 
 
-SCENE_KINDS = ("mixed", "textured", "occluded")
+SCENE_KINDS = ("mixed", "textured", "occluded", "occluded-textured")
 STRONG_TEXTURES = ("stripes", "checks", "bricks")
 MIN_HIDDEN_FRACTION = 0.3  # "occluded" scenes: a kept person at least this much hidden by an erased one
 
@@ -672,19 +673,20 @@ def procedural_sample(seed: int, size: int = 128, max_people: int = 3, name: str
 
     ``kind``: "mixed" (varied backgrounds, people who often overlap), "textured" (a sky and
     ground under one strong stripes/checks/bricks texture, amplitude 0.2-0.5, period 6-30 px,
-    any orientation) or "occluded" (a kept person at least 30% hidden by an erased one). The
-    scene's kind and texture go to ``sample.scene``.
+    any orientation), "occluded" (a kept person at least 30% hidden by an erased one) or
+    "occluded-textured" (both). The scene's kind and texture go to ``sample.scene``.
     """
     if kind not in SCENE_KINDS:
         raise DataError(f"kind: must be one of {SCENE_KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
     name = name or f"procedural_{seed}"
-    if kind == "textured":
+    occluded = kind.startswith("occluded")
+    if kind in ("textured", "occluded-textured"):
         background, scene = _textured_background(rng, size)
     else:
         background, scene = _background(rng, size), {}
     while True:  # until somebody stays visible (almost always at once) and, occluded, someone is hidden
-        if kind == "occluded":
+        if occluded:
             figures = [_figure(rng, size, *where) for where in _occluding_figures(rng, size, max_people)]
         else:  # placement and drawing interleave: the random stream (and so every sample) as it always was
             figures, placed = [], []
@@ -694,11 +696,11 @@ def procedural_sample(seed: int, size: int = 128, max_people: int = 3, name: str
                 placed.append((x, foot, height))
                 figures.append(_figure(rng, size, x, foot, height))
         depths = (rng.permutation(len(figures)) + 1).astype(np.float64)
-        if kind == "occluded":
+        if occluded:
             depths[1] = depths.max() + 1  # the second figure stands in front of the first
         layers = [(rgb, silhouette.astype(np.float32)) for rgb, silhouette, _, _ in figures]
         sample, keep = _assemble(rng, name, background, layers, depths,
-                                 _erase_an_occluder if kind == "occluded" else None)
+                                 _erase_an_occluder if occluded else None)
         if sample is not None:
             break
     sample.scene = {"kind": kind, **scene}
@@ -720,6 +722,40 @@ def _as_estimated(keypoints: np.ndarray, amodal: np.ndarray, visible: np.ndarray
     hidden = (out[:, 2] > 0) & amodal[y, x] & ~visible[y, x]
     out[hidden, 2] = HIDDEN_KEYPOINT_CONFIDENCE
     return out
+
+
+class ProceduralStream(collections.abc.Sequence):
+    """``count`` procedural scenes drawn on the fly, never written: sample k depends only on
+    (seed, k), its kind drawn with the probabilities of ``mix`` ({kind: weight}). The default
+    mix is occlusion-heavy (70% of scenes have a kept person at least 30% hidden by an erased
+    one; half of those over a strong texture) with 20% more strong textures."""
+
+    DEFAULT_MIX = {"occluded": 0.35, "occluded-textured": 0.35, "textured": 0.2, "mixed": 0.1}
+
+    def __init__(self, count: int, seed: int = 0, size: int = 128, max_people: int = 3, mix: dict | None = None):
+        self.count, self.seed, self.size, self.max_people = count, seed, size, max_people
+        self.mix = dict(self.DEFAULT_MIX if mix is None else mix)
+        unknown = [k for k in self.mix if k not in SCENE_KINDS]
+        if unknown or not self.mix or min(self.mix.values()) < 0 or sum(self.mix.values()) <= 0:
+            raise DataError(f"mix: needs non-negative weights of kinds in {SCENE_KINDS}, got {self.mix}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def kind(self, index: int) -> str:
+        kinds = list(self.mix)
+        weights = np.array([self.mix[k] for k in kinds], dtype=np.float64)
+        draw = np.random.default_rng([self.seed, index, 1]).random()
+        return kinds[int(np.searchsorted(np.cumsum(weights / weights.sum()), draw, side="right").clip(0, len(kinds) - 1))]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        index %= self.count
+        return procedural_sample(_sample_seed(self.seed, index), self.size, self.max_people,
+                                 name=f"stream_{self.seed}_{index}", kind=self.kind(index))
 
 
 # ------------------------------------------------------------------ cut-out compositing

@@ -5,9 +5,11 @@ the truth over the erased region, the union of the erased people's masks (outsid
 the truth is the photo, so pixels there would only dilute the differences):
 
 - ``mild``: the MILDPipeline itself.
-- ``single-layer``: diffusers' StableDiffusionInpaintPipeline on the same components, base
-  UNet (no LoRA adapter, no SMA), one pass over the dilated erased union with MILD's
-  background prompt: what MILD adds over plain inpainting.
+- ``single-layer``: plain inpainting, ``MILDPipeline(..., single_layer=True)``: one pass over
+  the dilated erased union with MILD's background prompt, no adapter, no SMA, no HMG. It runs
+  the baseline pipeline: for the tiny model, the single-layer model trained with MILD's
+  architecture, steps and data (``tiny_single.safetensors``); for a real model, its own base
+  UNet. What the layers add over plain inpainting.
 - ``telea``: OpenCV's Telea inpainting over the dilated erased union (no learning at all).
 - ``input``: the photo unchanged, the floor.
 
@@ -15,7 +17,9 @@ Metrics: masked PSNR and SSIM, and LPIPS when the ``lpips`` package and its Alex
 weights are already on this machine (nothing is downloaded). Samples with layer targets
 (the kept people's amodal silhouettes, mild.data) also split the erased region by kind:
 ``psnr_background`` over its background-only pixels and ``psnr_hidden`` over the parts of
-kept people that the erased ones hid. Textured scenes (scene.json's amplitude) are also
+kept people that the erased ones hid, and ``iou_hidden``: the IoU, inside the repainted
+region, of each kept person's completed silhouette (the pixels whose colour is nearer the
+person's true appearance than the true plate's) with the true amodal silhouette. Textured scenes (scene.json's amplitude) are also
 reported by texture amplitude. Each mean comes with a 95% bootstrap interval over the
 samples. MILD's CAG per layer is reported beside them.
 """
@@ -32,17 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionInpaintPipeline
 from tqdm import tqdm
-
-from mild_kernels import set_adapter_ids
 
 from .data import DataError, list_samples, read_sample
 from .layers import default_dilation, dilate
-from .pipeline import DEFAULT_PROMPTS
 
 METHODS = ("mild", "single-layer", "telea", "input")
-BASELINE_PROMPT = DEFAULT_PROMPTS["background"]  # the prompt of MILD's own background pathway
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's file name in the torch hub cache
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
 SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # (K * L)^2 with L = 1 for images in [0, 1]
@@ -178,51 +177,29 @@ def telea(photo: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     return paste(torch.from_numpy(filled).permute(2, 0, 1).float() / 255, photo, region)
 
 
-def single_layer_pipeline(pipe):
-    """diffusers' own inpainting pipeline on MILD's components, with a scheduler of its own
-    (from the same config) so that the two never share timestep state."""
-    inpainter = StableDiffusionInpaintPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    inpainter.set_progress_bar_config(disable=True)
-    if pipe.text_encoder is not None:
-        # The prompt's embedding as MILD makes it, truncated to the text encoder's length without
-        # diffusers' per-call warning (the tiny model's 16 tokens cut the default prompt).
-        with torch.no_grad():
-            inpainter.baseline_embeds = pipe._embed([BASELINE_PROMPT, ""])  # (prompt, unconditional)
-    return inpainter
+def completed_silhouette_iou(result: torch.Tensor, sample, person: int, region: torch.Tensor) -> float:
+    """IoU, inside ``region``, of kept person ``person``'s (from 0) silhouette as ``result``
+    draws it with the true amodal silhouette: a pixel is the person's when its colour is
+    nearer the person's true appearance than the true plate's (method-independent: it asks
+    only what the image shows). NaN when the person has no amodal pixel in the region."""
+    inside = region > 0.5
+    truth = (sample.people[person, 3] > 0.5) & inside
+    if not truth.any():
+        return math.nan
+    to_person = (result - sample.people[person, :3]).square().sum(0)
+    to_plate = (result - sample.plate).square().sum(0)
+    drawn = (to_person < to_plate) & inside
+    return float((drawn & truth).sum() / (drawn | truth).sum())
 
 
-def single_layer_unsupported(pipe) -> str | None:
-    """Why the single-layer baseline cannot run on this pipeline's UNet, or None when it can."""
-    config = pipe.unet.config
-    if config.in_channels not in (4, 9):
-        return (f"single-layer: skipped, diffusers' inpainting needs a 4- or 9-channel UNet "
-                f"(this one has {config.in_channels})")
-    if config.get("addition_embed_type") is not None:
-        return ("single-layer: skipped, the UNet needs added conditioning (SDXL) that "
-                "StableDiffusionInpaintPipeline does not give")
-    if pipe.text_encoder is None:
-        return "single-layer: skipped, the pipeline has no text encoder"
-    return None
-
-
-def single_layer(inpainter, photo: torch.Tensor, region: torch.Tensor, steps: int, guidance: float,
-                 generator: torch.Generator) -> torch.Tensor:
-    """One inpainting pass over the region with the base UNet, pasted into the photo."""
-    H, W = photo.shape[1:]
-    factor = inpainter.vae_scale_factor
-    pad_h, pad_w = (-H) % factor, (-W) % factor  # diffusers needs sizes divisible by the VAE's factor
-    image = F.pad(photo[None], (0, pad_w, 0, pad_h), mode="replicate")
-    mask = F.pad(region[None, None], (0, pad_w, 0, pad_h))  # 1 = repaint
-    set_adapter_ids(inpainter.unet, None)  # the base weights; without a region context SMA is plain attention
-    prompt, negative = inpainter.baseline_embeds.to(inpainter.unet.dtype).chunk(2)
-    result = inpainter(prompt_embeds=prompt, negative_prompt_embeds=negative, image=image, mask_image=mask,
-                       height=H + pad_h, width=W + pad_w,
-                       num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       output_type="pt").images[0, :, :H, :W]
-    return paste(result.float().cpu(), photo, region)
+def hidden_iou(result: torch.Tensor, sample, region: torch.Tensor) -> float:
+    """The mean ``completed_silhouette_iou`` over the kept people hidden in the region, or NaN."""
+    if sample.people is None or sample.plate is None:
+        return math.nan
+    erase = set(sample.erase or range(1, len(sample.masks) + 1))
+    kept = [i for i in range(len(sample.masks)) if i + 1 not in erase]
+    hidden = [i for i in kept if ((sample.people[i, 3] > 0.5) & (sample.masks[i] <= 0.5) & (region > 0.5)).any()]
+    return _finite_mean(completed_silhouette_iou(result, sample, i, region) for i in hidden)
 
 
 def _finite_mean(values) -> float:
@@ -246,7 +223,7 @@ class EvalReport:
 
     @property
     def metrics(self) -> list[str]:
-        optional = ("lpips", "psnr_background", "psnr_hidden")
+        optional = ("lpips", "psnr_background", "psnr_hidden", "iou_hidden")
         return ["psnr", "ssim"] + [m for m in optional if any(m in row for row in self.rows)]
 
     def summary(self) -> list[dict]:
@@ -284,7 +261,8 @@ class EvalReport:
     def markdown(self) -> str:
         summary = self.summary()
         headers = {"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓",
-                   "psnr_background": "background-only PSNR ↑", "psnr_hidden": "hidden-person PSNR ↑"}
+                   "psnr_background": "background-only PSNR ↑", "psnr_hidden": "hidden-person PSNR ↑",
+                   "iou_hidden": "hidden-person silhouette IoU ↑"}
         finite = {m: [row[m] for row in summary if math.isfinite(row[m])] for m in self.metrics}
         best = {m: (min if m == "lpips" else max)(values) for m, values in finite.items() if values}
         lines = ["| method | " + " | ".join(headers[m] for m in self.metrics) + " | samples |",
@@ -302,7 +280,9 @@ class EvalReport:
             lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {row['samples']} |")
         lines += ["", "Metrics over the erased people's masks, against the truth: means over the samples with 95% "
                   "bootstrap intervals. Background-only and hidden-person PSNR split that region by the kept "
-                  "people's amodal silhouettes (samples with layer targets only)."]
+                  "people's amodal silhouettes (samples with layer targets only); the silhouette IoU compares, in the "
+                  "repainted region, the pixels each method draws in a hidden person's colour with their true "
+                  "amodal silhouette."]
         if "lpips" not in self.metrics:
             lines.append("LPIPS: unavailable (no local weights)")
         by_amplitude = self.amplitude_summary()
@@ -323,8 +303,10 @@ class EvalReport:
 
 # ------------------------------------------------------------------ evaluation
 def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = None, seed: int = 0, methods=METHODS,
-             progress: bool = True) -> tuple[EvalReport, dict]:
+             progress: bool = True, baseline=None) -> tuple[EvalReport, dict]:
     """Run every method on every sample and score it against the sample's target.
+
+    ``baseline``: the pipeline the single-layer method runs (default ``pipe`` itself: its base UNet).
 
     Returns the report and {sample name: {method: (3, H, W) result in [0, 1]}} for figures.
     Each method gets a fresh generator seeded with ``seed`` on every sample, so a result
@@ -339,11 +321,9 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = N
     methods = list(methods)
     guidance = pipe.default_guidance_scale if guidance is None else guidance  # one scale for both diffusion methods
     notes = []
-    if "single-layer" in methods and (why := single_layer_unsupported(pipe)):
-        methods.remove("single-layer")
-        notes.append(why)
-    inpainter = single_layer_pipeline(pipe) if "single-layer" in methods else None
-    pipe.set_progress_bar_config(disable=True)
+    baseline = pipe if baseline is None else baseline
+    for model in (pipe, baseline):
+        model.set_progress_bar_config(disable=True)
     masked_lpips = lpips_metric()
 
     rows, cag, results = [], [], {}
@@ -363,7 +343,9 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = N
                 outputs[method] = out.image.float().cpu()
                 cag += cag_rows(sample.name, out)
             elif method == "single-layer":
-                outputs[method] = single_layer(inpainter, photo, region, steps, guidance, generator)
+                outputs[method] = baseline(photo, sample.masks, erase=sample.erase, num_inference_steps=steps,
+                                           guidance_scale=guidance, generator=generator,
+                                           single_layer=True).image.float().cpu()
             elif method == "telea":
                 outputs[method] = telea(photo, region)
             else:
@@ -376,6 +358,8 @@ def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = N
                 row["lpips"] = masked_lpips(result, target, erased)
             for kind, pixels in kinds.items():
                 row[f"psnr_{kind}"] = masked_psnr(result, target, pixels) if pixels.any() else math.nan
+            if kinds:
+                row["iou_hidden"] = hidden_iou(result, sample, region)
             if sample.scene and "amplitude" in sample.scene:
                 row["amplitude"] = float(sample.scene["amplitude"])
             rows.append(row)
@@ -448,8 +432,13 @@ def run_eval(args, pipe) -> int:
         folders = folders[:args.limit]
     samples = [read_sample(folder, require_target=True) for folder in folders]
     guidance = pipe.default_guidance_scale if args.guidance is None else args.guidance
+    baseline = None
+    if getattr(args, "tiny", False) and "single-layer" in args.methods:  # the equal-budget single-layer model
+        from .pipeline import MILDPipeline
+
+        baseline = MILDPipeline.tiny(weights="single-layer", backend=pipe.backend).to(pipe.device)
     report, results = evaluate(pipe, samples, steps=args.steps, guidance=guidance, seed=args.seed,
-                               methods=args.methods)
+                               methods=args.methods, baseline=baseline)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

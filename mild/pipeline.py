@@ -9,8 +9,10 @@ One call erases people from one image:
    mild_kernels' multi-adapter LoRA), SMA region tables (mild_kernels.sma_attention in
    the attention processors) and prompt embedding; optional HMG residuals join them.
 3. ``FusedStep`` updates every layer's latents in one kernel launch.
-4. The layers are decoded, composited back to front and pasted into the photo through
-   the feathered erased union (``composite_layers``): outside it, every pixel is the input's.
+4. The layers are decoded; each person layer's alpha (its full silhouette) is predicted from
+   the decoded layers by the ``LayerAlpha`` head; the layers are composited back to front,
+   each by its own alpha, and pasted into the photo through the feathered erased union
+   (``composite_layers``): outside it, every pixel is the input's.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, composite_layers, set_adapter_ids
 
+from .alpha import LayerAlpha
 from .hmg import HumanMorphologyGuidance, guidance_image
 from .layers import LayerPlan, default_dilation, plan_layers
 from .processors import RegionContext, enable_sma
-from .tiny import TINY_WEIGHTS, load_tiny_weights, tiny_components
+from .tiny import TINY_SINGLE_WEIGHTS, TINY_WEIGHTS, PixelPatchAutoencoder, load_tiny_weights, tiny_components
 
 NUM_ADAPTERS = 2  # 0: background LoRA, 1: foreground LoRA
 DEFAULT_PROMPTS = {"background": "empty background scene, nothing in front", "person": "a person, complete body"}
@@ -41,6 +44,7 @@ DEFAULT_PROMPTS = {"background": "empty background scene, nothing in front", "pe
 class MILDOutput:
     image: object  # PIL.Image when the input was one, else a (3, H, W) float tensor in [0, 1]
     layers: torch.Tensor  # (L, 3, H, W) decoded layers in [0, 1], back to front
+    alphas: torch.Tensor  # (L, 1, H, W) each layer's alpha as composited (the background's is 1)
     cag: dict  # {layer: {"HxW": CAG}} for the conditional rows, per attention resolution
     plan: LayerPlan
 
@@ -98,6 +102,12 @@ def to_masks(instance_masks, size) -> torch.Tensor:
     return masks
 
 
+def is_inpainting_unet(unet) -> bool:
+    """An inpainting UNet takes the noisy latents, the mask and the masked image's latents
+    (SD's 4 + 1 + 4 = 9 channels); otherwise it takes the latents alone."""
+    return unet.config.in_channels == 2 * unet.config.out_channels + 1
+
+
 @dataclasses.dataclass
 class LayerInputs:
     """One image's layers as UNet rows (one row per layer; CFG doubles them)."""
@@ -113,6 +123,22 @@ class LayerInputs:
     kinds: list  # per layer: "background" or "person" (its prompt)
     guide: torch.Tensor | None  # (L, C, H', W') HMG images, or None without HMG inputs
     guide_weights: torch.Tensor | None  # (L,) HMG on/off per layer
+
+    def visible(self) -> torch.Tensor:
+        """(L, 1, H', W') each layer's person as the photo shows it (0 for the background layer)."""
+        kept = self.plan.layers[0].region_masks  # the kept people's visible masks (erased ones zeroed)
+        planes = [torch.zeros_like(kept[0]) if layer.person == 0 else kept[layer.person - 1]
+                  for layer in self.plan.layers]
+        return F.pad(torch.stack(planes)[:, None], (0, self.pad[1], 0, self.pad[0]))
+
+    def background_only(self) -> "LayerInputs":
+        """The background layer alone: one pass over the dilated erased union (single-layer inpainting)."""
+        plan = dataclasses.replace(self.plan, layers=self.plan.layers[:1])
+        return dataclasses.replace(
+            self, plan=plan, inpaint=self.inpaint[:1], inpaint_latent=self.inpaint_latent[:1],
+            region_masks=self.region_masks[:1], allow=self.allow[:1], adapter_ids=self.adapter_ids[:1],
+            kinds=self.kinds[:1], guide=None if self.guide is None else self.guide[:1],
+            guide_weights=None if self.guide_weights is None else self.guide_weights[:1])
 
     def masked_pixels(self) -> torch.Tensor:
         """(L, 3, H', W') the photo with each layer's region blanked to mid-grey (0 once the VAE
@@ -136,6 +162,8 @@ class MILDPipeline(DiffusionPipeline):
             UNet may be a 9-channel inpainting UNet or a 4-channel one (then the fused step
             applies the known-region blend). Without a text encoder, calls pass prompt embeddings.
         hmg: an optional HumanMorphologyGuidance adapter.
+        alpha: an optional trained ``LayerAlpha`` head. Without one, a person layer is
+            composited through a fixed feathered band over its inpaint region.
         lora_rank: rank of the background and foreground LoRA adapters put on the UNet's
             attention projections (B starts at zero: no effect until trained or loaded).
         backend: kernel backend for every mild_kernels call ("auto", "triton", "torch").
@@ -149,10 +177,11 @@ class MILDPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel | None, tokenizer: CLIPTokenizer | None,
                  unet: UNet2DConditionModel, scheduler, hmg: HumanMorphologyGuidance | None = None,
-                 lora_rank: int = 4, backend: str = "auto", compile: bool | str = False):
+                 alpha: LayerAlpha | None = None, lora_rank: int = 4, backend: str = "auto", compile: bool | str = False):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.hmg = hmg
+        self.alpha = alpha
         self.backend = backend
         self.compile = compile
         self._compiled = None  # (mode, compiled UNet)
@@ -164,18 +193,24 @@ class MILDPipeline(DiffusionPipeline):
             apply_multi_lora(unet, NUM_ADAPTERS, lora_rank, backend=backend)
 
     @classmethod
-    def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, lora_rank: int = 4,
+    def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, alpha_weights=None,
+                        lora_rank: int = 4,
                         backend: str = "auto", compile: bool | str = False, **kwargs) -> "MILDPipeline":
         """Load real weights from a local diffusers inpainting folder; never downloads.
 
         ``hmg_weights`` / ``lora_weights``: optional safetensors files for the HMG adapter
-        and for the LoRA adapters (keys as in the UNet's state dict, ``...lora_a`` / ``...lora_b``).
+        and for the LoRA adapters (keys as in the UNet's state dict, ``...lora_a`` / ``...lora_b``);
+        ``alpha_weights``: the person layers' ``LayerAlpha`` head (``mild train``'s alpha.safetensors).
+        A ``vae`` folder saved from a ``PixelPatchAutoencoder`` (the tiny model's) loads as one.
         """
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"path: {path} is not a local model folder (nothing is downloaded)")
         load = dict(local_files_only=True, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
-        pipe = cls(vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **load),
+        vae_class = AutoencoderKL
+        if '"PixelPatchAutoencoder"' in (path / "vae" / "config.json").read_text():
+            vae_class = PixelPatchAutoencoder
+        pipe = cls(vae=vae_class.from_pretrained(path, subfolder="vae", **load),
                    text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **load),
                    tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
                    unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **load),
@@ -189,25 +224,30 @@ class MILDPipeline(DiffusionPipeline):
             load_unet_tensors(pipe.unet, load_file(str(lora_weights)), f"lora_weights {lora_weights}")
         if hmg_weights is not None:
             pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor).load(hmg_weights)
+        if alpha_weights is not None:
+            pipe.alpha = LayerAlpha().load(alpha_weights)
         return pipe
 
     @classmethod
-    def tiny(cls, seed: int = 0, in_channels: int = 9, with_hmg: bool = True, backend: str = "auto",
+    def tiny(cls, seed: int = 0, inpainting: bool = True, with_hmg: bool = True, backend: str = "auto",
              weights="shipped", lora_rank: int = 4, compile: bool | str = False) -> "MILDPipeline":
         """The tiny pipeline, built in memory and offline (demos, tests).
 
         ``weights``: "shipped" (the package's trained weights, mild/weights/tiny.safetensors),
-        a path to a file written by ``mild train-tiny``, or None for random weights from ``seed``.
+        "single-layer" (the equal-budget single-layer baseline, tiny_single.safetensors), a path
+        to a file written by ``mild train-tiny``, or None for random weights from ``seed``.
+        ``inpainting``: False builds a plain (non-inpainting) UNet, untrained.
         """
-        pipe = cls(**tiny_components(in_channels, seed), backend=backend, lora_rank=lora_rank, compile=compile)
+        pipe = cls(**tiny_components(inpainting, seed), alpha=LayerAlpha(), backend=backend, lora_rank=lora_rank,
+                   compile=compile)
         if with_hmg:
             pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor)
         if weights is not None:
-            path = TINY_WEIGHTS if weights == "shipped" else Path(weights)
+            path = {"shipped": TINY_WEIGHTS, "single-layer": TINY_SINGLE_WEIGHTS}.get(weights) or Path(weights)
             if not path.is_file():
                 raise ValueError(f"weights: {path} does not exist (build it with `mild train-tiny`)")
-            if in_channels != 9:
-                raise ValueError("weights: the trained tiny model is a 9-channel inpainting UNet; pass weights=None")
+            if not inpainting:
+                raise ValueError("weights: the trained tiny model is an inpainting UNet; pass weights=None")
             load_tiny_weights(pipe, path)
             return pipe
         generator = torch.Generator().manual_seed(seed)
@@ -284,7 +324,7 @@ class MILDPipeline(DiffusionPipeline):
                  prompts: dict | None = None, negative_prompt: str = "", eta: float = 0.0,
                  alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None, prompt_embeds: dict | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
-                 added_cond_kwargs: dict | None = None) -> MILDOutput:
+                 added_cond_kwargs: dict | None = None, single_layer: bool = False) -> MILDOutput:
         """Erase people from one image.
 
         Args:
@@ -300,6 +340,10 @@ class MILDPipeline(DiffusionPipeline):
                 "person": (T, C)} and (T, C) text embeddings.
             added_cond_kwargs: for UNets with added conditioning (SDXL's text_time), one
                 {"text_embeds": (C2,), "time_ids": (6,)} used for every row.
+            single_layer: plain inpainting instead of the layers, the baseline MILD is measured
+                against (and trained as by ``mild train --single-layer``): one pass over the
+                dilated erased union with the background prompt, no adapter, no SMA (zero bias,
+                every pair allowed), no HMG.
         """
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         check_call_numbers(num_inference_steps, guidance_scale, eta, alpha, beta, dilation)
@@ -312,8 +356,12 @@ class MILDPipeline(DiffusionPipeline):
                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                 prompts=prompts, negative_prompt=negative_prompt, eta=eta, alpha=alpha, beta=beta,
                 prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                added_cond_kwargs=added_cond_kwargs)
+                added_cond_kwargs=added_cond_kwargs, single_layer=single_layer)
         rows = self.prepare_layers(pixels, masks, erase, keypoints, parsing, occlusion_order, dilation)
+        if single_layer:
+            rows = dataclasses.replace(rows.background_only(), allow=torch.ones_like(rows.allow[:1]), adapter_ids=[-1],
+                                       guide=None, guide_weights=None)
+            alpha = beta = 0.0
         plan, L, latent_size = rows.plan, len(rows.plan.layers), rows.latent_size
         device, dtype = self.unet.device, self.unet.dtype
 
@@ -329,13 +377,14 @@ class MILDPipeline(DiffusionPipeline):
                 name: value.to(device, dtype)[None].expand(2 * L, *value.shape) for name, value in added_cond_kwargs.items()}
 
         inpaint_latent = rows.inpaint_latent.to(device, dtype)
-        inpainting_unet = self.unet.config.in_channels == 9
+        channels = self.unet.config.out_channels
+        inpainting_unet = is_inpainting_unet(self.unet)
         with torch.profiler.record_function("mild::vae_encode"):
             if inpainting_unet:
                 masked_latents = self._encode_image(rows.masked_pixels()).to(dtype)
             else:
                 known = KnownRegion(self._encode_image(rows.padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
-                                    torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype))
+                                    torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype))
 
         context = rows.context(halves=2, alpha=alpha, beta=beta, backend=self.backend, device=device)
         context.prepare(self.unet, text.shape[1], device)  # every host read of the loop's UNet calls, here
@@ -347,7 +396,7 @@ class MILDPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         fused = FusedStep(self.scheduler, eta=eta, backend=self.backend)
-        latents = torch.randn((L, 4, *latent_size), generator=generator).to(device, dtype)
+        latents = torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
             model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
@@ -365,10 +414,12 @@ class MILDPipeline(DiffusionPipeline):
         set_adapter_ids(self.unet, None)
 
         with torch.profiler.record_function("mild::vae_decode"):
-            layers = self._decode(latents)[..., :H, :W].float()  # (L, 3, H, W)
-        alphas = torch.stack([layer.alpha for layer in plan.layers])[:, None, None].float().to(layers.device)
+            decoded = self._decode(latents).float()  # (L, 3, H', W')
+        with torch.profiler.record_function("mild::layer_alpha"):
+            alphas = self.layer_alphas(rows, decoded)[..., :H, :W]
+        layers = decoded[..., :H, :W]
         with torch.profiler.record_function("mild::composite"):
-            result = composite_layers(layers[:, None], alphas, pixels[None].to(layers.device),
+            result = composite_layers(layers[:, None], alphas[:, None], pixels[None].to(layers.device),
                                       plan.paste_region[None, None].float().to(layers.device),
                                       backend=self.backend)[0].cpu()
         layers = layers.cpu()
@@ -376,7 +427,7 @@ class MILDPipeline(DiffusionPipeline):
         for (row, (h, w)), value in context.cag().items():
             if row >= L:  # the conditional half
                 cag.setdefault(row - L, {})[f"{h}x{w}"] = value
-        return MILDOutput(self._to_output(result, was_pil), layers, cag, plan)
+        return MILDOutput(self._to_output(result, was_pil), layers, alphas.cpu(), cag, plan)
 
     def _at_working_size(self, pixels, masks, erase, keypoints, parsing, occlusion_order, dilation, as_pil,
                          **call) -> MILDOutput:
@@ -407,7 +458,32 @@ class MILDPipeline(DiffusionPipeline):
         result = F.interpolate(out.image[None], size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
         pasted = composite_layers(result[None], torch.ones(1, 1, 1, H, W), pixels[None],
                                   plan.paste_region[None, None].float(), backend=self.backend)[0]
-        return MILDOutput(self._to_output(pasted, as_pil), out.layers, out.cag, plan)
+        return MILDOutput(self._to_output(pasted, as_pil), out.layers, out.alphas, out.cag, plan)
+
+    def to(self, *args, **kwargs) -> "MILDPipeline":
+        """diffusers' ``to`` for the registered components, and the HMG adapter and alpha head
+        (not diffusers components) follow the UNet: HMG in its dtype, the alpha head in float32."""
+        super().to(*args, **kwargs)
+        if self.hmg is not None:
+            self.hmg.to(self.unet.device, self.unet.dtype)
+        if self.alpha is not None:
+            self.alpha.to(self.unet.device)
+        return self
+
+    def layer_alphas(self, rows: LayerInputs, decoded: torch.Tensor) -> torch.Tensor:
+        """(L, 1, H', W') each layer's alpha: 1 for the background; for a person layer, its
+        silhouette predicted by the ``alpha`` head from the decoded layers (or, without a
+        head, the plan's fixed feathered band over its inpaint region)."""
+        device = decoded.device
+        fixed = torch.stack([F.pad(layer.alpha, (0, rows.pad[1], 0, rows.pad[0])) for layer in rows.plan.layers])
+        alphas = fixed[:, None].float().to(device)
+        if self.alpha is None or len(rows.plan.layers) == 1:
+            return alphas
+        people = slice(1, None)  # layer 0 is the background; the others are people
+        head = next(self.alpha.parameters()).device
+        predicted = self.alpha(decoded[people].to(head), decoded[:1].expand_as(decoded[people]).to(head),
+                               rows.visible()[people].to(head), rows.inpaint[people].to(head)).to(device)
+        return torch.cat([alphas[:1], predicted])
 
     def _denoising_unet(self):
         """The UNet as the denoising loop calls it: compiled once per ``compile`` setting."""

@@ -3,15 +3,21 @@
 Every optimizer step, each rank takes ``--accumulate`` samples of its shard. Per sample:
 
 1. the layers are planned as inference plans them (``MILDPipeline.prepare_layers``);
-2. x0 is the VAE latent of the target; each layer row's condition is the photo with that
-   layer's region blanked, and its noisy input is x0 noised at a random timestep;
+2. each row's x0 is the VAE latent of its own target (``layer_targets``): the background
+   row's is the clean plate inside its inpaint region, person i's row's is person i whole
+   (amodal) over the target; a sample without layer targets falls back to the target for
+   every row. A row's condition is the photo with its region blanked, and its noisy input
+   is its x0 noised at a random timestep;
 3. one UNet call runs every layer row of the sample: multi-adapter LoRA ids, the SMA
    region context (learned per-head modulation) and the HMG residuals;
 4. the loss is the noise-prediction error per row, weighted 1 inside the row's inpaint
-   region and ``--outside-weight`` outside it, averaged over rows.
+   region and ``--outside-weight`` outside it, averaged over rows; plus, for person rows,
+   ``--alpha-weight`` times the ``LayerAlpha`` head's silhouette loss, the head reading the
+   decoded x0 estimates of the person and background rows (what inference composites).
 
-The base UNet, VAE and text encoder are frozen: the LoRA adapters, the SMA modulation and
-the HMG adapter learn (``--train-base`` also trains the UNet itself; for the tiny model).
+The base UNet, VAE and text encoder are frozen: the LoRA adapters, the SMA modulation, the
+HMG adapter and the alpha head learn (``--train-base`` also trains the UNet itself; for the
+tiny model; ``--single-layer`` trains it as one plain inpainter, the equal-budget baseline).
 Under torchrun the model runs in torch DDP (gloo on the CPU, nccl on GPUs); each rank reads
 its own shard. Checkpoints are folders ``CKPT/step-NNNNNNN/`` written atomically (a
 temporary folder renamed into place, then the ``CKPT/latest`` pointer replaced), so a run
@@ -25,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -94,6 +102,10 @@ def load_checkpoint(pipe, path) -> dict:
     load_unet_tensors(pipe.unet, load_file(str(folder / "lora.safetensors")), folder / "lora.safetensors")
     if pipe.hmg is not None and (folder / "hmg.safetensors").is_file():
         pipe.hmg.load(folder / "hmg.safetensors")
+    if (folder / "alpha.safetensors").is_file():  # a layered checkpoint brings its alpha head
+        from .alpha import LayerAlpha
+
+        pipe.alpha = (pipe.alpha or LayerAlpha().to(pipe.unet.device)).load(folder / "alpha.safetensors")
     return meta
 
 
@@ -121,6 +133,8 @@ def save_checkpoint(out: Path, step: int, pipe, optimizer, meta: dict, include_b
     save_file(adapter_state(pipe.unet, include_base), str(tmp / "lora.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
     if pipe.hmg is not None:
         pipe.hmg.save(tmp / "hmg.safetensors")
+    if pipe.alpha is not None:
+        pipe.alpha.save(tmp / "alpha.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "torch_rng": torch.get_rng_state()},
                tmp / "training_state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "format": CHECKPOINT_FORMAT, "step": step}, indent=1))
@@ -141,14 +155,24 @@ def save_checkpoint(out: Path, step: int, pipe, optimizer, meta: dict, include_b
 class TrainingModel(torch.nn.Module):
     """The trained modules under one forward, so that DDP sees every trainable parameter."""
 
-    def __init__(self, unet, hmg):
+    def __init__(self, unet, hmg, alpha=None):
         super().__init__()
-        self.unet, self.hmg = unet, hmg
+        self.unet, self.hmg, self.alpha = unet, hmg, alpha
 
-    def forward(self, model_in, timesteps, text, context, guide, guide_weights, added_cond_kwargs=None):
+    def forward(self, model_in, timesteps, text, context, guide, guide_weights, added_cond_kwargs=None,
+                alpha_inputs=None):
+        """The UNet's prediction and, given ``alpha_inputs`` = (to_images, visible, region), the
+        alpha head's logits for every row (row 0, the background, reads itself: its loss weight is 0)."""
         residuals = None if self.hmg is None else self.hmg(guide, guide_weights)
-        return self.unet(model_in, timesteps, text, cross_attention_kwargs={"region_context": context},
-                         down_intrablock_additional_residuals=residuals, added_cond_kwargs=added_cond_kwargs).sample
+        prediction = self.unet(model_in, timesteps, text, cross_attention_kwargs={"region_context": context},
+                               down_intrablock_additional_residuals=residuals,
+                               added_cond_kwargs=added_cond_kwargs).sample
+        if alpha_inputs is None or self.alpha is None:
+            return prediction, None
+        to_images, visible, region = alpha_inputs
+        with torch.no_grad():
+            images = to_images(prediction.detach())
+        return prediction, self.alpha.logits(images, images[:1].expand_as(images), visible, region)
 
 
 def text_embeddings(pipe) -> dict:
@@ -161,10 +185,53 @@ def text_embeddings(pipe) -> dict:
     return {**{k: embeds[i] for i, k in enumerate(kinds)}, "": embeds[-1]}
 
 
+def layer_targets(sample, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What each layer row reconstructs on its own (SPEC 6), padded as ``rows.padded``:
+
+    - (L, 3, H', W') images: the background row's is the plate inside its inpaint region (the
+      target elsewhere); person i's row's is person i's amodal RGBA over the target;
+    - (L, 1, H', W') the rows' amodal silhouettes (the background's is 1), or None.
+
+    A sample without plate or people falls back to the target for those rows.
+    """
+    target = sample.target.float()
+    images, silhouettes = [], []
+    for index, layer in enumerate(rows.plan.layers):
+        H, W = target.shape[1:]
+        if layer.person == 0:
+            region = rows.inpaint[index, 0, :H, :W]
+            plate = target if sample.plate is None else sample.plate.float()
+            images.append(region * plate + (1 - region) * target)
+            silhouettes.append(torch.ones(1, H, W))
+        elif sample.people is None:
+            images.append(target)
+            silhouettes.append(torch.full((1, H, W), math.nan))
+        else:
+            person = sample.people[layer.person - 1].float()
+            images.append(person[3:] * person[:3] + (1 - person[3:]) * target)
+            silhouettes.append(person[3:])
+    pad = (0, rows.pad[1], 0, rows.pad[0])
+    amodal = None if sample.people is None else F.pad(torch.stack(silhouettes), pad)
+    return F.pad(torch.stack(images), pad, mode="replicate"), amodal
+
+
+def estimated_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latent that a prediction of the scheduler's kind (sample, epsilon or v) implies."""
+    kind = scheduler.config.prediction_type
+    if kind == "sample":
+        return prediction
+    alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[timesteps].to(noisy.dtype)[:, None, None, None]
+    if kind == "epsilon":
+        return (noisy - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * prediction  # v
+
+
 def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, outside_weight: float,
                 uncond_prob: float, latent_cache: dict | None = None, added_cond_kwargs: dict | None = None,
-                hmg_dropout: float = 0.0, plain_rows: float = 0.0) -> torch.Tensor:
-    """The region-weighted noise-prediction loss of one sample, all its layer rows in one UNet call.
+                hmg_dropout: float = 0.0, plain_rows: float = 0.0, single_layer: bool = False,
+                alpha_weight: float = 1.0) -> torch.Tensor:
+    """The region-weighted noise-prediction loss of one sample, all its layer rows in one UNet call,
+    each row against its own target (``layer_targets``), plus the alpha head's silhouette loss.
 
     ``embeds``: {"background", "person", ""} -> (T, C) prompt embeddings (:func:`text_embeddings`).
     ``latent_cache``: a dict keeping each sample's VAE latents (the VAE is frozen, so they never
@@ -176,19 +243,27 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     ``plain_rows``: the probability that a row trains as plain single-layer inpainting: no
     adapter, zero bias and every region pair allowed (which is plain attention). Only for a
     trained base (the tiny model): the base alone then inpaints, as `mild eval`'s
-    single-layer baseline runs it."""
+    single-layer baseline runs it.
+    ``single_layer``: train as one plain inpainter (the equal-budget baseline of `mild eval`):
+    the background row alone, over the dilated erased union, against the composite target,
+    with every row plain and no HMG."""
     device, dtype = pipe.unet.device, pipe.unet.dtype
     rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, sample.keypoints, sample.parsing,
                                sample.occlusion_order)
+    if single_layer:
+        rows = rows.background_only()
+        sample = dataclasses.replace(sample, plate=None, people=None)
+        hmg_dropout, plain_rows, alpha_weight = 1.0, 1.0, 0.0
     L = len(rows.adapter_ids)
     cached = None if latent_cache is None else latent_cache.get(sample.name)
     if cached is None:
+        targets, amodal = layer_targets(sample, rows)
         with torch.no_grad():
-            target = F.pad(sample.target[None], (0, rows.pad[1], 0, rows.pad[0]), mode="replicate")
-            cached = pipe._encode_image(target).to(dtype), pipe._encode_image(rows.masked_pixels()).to(dtype)
+            cached = (pipe._encode_image(targets).to(dtype), pipe._encode_image(rows.masked_pixels()).to(dtype),
+                      amodal)
         if latent_cache is not None:
             latent_cache[sample.name] = cached
-    x0, condition = cached[0].expand(L, -1, -1, -1), cached[1]
+    x0, condition, amodal = cached
     scheduler = pipe.scheduler
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (L,), generator=generator)
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
@@ -198,7 +273,9 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     model_in = noisy
-    if pipe.unet.config.in_channels == 9:
+    from .pipeline import is_inpainting_unet
+
+    if is_inpainting_unet(pipe.unet):
         model_in = torch.cat([noisy, rows.inpaint_latent.to(device, dtype), condition], 1)
     text = torch.stack([embeds["" if d else kind] for d, kind in zip(drop.tolist(), rows.kinds)]).to(device, dtype)
     guide, weights = (None, None) if without_hmg else (rows.guide, rows.guide_weights)
@@ -217,7 +294,15 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     set_adapter_ids(pipe.unet, [-1 if p else a for p, a in zip(plain.tolist(), rows.adapter_ids)])
     added = None if added_cond_kwargs is None else {
         name: value.to(device, dtype)[None].expand(L, *value.shape) for name, value in added_cond_kwargs.items()}
-    prediction = model(model_in, timesteps, text, context, guide, weights, added).float()
+    people = torch.tensor([layer.person > 0 for layer in rows.plan.layers])
+    alpha_inputs = None
+    if alpha_weight > 0 and pipe.alpha is not None:  # also without person rows, so that DDP sees the head used
+        def to_images(predicted):
+            return pipe._decode(estimated_x0(scheduler, noisy, predicted, timesteps)).to(device)
+
+        alpha_inputs = (to_images, rows.visible().to(device), rows.inpaint.to(device))
+    prediction, alpha_logits = model(model_in, timesteps, text, context, guide, weights, added, alpha_inputs)
+    prediction = prediction.float()
     kind = scheduler.config.prediction_type
     goal = {"epsilon": noise, "sample": x0}.get(kind)
     if goal is None:
@@ -225,7 +310,24 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").to(device)
     weight = region + outside_weight * (1 - region)
     per_row = (weight * (prediction - goal.float()) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * goal.shape[1])
-    return per_row.mean()
+    loss = per_row.mean()
+    if alpha_logits is not None and amodal is not None and people.any():
+        from .alpha import alpha_loss
+
+        rows_with_people = people.to(device)
+        silhouette = alpha_loss(alpha_logits[rows_with_people], amodal.to(device)[rows_with_people],
+                                rows.inpaint.to(device)[rows_with_people])
+        loss = loss + alpha_weight * silhouette
+    elif alpha_logits is not None:
+        loss = loss + 0 * alpha_logits.sum()
+    return loss
+
+
+def learning_rate(args, step: int) -> float:
+    """The rate of optimizer step ``step`` (from 0) under ``--lr-schedule``."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(args.steps, 1), 1.0))))
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -233,17 +335,20 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 64 + micro)
 
 
-def validation_loss(model, pipe, samples, embeds, seed, outside_weight) -> float:
+def validation_loss(model, pipe, samples, embeds, seed, outside_weight, **loss_options) -> float:
     """The loss on a fixed set of samples with fixed timesteps and noise (no prompt dropout)."""
     with torch.no_grad():
-        losses = [sample_loss(model, pipe, s, embeds, step_generator(seed, -1, 0, i), outside_weight, 0.0).item()
+        losses = [sample_loss(model, pipe, s, embeds, step_generator(seed, -1, 0, i), outside_weight, 0.0,
+                              **loss_options).item()
                   for i, s in enumerate(samples)]
     return sum(losses) / len(losses)
 
 
 # ------------------------------------------------------------------ the run
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="a folder of paired samples (docs/semantics.md, Paired data)")
+    parser.add_argument("--data", required=True,
+                        help="a folder of paired samples (docs/semantics.md, Paired data), or 'procedural': "
+                             "procedural scenes drawn on the fly (occlusion-heavy, strong textures; never written)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a local diffusers inpainting model folder")
     source.add_argument("--tiny", action="store_true", help="the tiny model (its shipped weights)")
@@ -252,6 +357,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="checkpoint folder (CKPT/step-N, CKPT/latest, CKPT/log.csv)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="cosine: from --lr down to a tenth of it over the run")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--accumulate", type=int, default=1, help="samples per rank per optimizer step")
     parser.add_argument("--lora-rank", type=int, default=4)
@@ -262,6 +369,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of a sample trained without its HMG inputs (inference may have none)")
     parser.add_argument("--plain-rows", type=float, default=0.0,
                         help="with --train-base: probability of a row trained as plain inpainting (no adapter, no SMA)")
+    parser.add_argument("--single-layer", action="store_true",
+                        help="with --train-base: train one plain inpainter (one row per sample, the composite "
+                             "target, no adapters, SMA, HMG or alpha): the equal-budget baseline")
+    parser.add_argument("--alpha-weight", type=float, default=1.0,
+                        help="weight of the person layers' silhouette loss (the LayerAlpha head)")
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (0: first and last)")
     parser.add_argument("--val-samples", type=int, default=4)
@@ -282,6 +394,10 @@ def check_arguments(args) -> None:
         raise TrainError(f"--lr must be a finite number > 0, got {args.lr}")
     if not all(0 <= value <= 1 for value in (args.outside_weight, args.uncond_prob, args.hmg_dropout, args.plain_rows)):
         raise TrainError("--outside-weight, --uncond-prob, --hmg-dropout and --plain-rows must lie in [0, 1]")
+    if not (args.alpha_weight >= 0 and math.isfinite(args.alpha_weight)):
+        raise TrainError(f"--alpha-weight must be a finite number >= 0, got {args.alpha_weight}")
+    if args.single_layer and not args.train_base:
+        raise TrainError("--single-layer trains the base UNet as a plain inpainter; it needs --train-base")
     if args.plain_rows and not args.train_base:
         raise TrainError("--plain-rows trains the base UNet as a plain inpainter; it needs --train-base")
     if args.train_base and args.model:
@@ -291,17 +407,28 @@ def check_arguments(args) -> None:
 def build_training_pipeline(args):
     from .pipeline import MILDPipeline
 
+    from .alpha import LayerAlpha
+
     if args.model:
-        return MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_rank=args.lora_rank)
+        pipe = MILDPipeline.from_pretrained(args.model, backend=args.backend, lora_rank=args.lora_rank)
+        pipe.alpha = None if args.single_layer else LayerAlpha()
+        return pipe
     weights = None if args.tiny_random else (args.tiny_weights or "shipped")
-    return MILDPipeline.tiny(seed=args.seed, backend=args.backend, weights=weights, lora_rank=args.lora_rank)
+    pipe = MILDPipeline.tiny(seed=args.seed, backend=args.backend, weights=weights, lora_rank=args.lora_rank,
+                             with_hmg=not args.single_layer)
+    if args.single_layer:
+        pipe.alpha = None
+    return pipe
 
 
-def load_shard(root, rank: int, world: int) -> list:
+def load_shard(root, rank: int, world: int, count: int = 0, seed: int = 0):
     """This rank's samples (every ``world``-th folder), each checked before anything is trained
-    or written: a bad sample stops the run with one line naming its file."""
-    from .data import DataError, list_samples, read_sample
+    or written: a bad sample stops the run with one line naming its file. ``root`` "procedural":
+    ``count`` scenes per rank drawn on the fly (``ProceduralStream``), each rank its own."""
+    from .data import DataError, ProceduralStream, list_samples, read_sample
 
+    if str(root) == "procedural":
+        return ProceduralStream(max(count, 1), seed=seed * 1009 + rank)
     try:
         folders = list_samples(root)
         if len(folders) < world:
@@ -321,7 +448,7 @@ def run_train(args) -> int:
     if not args.resume and (out / "latest").exists():
         raise TrainError(f"{out} already holds a checkpoint; pass --resume to continue it, or another --out")
     rank, world = distributed_rank()
-    shard = load_shard(args.data, rank, world)
+    shard = load_shard(args.data, rank, world, count=args.steps * args.accumulate, seed=args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -332,8 +459,9 @@ def run_train(args) -> int:
         module.requires_grad_(False)
     for name, param in pipe.unet.named_parameters():
         param.requires_grad_(args.train_base or name.endswith(ADAPTER_KEYS))
-    if pipe.hmg is not None:
-        pipe.hmg.requires_grad_(True)
+    for module in (pipe.hmg, pipe.alpha):
+        if module is not None:
+            module.requires_grad_(True)
     if args.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     pipe.unet.train()
@@ -346,11 +474,13 @@ def run_train(args) -> int:
         state = torch.load(folder / "training_state.pt", weights_only=False)
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
-    model = plain_model = TrainingModel(pipe.unet, pipe.hmg)
+    model = plain_model = TrainingModel(pipe.unet, pipe.hmg, pipe.alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if start:
         optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(args, start)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -359,7 +489,8 @@ def run_train(args) -> int:
         shutil.rmtree(stale, ignore_errors=True)
 
     embeds = text_embeddings(pipe)
-    latent_cache = {}
+    latent_cache = None if args.data == "procedural" else {}  # drawn scenes are each seen once
+    loss_options = dict(single_layer=args.single_layer, alpha_weight=args.alpha_weight)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     order = {}  # epoch -> this rank's sample order, seeded so that a resumed run reads the same samples
 
@@ -371,10 +502,14 @@ def run_train(args) -> int:
 
     log = TrainingLog(out, start) if rank == 0 else None
     val_set = shard[: args.val_samples]
+    if args.data == "procedural":  # scenes of their own, never trained on
+        from .data import ProceduralStream
+
+        val_set = ProceduralStream(args.val_samples, seed=args.seed * 1009 + 999_983)[:]
 
     def validate():  # rank 0 alone, so outside DDP (whose forward may talk to the other ranks)
         with autocast:
-            return validation_loss(plain_model, pipe, val_set, embeds, args.seed, args.outside_weight)
+            return validation_loss(plain_model, pipe, val_set, embeds, args.seed, args.outside_weight, **loss_options)
 
     bar = tqdm(total=args.steps, initial=start, desc="mild train", unit="step", disable=rank != 0 or args.no_progress)
     val = validate() if rank == 0 and start == 0 else None
@@ -389,11 +524,14 @@ def run_train(args) -> int:
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
                 loss = sample_loss(model, pipe, sample, embeds, step_generator(args.seed, step, rank, micro),
                                    args.outside_weight, args.uncond_prob, latent_cache,
-                                   hmg_dropout=args.hmg_dropout, plain_rows=args.plain_rows) / args.accumulate
+                                   hmg_dropout=args.hmg_dropout, plain_rows=args.plain_rows,
+                                   **loss_options) / args.accumulate
             loss.backward()
             total += loss.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        for group in optimizer.param_groups:  # the next step's rate: a function of the step alone, so resume-safe
+            group["lr"] = learning_rate(args, step + 1)
         if world > 1:
             import torch.distributed as dist
 
@@ -407,7 +545,7 @@ def run_train(args) -> int:
             last = done == args.steps
             val = validate() if last or (args.val_every and done % args.val_every == 0) else None
             log.writerow({"step": done, "loss": f"{total:.6f}", "val_loss": "" if val is None else f"{val:.6f}",
-                          "lr": args.lr, "seconds": f"{time.perf_counter() - began:.2f}"})
+                          "lr": f"{learning_rate(args, step):.3g}", "seconds": f"{time.perf_counter() - began:.2f}"})
             bar.set_postfix(loss=f"{total:.4f}", **({} if val is None else {"val": f"{val:.4f}"}))
             if done % args.save_every == 0 or last:
                 save_checkpoint(out, done, pipe, optimizer, meta, include_base=args.train_base)
@@ -450,86 +588,85 @@ class TrainingLog:
 
 
 # ------------------------------------------------------------------ the tiny model's shipped weights
-def train_autoencoder(vae, images: torch.Tensor, steps: int, batch: int = 16, crop: int = 64, lr: float = 2e-3,
-                      seed: int = 0, kl_weight: float = 1e-6, progress: bool = True) -> float:
-    """Fit a (tiny) AutoencoderKL to ``images`` (N, 3, H, W) in [0, 1]: reconstruction MSE plus
-    a small KL term, on random ``crop``-pixel crops (the VAE is convolutional: a quarter of the
-    pixels per step buys four times the steps). Returns the latent scaling factor (1 / std of
-    the posterior means), which puts the latents at unit variance as the SD VAE's 0.18215 does."""
-    from tqdm import tqdm
-
-    vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="tiny VAE", unit="step", disable=not progress)
-    for _ in bar:
-        top, left = (int(torch.randint(0, n - crop + 1, (), generator=generator)) for n in images.shape[2:])
-        pixels = 2 * images[torch.randint(0, len(images), (batch,), generator=generator), :,
-                            top:top + crop, left:left + crop] - 1
-        posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-        loss = F.mse_loss(vae.decode(latents).sample, pixels) + kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        means = torch.cat([vae.encode(2 * chunk - 1).latent_dist.mean for chunk in images.split(64)])
-    return float(1 / means.std())
-
-
 def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help="weights file (default: the package's mild/weights/tiny.safetensors)")
-    parser.add_argument("--work", default="tiny_train", help="folder for the synthesized data and checkpoints")
-    parser.add_argument("--samples", type=int, default=600, help="procedural training samples")
-    parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=4200, help="UNet + adapters optimizer steps")
+    parser.add_argument("--out", default=None,
+                        help="MILD weights file (default: the package's mild/weights/tiny.safetensors); the "
+                             "single-layer baseline goes beside it as tiny_single.safetensors")
+    parser.add_argument("--work", default="tiny_train", help="folder for the checkpoints and training logs")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps, for each of the two models")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--gate-scenes", type=int, default=24,
+                        help="held-out scenes of the autoencoder gate (its round trip against Telea)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="the guidance scale stored as the model's default (its prompts are fixed, so ~1)")
+    parser.add_argument("--only", choices=("mild", "single-layer"), help="rebuild one of the two models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
 
 
+def autoencoder_gate(pipe, samples) -> tuple[float, float]:
+    """(round trip, Telea): mean PSNR over the erased region of ``samples`` of the truth encoded
+    and decoded by the pipeline's autoencoder, and of OpenCV's Telea fill. The tiny model's
+    fill can be no better than its autoencoder's round trip; its gate is Telea + 5 dB."""
+    from .evaluate import erased_union, inpaint_region, masked_psnr, telea
+
+    round_trip, fills = [], []
+    for sample in samples:
+        erased = erased_union(sample.masks, sample.erase)
+        with torch.no_grad():
+            decoded = pipe._decode(pipe._encode_image(sample.target[None]))[0].cpu()
+        round_trip.append(min(masked_psnr(decoded, sample.target, erased), 99.0))  # lossless: inf, shown as 99
+        fills.append(masked_psnr(telea(sample.image, inpaint_region(erased)), sample.target, erased))
+    return sum(round_trip) / len(round_trip), sum(fills) / len(fills)
+
+
 def run_train_tiny(args) -> int:
-    """Rebuild the shipped tiny model: synthesize procedural scenes, fit the VAE, then train the
-    UNet with its MILD adapters, SMA modulation and HMG adapter through ``run_train``."""
-    from .data import synthesize
+    """Rebuild the shipped tiny models from scratch on scenes drawn on the fly: MILD (UNet, MILD
+    adapters, SMA modulation, HMG adapter, alpha head, every layer against its own target) and,
+    with the same architecture, steps and data, the single-layer baseline. Prints the
+    autoencoder gate first."""
+    from .data import ProceduralStream
     from .pipeline import MILDPipeline
     from .tiny import TINY_WEIGHTS, save_tiny_weights
 
     out = Path(args.out) if args.out else TINY_WEIGHTS
+    single_out = out.with_name(out.stem + "_single" + out.suffix) if args.out else out.with_name("tiny_single.safetensors")
     work = Path(args.work)
     began = time.perf_counter()
-    data = work / "data"
-    synthesize(data, args.samples, seed=args.seed, progress=not args.no_progress)
-    samples = load_shard(data, 0, 1)
-    torch.manual_seed(args.seed)
     pipe = MILDPipeline.tiny(seed=args.seed, weights=None)
-    images = torch.stack([s.image for s in samples] + [s.target for s in samples])
-    scaling = train_autoencoder(pipe.vae, images, args.vae_steps, seed=args.seed, progress=not args.no_progress)
+    held_out = ProceduralStream(args.gate_scenes, seed=args.seed + 7_777_777)[:]
+    with torch.no_grad():  # latents at unit variance, as the SD VAE's 0.18215 puts them
+        latents = pipe.vae.encode(2 * torch.stack([s.target for s in held_out]) - 1).latent_dist.mean
+    scaling = float(1 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
-    stage = work / "vae_only.safetensors"
+    round_trip, telea_psnr = autoencoder_gate(pipe, held_out)
+    verdict = "passes" if round_trip >= telea_psnr + 5 else "FAILS"
+    print(f"autoencoder gate: round trip of the truth {round_trip:.1f} dB in the erased region of {len(held_out)} "
+          f"held-out scenes, Telea {telea_psnr:.1f} dB: {verdict} (needs Telea + 5 dB)")
+    stage = work / "untrained.safetensors"
+    work.mkdir(parents=True, exist_ok=True)
     save_tiny_weights(pipe, stage)
-    vae_seconds = time.perf_counter() - began
-    checkpoints = work / "checkpoints"
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    parser = argparse.ArgumentParser()
-    add_train_arguments(parser)
-    run_train(parser.parse_args([
-        "--data", str(data), "--tiny", "--tiny-weights", str(stage), "--train-base", "--out", str(checkpoints),
-        "--steps", str(args.steps), "--lr", str(args.lr), "--outside-weight", "0.5", "--plain-rows", "0.2",
-        "--save-every", "500",
-        "--val-every", "250", "--seed", str(args.seed), "--backend", "torch"] + (["--no-progress"] * args.no_progress)))
-    trained = MILDPipeline.tiny(weights=stage)
-    load_checkpoint(trained, checkpoints)
-    trained.default_guidance_scale = args.guidance
-    trained.working_size = max(samples[0].image.shape[1:])  # the scenes' size: larger photos run scaled to it
-    save_tiny_weights(trained, out)
-    minutes = (time.perf_counter() - began) / 60
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {minutes:.1f} min "
-          f"(VAE {vae_seconds / 60:.1f} min, scaling {scaling:.4f}); training log {checkpoints / 'log.csv'}")
+    common = ["--data", "procedural", "--tiny", "--tiny-weights", str(stage), "--train-base", "--steps", str(args.steps),
+              "--lr", str(args.lr), "--lr-schedule", "cosine", "--outside-weight", "0.5", "--save-every", "500", "--val-every", "500",
+              "--seed", str(args.seed), "--backend", "torch"] + ["--no-progress"] * args.no_progress
+    for name, flags, path in (("mild", [], out), ("single-layer", ["--single-layer"], single_out)):
+        if args.only not in (None, name):
+            continue
+        checkpoints = work / f"checkpoints-{name}"
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        parser = argparse.ArgumentParser()
+        add_train_arguments(parser)
+        print(f"training the {name} model: {args.steps} steps")
+        run_train(parser.parse_args(common + flags + ["--out", str(checkpoints)]))
+        trained = MILDPipeline.tiny(weights=stage, with_hmg=name == "mild")
+        if name == "single-layer":
+            trained.alpha = None
+        load_checkpoint(trained, checkpoints)
+        trained.default_guidance_scale = args.guidance
+        trained.working_size = held_out[0].image.shape[-1]  # the scenes' size: larger photos run scaled to it
+        save_tiny_weights(trained, path)
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); training log {checkpoints / 'log.csv'}")
+    print(f"mild train-tiny: {(time.perf_counter() - began) / 60:.1f} min")
     return 0
 
 

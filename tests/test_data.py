@@ -540,7 +540,7 @@ def test_textured_scenes_draw_strong_textures_at_any_orientation():
 
 
 def test_synthesize_takes_the_scene_kinds_in_turn_and_writes_scene_json(tmp_path):
-    written = synthesize(tmp_path / "all", 3, seed=1, size=SIZE, progress=False, scene="all")
+    written = synthesize(tmp_path / "all", len(data.SCENE_KINDS), seed=1, size=SIZE, progress=False, scene="all")
     kinds = [read_sample(folder).scene["kind"] for folder in written]
     assert kinds == list(data.SCENE_KINDS)
     assert json.loads((written[1] / "scene.json").read_text())["kind"] == "textured"

@@ -13,9 +13,9 @@ import torch
 
 from mild import MILDPipeline, plan_layers
 from mild.data import DataError, procedural_sample, synthesize
-from mild.evaluate import (ALEXNET_WEIGHTS, BASELINE_PROMPT, METHODS, EvalReport, add_eval_arguments, erased_union,
-                           evaluate, inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, paste,
-                           pixel_kinds, run_eval, single_layer, single_layer_pipeline, telea)
+from mild.evaluate import (ALEXNET_WEIGHTS, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
+                           inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, pixel_kinds,
+                           run_eval, telea)
 
 SIZE, STEPS = 64, 2
 
@@ -171,46 +171,60 @@ def test_telea_fills_the_hole_and_keeps_the_rest():
     assert result[[0, 2]][:, masks[0] > 0].max() < 0.1  # the magenta is gone, filled from the ramp around
 
 
-def test_single_layer_repaints_only_the_dilated_union(tiny_pipe, samples):
+def single_layer_result(pipe, photo, masks, erase=None):
+    return pipe(photo, masks, erase=erase, num_inference_steps=STEPS, guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(0), single_layer=True)
+
+
+def test_single_layer_repaints_only_the_dilated_union_in_one_plain_row(tiny_pipe, samples, monkeypatch):
     sample = samples[0]
     region = inpaint_region(erased_union(sample.masks, sample.erase))
-    inpainter = single_layer_pipeline(tiny_pipe)
-    assert inpainter.scheduler is not tiny_pipe.scheduler and inpainter.unet is tiny_pipe.unet
-    result = single_layer(inpainter, sample.image, region, STEPS, 7.5, torch.Generator().manual_seed(0))
+    calls = []
+    forward = type(tiny_pipe.unet).forward
+    monkeypatch.setattr(type(tiny_pipe.unet), "forward", lambda self, sample_in, *a, **k: calls.append(
+        (sample_in.shape[0], k["cross_attention_kwargs"]["region_context"])) or forward(self, sample_in, *a, **k))
+    out = single_layer_result(tiny_pipe, sample.image, sample.masks, sample.erase)
+    assert len(out.plan.layers) == 1 and out.layers.shape[0] == 1
+    assert all(rows == 2 for rows, _ in calls)  # one row, both guidance halves
+    context = calls[0][1]
+    assert bool(context.allow.all()) and float(context.alpha) == 0 and float(context.beta) == 0  # plain attention
+    result = out.image
     assert result.shape == sample.image.shape and result.isfinite().all()
     outside = region == 0
     assert outside.any() and torch.equal(result[:, outside], sample.image[:, outside])
     assert not torch.equal(result[:, region > 0], sample.image[:, region > 0])
-    again = single_layer(inpainter, sample.image, region, STEPS, 7.5, torch.Generator().manual_seed(0))
-    assert torch.equal(result, again)  # one seeded generator per run: reproducible
-
-
-def test_single_layer_runs_on_mild_s_prompt_embedding_without_retokenizing(tiny_pipe, samples, monkeypatch):
-    """The baseline's prompt is embedded once, as MILD embeds it (truncated silently to the tiny
-    model's 16 tokens): diffusers never tokenizes it again, so its truncation warning never prints;
-    the result is diffusers' own for the prompt."""
-    sample = samples[0]
-    region = inpaint_region(erased_union(sample.masks, sample.erase))
-    inpainter = single_layer_pipeline(tiny_pipe)
-    expected = inpainter(prompt=BASELINE_PROMPT, image=sample.image[None], mask_image=region[None, None],
-                         height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
-                         generator=torch.Generator().manual_seed(0), output_type="pt").images[0]
-    calls = []
-    tokenize = type(inpainter.tokenizer).__call__
-    monkeypatch.setattr(type(inpainter.tokenizer), "__call__",
-                        lambda self, *args, **kwargs: calls.append(args) or tokenize(self, *args, **kwargs))
-    result = single_layer(inpainter, sample.image, region, STEPS, 7.5, torch.Generator().manual_seed(0))
-    assert calls == []
-    assert torch.equal(result, paste(expected.float(), sample.image, region))
+    monkeypatch.undo()
+    assert torch.equal(result, single_layer_result(tiny_pipe, sample.image, sample.masks, sample.erase).image)
 
 
 def test_single_layer_handles_sizes_off_the_vae_grid(tiny_pipe):
     photo = torch.rand(3, 50, 46)
-    region = torch.zeros(50, 46)
-    region[10:30, 8:20] = 1
-    result = single_layer(single_layer_pipeline(tiny_pipe), photo, region, STEPS, 7.5, torch.Generator().manual_seed(0))
+    masks = torch.zeros(1, 50, 46)
+    masks[0, 12:28, 10:18] = 1
+    result = single_layer_result(tiny_pipe, photo, masks).image
+    region = plan_layers(masks, None, dilation=max(2, 46 // 32)).paste_region
     assert result.shape == (3, 50, 46)
     assert torch.equal(result[:, region == 0], photo[:, region == 0])
+
+
+def test_hidden_silhouette_iou_reads_the_image_against_the_truth(samples):
+    """IoU of the completed silhouette: the truth itself scores 1; the photo, where the erased
+    person still stands over the hidden part, scores the visible part only."""
+    from mild.evaluate import completed_silhouette_iou, hidden_iou
+
+    sample = procedural_sample(5, size=SIZE, kind="occluded")
+    region = inpaint_region(erased_union(sample.masks, sample.erase))
+    assert hidden_iou(sample.target, sample, region) == 1.0
+    kept = [i for i in range(len(sample.masks)) if i + 1 not in sample.erase]
+    person = next(i for i in kept if ((sample.people[i, 3] > 0.5) & (sample.masks[i] < 0.5) & (region > 0)).any())
+    truth = (sample.people[person, 3] > 0.5) & (region > 0.5)
+    seen = (sample.masks[person] > 0.5) & (region > 0.5)
+    hidden = truth & ~seen
+    plate_filled = torch.where(hidden, sample.plate, sample.target)  # the hidden part painted as background
+    expected = float(seen.sum() / truth.sum())
+    assert completed_silhouette_iou(plate_filled, sample, person, region) == pytest.approx(expected, abs=1e-6)
+    assert completed_silhouette_iou(sample.image, sample, person, region) < 1
+    assert expected < 0.95
 
 
 # ------------------------------------------------------------------ evaluate and the report

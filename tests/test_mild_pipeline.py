@@ -83,8 +83,8 @@ def test_a_photo_larger_than_the_working_size_runs_scaled_and_pastes_at_full_siz
     assert not torch.equal(out.image[:, masks[1] > 0], image[:, masks[1] > 0])
 
 
-def test_pipeline_runs_without_hmg_inputs_and_with_a_four_channel_unet():
-    pipe = MILDPipeline.tiny(seed=3, in_channels=4, with_hmg=False, weights=None)
+def test_pipeline_runs_without_hmg_inputs_and_with_a_non_inpainting_unet():
+    pipe = MILDPipeline.tiny(seed=3, inpainting=False, with_hmg=False, weights=None)
     image, masks = scene()
     out = pipe(image, masks, erase=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     outside = out.plan.paste_region == 0
@@ -100,6 +100,34 @@ def test_from_pretrained_loads_a_local_folder(tmp_path):
     assert out.image.shape == image.shape
     with pytest.raises(ValueError, match="^path"):
         MILDPipeline.from_pretrained(tmp_path / "missing")
+
+
+def test_layers_composite_back_to_front_by_their_own_alpha():
+    """The result is the float64 "over" of the decoded layers by the alphas the call reports,
+    pasted through the feathered erased union; the background's alpha is 1, a person layer's is
+    1 on its visible mask, predicted inside its inpaint region and 0 elsewhere."""
+    from mild.data import procedural_sample
+
+    sample = procedural_sample(21, size=SIZE, kind="occluded")
+    pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")
+    with torch.no_grad():  # a head that predicts something other than 0 or 1 everywhere
+        pipe.alpha.net[-1].bias.fill_(0.3)
+    out = pipe(sample.image, sample.masks, erase=sample.erase, occlusion_order=sample.occlusion_order,
+               num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    layers, alphas = out.layers.double(), out.alphas.double()
+    assert len(out.plan.layers) >= 2 and alphas.shape == (len(out.plan.layers), 1, SIZE, SIZE)
+    assert torch.equal(out.alphas[0], torch.ones(1, SIZE, SIZE))
+    over = layers[0]
+    for layer, image, alpha in zip(out.plan.layers[1:], layers[1:], alphas[1:]):
+        visible = sample.masks[layer.person - 1] > 0.5
+        assert torch.equal(alpha[0][visible], torch.ones(int(visible.sum()), dtype=torch.float64))
+        assert not alpha[0][~visible & (layer.inpaint == 0)].any()
+        predicted = alpha[0][~visible & (layer.inpaint > 0)]
+        assert predicted.numel() and ((predicted > 0) & (predicted < 1)).all()
+        over = alpha * image + (1 - alpha) * over
+    paste = out.plan.paste_region.double()
+    expected = paste * over + (1 - paste) * sample.image.double()
+    assert (out.image.double() - expected).norm() / expected.norm() < 1e-6
 
 
 def test_plan_layers():

@@ -285,3 +285,164 @@ def test_gradient_checkpointing_gives_the_same_losses(data, tmp_path):
     expected = [float(r["loss"] or "nan") for r in losses(plain)][1:]
     got = [float(r["loss"] or "nan") for r in losses(checkpointed)][1:]
     assert got == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------ layers, each against its own target
+def occluded_sample(seed=21):
+    return procedural_sample(seed, size=SIZE, kind="occluded")
+
+
+def test_layer_targets_are_the_plate_and_each_person_whole():
+    """Row 0 learns the plate inside its inpaint region; person i's row learns person i's amodal
+    RGBA over the target; a sample without layer targets falls back to the target."""
+    from mild.train import layer_targets
+
+    pipe = MILDPipeline.tiny(weights=None)
+    sample = occluded_sample()
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, occlusion_order=sample.occlusion_order)
+    assert len(rows.plan.layers) >= 2
+    images, amodal = layer_targets(sample, rows)
+    region = rows.inpaint[0, 0] > 0
+    target, plate = sample.target.double(), sample.plate.double()
+    assert torch.equal(images[0][:, region], sample.plate[:, region])
+    assert torch.equal(images[0][:, ~region], sample.target[:, ~region])
+    for index, layer in enumerate(rows.plan.layers[1:], 1):
+        person = sample.people[layer.person - 1].double()
+        expected = person[3:] * person[:3] + (1 - person[3:]) * target
+        assert torch.allclose(images[index].double(), expected, atol=1e-6)
+        assert torch.equal(amodal[index], sample.people[layer.person - 1, 3:])
+    assert not torch.equal(images[1], images[0])
+    bare = procedural_sample(21, size=SIZE, kind="occluded")
+    bare.plate, bare.people = None, None
+    fallback, none = layer_targets(bare, rows)
+    assert none is None and all(torch.equal(row, sample.target) for row in fallback)
+    assert plate.shape == target.shape
+
+
+def row_gradients(sample, seed=0):
+    """d loss / d prediction per row, for one sample (the UNet's output is the leaf)."""
+    pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
+    pipe.alpha = None
+    seen = {}
+
+    class Recorder(TrainingModel):
+        def forward(self, *args, **kwargs):
+            prediction, logits = super().forward(*args, **kwargs)
+            prediction = prediction.detach().requires_grad_(True)
+            seen["prediction"] = prediction
+            return prediction, logits
+
+    loss = sample_loss(Recorder(pipe.unet, None), pipe, sample, text_embeddings(pipe), step_generator(seed, 0, 0, 0),
+                       0.5, 0.0)
+    loss.backward()
+    return seen["prediction"].grad
+
+
+def test_a_row_gradient_comes_only_from_its_own_target():
+    """Changing one person's layer target moves that person's row's gradient and no other row's;
+    changing the plate moves only the background row's."""
+    sample = occluded_sample()
+    base = row_gradients(sample)
+    assert base.shape[0] >= 2
+    pipe = MILDPipeline.tiny(weights=None)
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, occlusion_order=sample.occlusion_order)
+    person_row = 1
+    person = rows.plan.layers[person_row].person
+    other = procedural_sample(21, size=SIZE, kind="occluded")
+    other.people = other.people.clone()
+    other.people[person - 1, :3] = 1 - other.people[person - 1, :3]  # another appearance for that person
+    moved = row_gradients(other)
+    changed = [not torch.equal(moved[r], base[r]) for r in range(base.shape[0])]
+    assert changed[person_row] and not any(c for r, c in enumerate(changed) if r != person_row)
+    other = procedural_sample(21, size=SIZE, kind="occluded")
+    other.plate = 1 - other.plate
+    moved = row_gradients(other)
+    changed = [not torch.equal(moved[r], base[r]) for r in range(base.shape[0])]
+    assert changed[0] and not any(changed[1:])
+
+
+def test_the_alpha_head_learns_from_person_rows_and_never_sees_the_amodal_silhouette():
+    """The alpha head gets a gradient from the silhouette loss; its inputs are the decoded
+    layers, the visible mask and the region: the amodal silhouette changes its loss, not its input."""
+    pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
+    pipe.unet.requires_grad_(False)
+    sample = occluded_sample()
+    loss = sample_loss(TrainingModel(pipe.unet, None, pipe.alpha), pipe, sample, text_embeddings(pipe),
+                       step_generator(0, 0, 0, 0), 0.5, 0.0)
+    loss.backward()
+    assert sum(p.grad.abs().sum() for p in pipe.alpha.parameters()) > 0
+    without = sample_loss(TrainingModel(pipe.unet, None, pipe.alpha), pipe, sample, text_embeddings(pipe),
+                          step_generator(0, 0, 0, 0), 0.5, 0.0, alpha_weight=0.0)
+    assert loss.item() > without.item()
+
+
+def test_single_layer_training_is_one_plain_row_on_the_composite_target():
+    pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
+    pipe.alpha = None
+    pipe.unet.requires_grad_(True)
+    sample = occluded_sample()
+    seen = {}
+
+    class Recorder(TrainingModel):
+        def forward(self, model_in, timesteps, text, context, *args, **kwargs):
+            seen.update(rows=model_in.shape[0], context=context)
+            return super().forward(model_in, timesteps, text, context, *args, **kwargs)
+
+    loss = sample_loss(Recorder(pipe.unet, None), pipe, sample, text_embeddings(pipe), step_generator(0, 0, 0, 0),
+                       0.5, 0.0, single_layer=True)
+    loss.backward()
+    assert seen["rows"] == 1 and bool(seen["context"].allow.all())
+    named = dict(pipe.unet.named_parameters())
+    assert all(p.grad is None or not p.grad.any() for n, p in named.items() if n.endswith(("lora_a", "lora_b")))
+
+
+def test_procedural_stream_is_drawn_on_the_fly_and_occlusion_heavy():
+    from mild.data import ProceduralStream
+
+    stream = ProceduralStream(400, seed=5, size=SIZE)
+    kinds = [stream.kind(i) for i in range(400)]
+    assert sum(k.startswith("occluded") for k in kinds) / 400 >= 0.65
+    assert {"textured", "occluded-textured", "mixed"} <= set(kinds)
+    first = stream[3]
+    again = ProceduralStream(400, seed=5, size=SIZE)[3]
+    assert torch.equal(first.image, again.image) and first.scene == again.scene
+    assert not torch.equal(stream[4].image, first.image)
+    occluded = next(stream[i] for i in range(400) if kinds[i] == "occluded-textured")
+    assert occluded.scene["kind"] == "occluded-textured" and "amplitude" in occluded.scene
+    with pytest.raises(IndexError):
+        stream[400]
+
+
+def test_train_on_procedural_data_and_single_layer_from_the_cli(tmp_path):
+    out = tmp_path / "ckpt"
+    assert cli_main(["train", "--data", "procedural", "--tiny-random", "--train-base", "--out", str(out),
+                     "--steps", "2", "--no-progress", "--val-samples", "1"]) == 0
+    assert (resolve_checkpoint(out) / "alpha.safetensors").is_file()
+    single = tmp_path / "single"
+    assert cli_main(["train", "--data", "procedural", "--tiny-random", "--train-base", "--single-layer",
+                     "--out", str(single), "--steps", "2", "--no-progress", "--val-samples", "1",
+                     "--lr-schedule", "cosine"]) == 0
+    assert not (resolve_checkpoint(single) / "alpha.safetensors").exists()
+    rates = [float(row["lr"]) for row in losses(single) if row["lr"]]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] < rates[0]
+
+
+def test_single_layer_needs_train_base(tmp_path, capsys):
+    assert cli_main(["train", "--data", "procedural", "--tiny-random", "--single-layer", "--out", str(tmp_path / "x"),
+                     "--steps", "1"]) == 2
+    assert "--single-layer" in capsys.readouterr().err
+
+
+def test_autoencoder_gate_round_trip_beats_telea_by_five_db():
+    """The tiny model's autoencoder gives back the truth in the erased region of held-out scenes
+    at least 5 dB better than OpenCV's Telea fills it (its round trip is lossless)."""
+    from mild.data import ProceduralStream
+    from mild.train import autoencoder_gate
+
+    pipe = MILDPipeline.tiny(weights=None)
+    pipe.vae.register_to_config(scaling_factor=2.5)
+    scenes = ProceduralStream(6, seed=99, size=SIZE)[:]
+    round_trip, telea_psnr = autoencoder_gate(pipe, scenes)
+    assert round_trip >= telea_psnr + 5
+    photo = scenes[0].target[None]
+    assert torch.allclose(pipe._decode(pipe._encode_image(photo)), photo, atol=1e-6)
