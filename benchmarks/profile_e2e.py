@@ -65,7 +65,8 @@ from mild.data import PairedSample  # noqa: E402
 from mild.layers import plan_layers  # noqa: E402
 from mild.pipeline import NUM_ADAPTERS  # noqa: E402
 from mild.tiny import TEXT_DIM, tiny_components  # noqa: E402
-from mild.train import ADAPTER_KEYS, TrainingModel, architecture, sample_loss  # noqa: E402
+from mild.checkpoints import ADAPTER_KEYS, architecture  # noqa: E402
+from mild.train import TrainingModel, sample_loss  # noqa: E402
 
 ARCHS = {
     "sd15": dict(resolution=512, unet=SD15_INPAINT_UNET, vae=SD_VAE, text=(77, 768), pooled=None),

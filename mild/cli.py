@@ -63,7 +63,7 @@ def build_pipeline(args):
     import torch
 
     from .pipeline import MILDPipeline
-    from .train import TrainError, load_checkpoint
+    from .checkpoints import CheckpointError, load_checkpoint
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -85,7 +85,7 @@ def build_pipeline(args):
     if args.checkpoint:
         try:
             load_checkpoint(pipe, args.checkpoint)
-        except TrainError as error:
+        except CheckpointError as error:
             raise CLIError(str(error)) from None
     pipe.compile = True if args.compile == "default" else args.compile
     pipe.to(device)
@@ -161,21 +161,6 @@ def read_dataset_sample(folder: Path):
     return images[0], [numbered[i] for i in sorted(numbered)], erase
 
 
-def distributed_rank():
-    """(rank, world size), joining the torchrun process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def run_dataset(args):
     from tqdm import tqdm
 
@@ -183,6 +168,8 @@ def run_dataset(args):
     if not input_dir.is_dir():
         raise CLIError(f"--input-dir {input_dir} is not a folder")
     output_dir.mkdir(parents=True, exist_ok=True)
+    from .distributed import distributed_rank
+
     rank, world = distributed_rank()
     samples = dataset_samples(input_dir)[rank::world]
     todo = [name for name in samples if not (output_dir / f"{name}.png").exists()]
@@ -411,6 +398,7 @@ def run_training_command(args) -> int:
     """synth, train, train-tiny and eval: their modules' user errors become CLIErrors."""
     from .data import DataError, run_synth
     from .evaluate import run_eval
+    from .checkpoints import CheckpointError
     from .train import TrainError, run_train, run_train_tiny
 
     try:
@@ -421,7 +409,7 @@ def run_training_command(args) -> int:
         if args.command == "train-tiny":
             return run_train_tiny(args)
         return run_eval(args, build_pipeline(args))
-    except (DataError, TrainError) as error:
+    except (DataError, TrainError, CheckpointError) as error:
         raise CLIError(str(error)) from None
 
 

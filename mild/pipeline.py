@@ -219,7 +219,7 @@ class MILDPipeline(DiffusionPipeline):
         if lora_weights is not None:
             from safetensors.torch import load_file
 
-            from .train import load_unet_tensors
+            from .checkpoints import load_unet_tensors
 
             load_unet_tensors(pipe.unet, load_file(str(lora_weights)), f"lora_weights {lora_weights}")
         if hmg_weights is not None:
@@ -415,6 +415,10 @@ class MILDPipeline(DiffusionPipeline):
 
         with torch.profiler.record_function("mild::vae_decode"):
             decoded = self._decode(latents).float()  # (L, 3, H', W')
+            # Outside its inpaint region a layer is the photo: those pixels are known, and the
+            # person layers' visible parts are composited with alpha 1.
+            known = rows.padded[None].to(decoded.device)
+            decoded = torch.where(rows.inpaint.to(decoded.device) > 0, decoded, known)
         with torch.profiler.record_function("mild::layer_alpha"):
             alphas = self.layer_alphas(rows, decoded)[..., :H, :W]
         layers = decoded[..., :H, :W]

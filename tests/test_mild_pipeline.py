@@ -344,3 +344,28 @@ def test_compiled_pipeline_with_inductor_matches_eager():
     pipe.compile = "max-autotune-no-cudagraphs"
     out = pipe(image, masks, erase=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(out.image, eager.image, atol=1e-4)
+
+
+def test_demo_writes_the_layers_their_alphas_and_the_figure(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli_main(["demo", "--out", str(out), "--steps", "2", "--figure", str(tmp_path / "fig" / "demo.png")]) == 0
+    for name in ("input.png", "truth.png", "erased.png", "layer_0.png", "layer_1.png", "alpha_0.png", "alpha_1.png"):
+        assert (out / name).is_file(), name
+    alpha = np.asarray(Image.open(out / "alpha_1.png"))
+    assert alpha.min() == 0 and alpha.max() == 255  # the person layer covers some pixels and not others
+    assert Image.open(tmp_path / "fig" / "demo.png").size[0] > 500
+    assert "pixels outside the erased region unchanged: True" in capsys.readouterr().out
+
+
+def test_regenerate_replaces_only_the_marked_table():
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        from regenerate import END, START, replace_between_markers
+    finally:
+        sys.path.pop(0)
+    text = f"intro\n{START}\nold table\n{END}\nafter\n"
+    assert replace_between_markers(text, "| new |\n") == f"intro\n{START}\n| new |\n{END}\nafter\n"
+    with pytest.raises(SystemExit):
+        replace_between_markers("no markers", "x")
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(START) == 1 and readme.count(END) == 1

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from mild.checkpoints import (CheckpointError, architecture, load_checkpoint, resolve_checkpoint,
+                              save_checkpoint)
 from mild.cli import main as cli_main
 from mild.data import procedural_sample, synthesize, write_sample
 from mild.pipeline import MILDPipeline
-from mild.train import (TrainError, TrainingModel, architecture, load_checkpoint, resolve_checkpoint, sample_loss,
-                        save_checkpoint, step_generator, text_embeddings)
+from mild.train import TrainError, TrainingModel, sample_loss, step_generator, text_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -148,7 +149,7 @@ KILL_SCRIPT = """
 import os, sys, time, torch
 from pathlib import Path
 from mild.pipeline import MILDPipeline
-from mild.train import architecture, save_checkpoint
+from mild.checkpoints import architecture, save_checkpoint
 out = Path(sys.argv[1])
 pipe = MILDPipeline.tiny(weights=None)
 optimizer = torch.optim.AdamW([p for n, p in pipe.unet.named_parameters() if n.endswith("lora_b")])
@@ -219,7 +220,7 @@ def test_checkpoint_of_another_architecture_is_refused(data, tmp_path, capsys):
     assert cli_main(train_args(data, out, "--steps", "1", "--lora-rank", "2")) == 0
     capsys.readouterr()
     pipe = MILDPipeline.tiny(weights=None)  # LoRA rank 4
-    with pytest.raises(TrainError, match="another architecture"):
+    with pytest.raises(CheckpointError, match="another architecture"):
         load_checkpoint(pipe, out)
     assert cli_main(train_args(data, out, "--steps", "2", "--resume")) == 2  # resumed at rank 4
     assert "another architecture" in error_line(capsys)
@@ -446,3 +447,34 @@ def test_autoencoder_gate_round_trip_beats_telea_by_five_db():
     assert round_trip >= telea_psnr + 5
     photo = scenes[0].target[None]
     assert torch.allclose(pipe._decode(pipe._encode_image(photo)), photo, atol=1e-6)
+
+
+def test_layered_training_runs_on_an_sd_style_model_with_a_kl_vae(data, tmp_path):
+    """Nothing in the recipe is tiny-only: a 9-channel UNet over a (tiny) AutoencoderKL, loaded
+    with --model, trains its layers against their own targets and its alpha head through the VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from mild.tiny import TEXT_DIM, tiny_components
+
+    model = tmp_path / "model"
+    parts = tiny_components(seed=0)
+    parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+                                 layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=8)
+    for name, component in parts.items():
+        component.save_pretrained(model / name)
+    out = tmp_path / "ckpt"
+    assert cli_main(["train", "--data", str(data), "--model", str(model), "--out", str(out), "--steps", "2",
+                     "--no-progress", "--lr", "1e-3"]) == 0
+    step = resolve_checkpoint(out)
+    assert (step / "alpha.safetensors").is_file()
+    pipe = MILDPipeline.from_pretrained(model, lora_weights=step / "lora.safetensors",
+                                        alpha_weights=step / "alpha.safetensors")
+    sample = procedural_sample(21, size=SIZE, kind="occluded")
+    result = pipe(sample.image, sample.masks, erase=sample.erase, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0))
+    assert result.alphas.shape[0] == len(result.plan.layers) >= 2 and result.image.isfinite().all()
