@@ -5,7 +5,7 @@
     mild synth --out D [--count N] [--cutouts C --backgrounds B]        paired training data
     mild train --data D (--model DIR | --tiny) --out CKPT [--resume]    (torchrun-able)
     mild eval --data D (--model DIR | --tiny) [--checkpoint CKPT]       against single-layer and Telea
-    mild train-tiny                 rebuild the shipped tiny model's weights (~18 min on 2 cores)
+    mild train-tiny                 rebuild the tiny MILD and single-layer models (~72 min on 2 cores)
     mild profile [profiler arguments]   benchmarks/profile_e2e.py; writes ./mild_profile (or --out)
     mild demo [--out DIR]           a built-in scene erased by the trained tiny model
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_tensor, require
+from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
 from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on, unit_last_stride
 from .layout import SMALayout, prepare_regions, tokens_of
 from .op import flatten_layout, sma_forward
@@ -97,7 +97,7 @@ def choose_backend(backend: str, device: torch.device) -> str:
 
 
 def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None, scale=None, *, layout=None,
-                  return_lse=False, return_region_mass=False, backend="auto", deterministic=False):
+                  return_lse=False, return_region_mass=False, backend="auto"):
     """Spatially-modulated attention (docs/semantics.md).
 
     ``softmax(scale * q k^T + Mq W Mk^T, masked by allow) v`` per batch row and head.
@@ -119,10 +119,10 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
         return_region_mass: also return softmax(S) Mk, (B, H, Nq, R).
         backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (chunked, any
             device) or "auto".
-        deterministic: accepted for compatibility: both backends' backward passes are
-            bitwise repeatable (the Triton one computes dq in its own pass, with no atomics).
 
     Differentiable in q, k, v and bias (the bias gradient is reduced to the shape given);
+    both backends' backward passes are bitwise repeatable (the Triton one computes dq in
+    its own pass, with no atomics);
     region memberships get no gradient. Registered as the custom op
     ``torch.ops.mild_kernels.sma_forward``, so torch.compile traces it whole.
 
@@ -134,11 +134,11 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
     q, k, v = autocast_inputs(q, k, v)
     with autocast_off(q):
         return _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, return_lse,
-                              return_region_mass, backend, deterministic)
+                              return_region_mass, backend)
 
 
 def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, return_lse, return_region_mass,
-                   backend, deterministic):
+                   backend):
     require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
     _check_qkv(q, k, v, backend)
     chosen = choose_backend(backend, q.device)
@@ -147,10 +147,7 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
         require(q_regions is not None, "q_regions: give the query regions, or a prepared layout")
         check_tensor("q_regions", q_regions)
         check_tensor("k_regions", k_regions)
-        for name, t in (("q_regions", q_regions), ("k_regions", k_regions), ("allow", allow)):
-            require(t is None or t.device == q.device,
-                    f"{name}: is on {t.device if t is not None else None} but q is on {q.device}; all tensors must "
-                    "share one device")
+        check_same_device(q=q, q_regions=q_regions, k_regions=k_regions, allow=allow)
         for name, t, n in (("q_regions", q_regions, q.shape[2]), ("k_regions", k_regions, k.shape[2])):
             require(t.dim() >= 1 and tokens_of(t) == n, f"{name}: has {tokens_of(t)} tokens but the attention has {n}")
         stated = int(bias.shape[-1]) if isinstance(bias, torch.Tensor) and bias.dim() >= 2 else None
@@ -174,7 +171,7 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
     save_shift = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
     tensors, ints = flatten_layout(layout)
     out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_values,
-                                    chosen, deterministic)
+                                    chosen)
     if not (return_lse or return_region_mass):
         return out
     return SMAOutput(out, lse if return_lse else None, mass if return_region_mass else None)

@@ -70,12 +70,11 @@ def _dense_bias(bias: Optional[Tensor], num_regions: int, device) -> Tensor:
 @torch.library.custom_op("mild_kernels::sma_forward", mutates_args=())
 def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
                 bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_values: bool,
-                backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, region mass or empty, [QW, shift] tables or empty). See interface.sma_attention.
 
     ``check_values`` reads q, k, v and the bias on the host to refuse NaN, inf and a bias past
-    MAX_BIAS (a raw call; inside the op, so torch.compile traces no data-dependent branch);
-    ``deterministic`` only shapes the backward pass, where autograd reads it from here.
+    MAX_BIAS (a raw call; inside the op, so torch.compile traces no data-dependent branch).
     """
     if check_values:
         # Blocked pairs must not see a key's NaN (the kernels skip blocked tiles, a mask would
@@ -104,8 +103,7 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
 
 
 @sma_forward.register_fake
-def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend,
-      deterministic):
+def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend):
     B, H, Nq, _ = q.shape
     R = layout_ints[0]
     stats = _stats_dtype(q, backend)
@@ -119,7 +117,7 @@ def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift
 def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Optional[Tensor], q: Tensor, k: Tensor,
                  v: Tensor, out: Tensor, lse: Tensor, mass: Optional[Tensor], shift: Tensor,
                  layout_tensors: list[Tensor], layout_ints: list[int], bias: Optional[Tensor], scale: float,
-                 backend: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias as (B, H, R, R))."""
     layout = unflatten_layout(layout_tensors, layout_ints)
     R = layout.num_regions
@@ -135,7 +133,7 @@ def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Option
 
 @sma_backward.register_fake
 def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tensors, layout_ints, bias, scale,
-      backend, deterministic):
+      backend):
     B, H = q.shape[:2]
     R = layout_ints[0]
     dbias = q.new_empty((B, H, R, R), dtype=_stats_dtype(q, backend))
@@ -143,11 +141,11 @@ def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tens
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend, deterministic = inputs
+    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend = inputs
     out, lse, mass, shift = output
     ctx.save_for_backward(q, k, v, bias, out, lse, mass if return_mass else None, shift, *layout_tensors)
     ctx.layout_ints = layout_ints
-    ctx.scale, ctx.backend, ctx.deterministic = scale, backend, deterministic
+    ctx.scale, ctx.backend = scale, backend
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
@@ -159,14 +157,14 @@ def _backward(ctx, grad_out, grad_lse, grad_mass, grad_shift):
     grad_mass = None if grad_mass is None or mass is None else grad_mass.contiguous()
     dq, dk, dv, dbias = torch.ops.mild_kernels.sma_backward(
         grad_out.contiguous(), grad_lse, grad_mass, q, k, v, out, lse, mass, shift,
-        layout_tensors, ctx.layout_ints, bias, ctx.scale, ctx.backend, ctx.deterministic)
+        layout_tensors, ctx.layout_ints, bias, ctx.scale, ctx.backend)
     no_grads = [None] * len(layout_tensors)  # the regions get no gradient
     if bias is not None:
         reduce_dims = [d for d in (0, 1) if bias.shape[d] == 1]
         dbias = (dbias.sum(reduce_dims, keepdim=True) if reduce_dims else dbias).to(bias.dtype)
     else:
         dbias = None
-    return dq, dk, dv, no_grads, None, dbias, None, None, None, None, None, None
+    return dq, dk, dv, no_grads, None, dbias, None, None, None, None, None
 
 
 torch.library.register_autograd("mild_kernels::sma_forward", _backward, setup_context=_setup_context)

@@ -200,7 +200,7 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                         q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
                         allowed = allowed & (((q_bits[None, :] >> lk[:, None].to(q_bits.dtype)) & 1) != 0)
                     lse = tl.load(Lse + stats_base + offs_m, mask=in_m, other=float("inf"))
-                    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # P = 0 there
+                    lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # P = 0 there
                     p_t = tl.math.exp2(tl.where(allowed, s_t, float("-inf")) - lse_log2[None, :])
                     p_op = _as_operand(p_t.to(DO.dtype.element_ty), UPCAST)
                     do0 = _as_operand(_load_block(do_base, offs_m, stride_don, Nq, 0, D0, HEAD_DIM, True), UPCAST)
@@ -322,7 +322,7 @@ def _sma_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DQ, St
             if ANY_BLOCKED:
                 q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
             lse = tl.load(Lse + rows, mask=in_m, other=float("inf"))
-            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # blocked rows: P = 0
+            lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # blocked rows: P = 0
             mixed_index = MixedIndex + b * stride_index_b + list_row * num_key_tiles
             for j in range(mixed_count * SUB_N):
                 offs_n = (tl.load(mixed_index + j // SUB_N) * SUB_N + j % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -612,7 +612,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
         stride_klab_b=batch_stride(kr.labels), stride_kop_b=batch_stride(k_op),
         stride_kop_n=k_op.stride(1) if soft else 0,
         stride_allow_b=batch_stride(layout.allow_bits),
-        H=H, Nq=Nq, Nk=Nk, R=R, qk_scale=scale * LOG2E, scale=scale,
+        H=H, Nq=Nq, Nk=Nk, R=R, qk_scale=scale * LOG2E.value, scale=scale,
         HEAD_DIM=Dp, D0=d0, D1=d1, RP=rp, KR=kr_width,
         TERMS_Q=terms_q, TERMS_K=terms_k, SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
         ANY_BLOCKED=info.any_blocked, MASS_GRAD=mass_grad, UPCAST=interpreting() and q.dtype != torch.float32,

@@ -32,8 +32,9 @@ import triton.language as tl
 from .._runtime import device_arch, empty, empty_like, interpreting, launch, next_power_of_2, unit_last_stride
 from .layout import REGION_BITS, TILE_M, TILE_N, soft_operand_regions
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Constant expressions, so that jit code can read them (jit code refuses a plain global float).
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R
     else:
         x = tl.load(bias_base + lq[:, None] * stride_bias_r + region[None, :], mask=region[None, :] < R,
                     other=0.0).to(tl.float32)
-    return x * 1.4426950408889634
+    return x * LOG2E
 
 
 @triton.jit
@@ -433,7 +434,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
                          (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
                          mask=in_m[:, None] & (cols1[None, :] < OUT_DIM))
             lse_log2 = tl.where(blocked, float("-inf"), m_i + tl.math.log2(tl.where(blocked, 1.0, l_i)))
-            tl.store(Lse + rows, lse_log2 * 0.6931471805599453, mask=in_m)
+            tl.store(Lse + rows, lse_log2 * LN2, mask=in_m)
             if RETURN_MASS:
                 tl.debug_barrier()
                 for c0 in tl.static_range(0, MASS_R, 16):
@@ -708,7 +709,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
         stride_allow_b=batch_stride(layout.allow_bits),
         stride_count_b=batch_stride(tiles.mixed_count), stride_index_b=batch_stride(tiles.mixed_index),
         stride_runs_b=batch_stride(tiles.pure_runs),
-        H=H, Nq=Nq, Nk=Nk, R=R, num_key_tiles=tiles.mixed_index.shape[-1], qk_scale=scale * LOG2E,
+        H=H, Nq=Nq, Nk=Nk, R=R, num_key_tiles=tiles.mixed_index.shape[-1], qk_scale=scale * LOG2E.value,
         HEAD_DIM=q.shape[-1], OUT_DIM=D, D0=d0, D1=d1,
         RP=max(16, next_power_of_2(R)), KR=kr_width, TERMS_Q=terms_q, TERMS_K=terms_k,
         MASS_R=max(16, next_power_of_2(R)), SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
