@@ -64,7 +64,7 @@ from mild.architectures import SD15_INPAINT_UNET, SD_VAE, SDXL_INPAINT_UNET  # n
 from mild.data import PairedSample  # noqa: E402
 from mild.layers import plan_layers  # noqa: E402
 from mild.pipeline import NUM_ADAPTERS  # noqa: E402
-from mild.tiny import TEXT_DIM, tiny_components  # noqa: E402
+from mild.tiny import TEXT_DIM, tiny_sd_components  # noqa: E402
 from mild.checkpoints import ADAPTER_KEYS, architecture  # noqa: E402
 from mild.train import TrainingModel, sample_loss  # noqa: E402
 
@@ -83,7 +83,7 @@ def build_components(arch: str, device, dtype):
 
     torch.manual_seed(0)
     if arch == "tiny":
-        parts = tiny_components()
+        parts = tiny_sd_components()  # SD's latent layout: the sequential baseline is diffusers' pipeline
         unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
         text, pooled, resolution = (16, TEXT_DIM), None, 64
     else:

@@ -123,6 +123,26 @@ def tiny_components(inpainting: bool = True, seed: int = 0) -> dict:
                 scheduler=scheduler)
 
 
+def tiny_sd_components(seed: int = 0) -> dict:
+    """The tiny model's parts with SD's latent layout instead of its own: a 9-channel (4 + 1 + 4)
+    inpainting UNet over a small, untrained AutoencoderKL (4 latent channels, 8x downsampling).
+    For what must take SD's shapes: the end-to-end profiler and diffusers' own inpainting
+    pipeline (which accepts only 4- or 9-channel UNets), and tests of the KL-VAE path."""
+    from diffusers import AutoencoderKL
+
+    parts = tiny_components(seed=seed)
+    torch.manual_seed(seed)
+    parts["vae"] = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8).eval()
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=8).eval()
+    return parts
+
+
 def tiny_parts(pipe) -> tuple:
     """(prefix, module) of the tensors a tiny weights file holds."""
     return (("unet", pipe.unet), ("hmg", pipe.hmg), ("alpha", pipe.alpha))

@@ -452,19 +452,10 @@ def test_autoencoder_gate_round_trip_beats_telea_by_five_db():
 def test_layered_training_runs_on_an_sd_style_model_with_a_kl_vae(data, tmp_path):
     """Nothing in the recipe is tiny-only: a 9-channel UNet over a (tiny) AutoencoderKL, loaded
     with --model, trains its layers against their own targets and its alpha head through the VAE."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from mild.tiny import TEXT_DIM, tiny_components
+    from mild.tiny import tiny_sd_components
 
     model = tmp_path / "model"
-    parts = tiny_components(seed=0)
-    parts["vae"] = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
-                                 layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                                 up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
-    parts["unet"] = UNet2DConditionModel(
-        sample_size=8, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=8)
+    parts = tiny_sd_components(seed=0)
     for name, component in parts.items():
         component.save_pretrained(model / name)
     out = tmp_path / "ckpt"
