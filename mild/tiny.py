@@ -33,10 +33,6 @@ TINY_FORMAT = "mild-tiny/2"
 PATCH = 8  # pixels per latent cell along each side, as SD's VAE
 
 
-def np_list(value) -> list:
-    return [value] if isinstance(value, int) else list(value)
-
-
 class PixelPatchAutoencoder(ModelMixin, ConfigMixin):
     """A lossless autoencoder: each ``patch`` x ``patch`` block of pixels becomes one latent
     cell of 3 * patch**2 channels (pixel unshuffle), and back. Its round trip is exact, so the
@@ -52,10 +48,13 @@ class PixelPatchAutoencoder(ModelMixin, ConfigMixin):
         super().__init__()
         if patch < 1 or patch & (patch - 1):
             raise ValueError(f"patch: must be a power of two, got {patch}")
+        # latent_channels and block_out_channels follow from the patch; a saved config repeats them
         derived = dict(latent_channels=3 * patch * patch, block_out_channels=[3] * patch.bit_length())
-        given = dict(latent_channels=latent_channels, block_out_channels=block_out_channels)
-        if any(value is not None and list(np_list(value)) != list(np_list(derived[key])) for key, value in given.items()):
-            raise ValueError(f"latent_channels, block_out_channels: follow from patch {patch} ({derived}), got {given}")
+        given = dict(latent_channels=latent_channels,
+                     block_out_channels=None if block_out_channels is None else list(block_out_channels))
+        wrong = {key: value for key, value in given.items() if value is not None and value != derived[key]}
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: follow from patch {patch} ({derived}), got {wrong}")
         self.register_to_config(**derived)
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)  # gives .device and .dtype
 

@@ -97,9 +97,9 @@ def layer_targets(sample, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
     A sample without plate or people falls back to the target for those rows.
     """
     target = sample.target.float()
+    H, W = target.shape[1:]
     images, silhouettes = [], []
     for index, layer in enumerate(rows.plan.layers):
-        H, W = target.shape[1:]
         if layer.person == 0:
             region = rows.inpaint[index, 0, :H, :W]
             plate = target if sample.plate is None else sample.plate.float()
