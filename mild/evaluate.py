@@ -67,14 +67,19 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
+def kept_people(sample) -> list[int]:
+    """The people (counted from 0) that the sample does not erase."""
+    erase = set(sample.erase or range(1, len(sample.masks) + 1))
+    return [i for i in range(len(sample.masks)) if i + 1 not in erase]
+
+
 def pixel_kinds(sample, erased: torch.Tensor) -> dict:
     """{"background": (H, W), "hidden": (H, W)} {0, 1} splits of the erased region: pixels no kept
     person covers, and the kept people's hidden parts (their amodal silhouettes inside the region).
     Empty without the sample's layer targets."""
     if sample.people is None:
         return {}
-    erase = set(sample.erase or range(1, len(sample.masks) + 1))
-    kept = [i for i in range(len(sample.masks)) if i + 1 not in erase]
+    kept = kept_people(sample)
     covered = (sample.people[kept, 3] > 0.5).any(0) if kept else torch.zeros_like(erased, dtype=torch.bool)
     inside = erased > 0.5
     return {"background": (inside & ~covered).float(), "hidden": (inside & covered).float()}
@@ -196,9 +201,7 @@ def hidden_iou(result: torch.Tensor, sample, region: torch.Tensor) -> float:
     """The mean ``completed_silhouette_iou`` over the kept people hidden in the region, or NaN."""
     if sample.people is None or sample.plate is None:
         return math.nan
-    erase = set(sample.erase or range(1, len(sample.masks) + 1))
-    kept = [i for i in range(len(sample.masks)) if i + 1 not in erase]
-    hidden = [i for i in kept if ((sample.people[i, 3] > 0.5) & (sample.masks[i] <= 0.5) & (region > 0.5)).any()]
+    hidden = [i for i in kept_people(sample) if ((sample.people[i, 3] > 0.5) & (sample.masks[i] <= 0.5) & (region > 0.5)).any()]
     return _finite_mean(completed_silhouette_iou(result, sample, i, region) for i in hidden)
 
 

@@ -96,6 +96,15 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
+def tiny_unet(in_channels: int, out_channels: int, widths: tuple) -> UNet2DConditionModel:
+    """The tiny UNet: two levels (cross-attention at the first, 16 x 16 latent cells), widths as given."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=out_channels, layers_per_block=1,
+        block_out_channels=widths, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM, attention_head_dim=2,
+        norm_num_groups=8)
+
+
 def tiny_components(inpainting: bool = True, seed: int = 0) -> dict:
     """unet, vae, text_encoder, tokenizer and scheduler of a toy SD-style inpainting model
     (``inpainting``: a 9-channel-style UNet taking the mask and the masked image's latents,
@@ -103,11 +112,7 @@ def tiny_components(inpainting: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     vae = PixelPatchAutoencoder()
     latent = vae.config.latent_channels
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=2 * latent + 1 if inpainting else latent, out_channels=latent, layers_per_block=1,
-        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM, attention_head_dim=2,
-        norm_num_groups=8)
+    unet = tiny_unet(2 * latent + 1 if inpainting else latent, latent, (64, 128))
     tokenizer = tiny_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2,
@@ -135,10 +140,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         norm_num_groups=8).eval()
-    parts["unet"] = UNet2DConditionModel(
-        sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=8).eval()
+    parts["unet"] = tiny_unet(9, 4, (32, 64)).eval()
     return parts
 
 
