@@ -415,12 +415,12 @@ class MILDPipeline(DiffusionPipeline):
 
         with torch.profiler.record_function("mild::vae_decode"):
             decoded = self._decode(latents).float()  # (L, 3, H', W')
-            # Outside its inpaint region a layer is the photo: those pixels are known, and the
-            # person layers' visible parts are composited with alpha 1.
-            known = rows.padded[None].to(decoded.device)
-            decoded = torch.where(rows.inpaint.to(decoded.device) > 0, decoded, known)
         with torch.profiler.record_function("mild::layer_alpha"):
+            # the head reads the layers as decoded, as it saw them in training
             alphas = self.layer_alphas(rows, decoded)[..., :H, :W]
+        # Outside its inpaint region a layer is the photo: those pixels are known, and the
+        # person layers' visible parts are composited with alpha 1.
+        decoded = torch.where(rows.inpaint.to(decoded.device) > 0, decoded, rows.padded[None].to(decoded.device))
         layers = decoded[..., :H, :W]
         with torch.profiler.record_function("mild::composite"):
             result = composite_layers(layers[:, None], alphas[:, None], pixels[None].to(layers.device),

@@ -90,10 +90,11 @@ def _byte_unicode() -> list[str]:
 def tiny_tokenizer() -> CLIPTokenizer:
     chars = _byte_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="mild-tiny-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    with tempfile.TemporaryDirectory(prefix="mild-tiny-tokenizer-") as name:  # read at construction, then gone
+        folder = Path(name)
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
 def tiny_unet(in_channels: int, out_channels: int, widths: tuple) -> UNet2DConditionModel:

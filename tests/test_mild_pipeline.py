@@ -130,6 +130,28 @@ def test_layers_composite_back_to_front_by_their_own_alpha():
     assert (out.image.double() - expected).norm() / expected.norm() < 1e-6
 
 
+def test_alpha_head_reads_the_layers_as_decoded_as_in_training():
+    """Training feeds the head the decoded x0 estimate of every row (mild/train.py); inference
+    must feed it the decoded layers too, not the layers with the photo pasted outside their
+    inpaint region (which the head never saw). The pasted layers are what is composited."""
+    from mild.data import procedural_sample
+
+    sample = procedural_sample(21, size=SIZE, kind="occluded")
+    pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")
+    seen, decoded = [], []
+    pipe.alpha.register_forward_hook(lambda module, inputs, output: seen.append([t.detach().clone() for t in inputs]))
+    decode = pipe._decode
+    pipe._decode = lambda latents: decoded.append(decode(latents)) or decoded[-1]
+    out = pipe(sample.image, sample.masks, erase=sample.erase, occlusion_order=sample.occlusion_order,
+               num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    (person, background, visible, region), = seen
+    layers = decoded[-1].float()
+    assert torch.equal(person, layers[1:]) and torch.equal(background, layers[:1].expand_as(person))
+    outside = region[0, 0] == 0
+    assert outside.any() and not torch.allclose(person[0][:, outside], sample.image[:, outside])
+    assert torch.equal(out.layers[1][:, outside], sample.image[:, outside].to(out.layers.dtype))
+
+
 def test_plan_layers():
     _, masks = scene()
     plan = plan_layers(masks, erase=[2], dilation=2)
@@ -369,3 +391,15 @@ def test_regenerate_replaces_only_the_marked_table():
         replace_between_markers("no markers", "x")
     readme = (ROOT / "README.md").read_text()
     assert readme.count(START) == 1 and readme.count(END) == 1
+
+
+def test_tiny_tokenizer_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """Every tiny pipeline builds its tokenizer from files written for the purpose; none may outlive it."""
+    import tempfile
+
+    from mild.tiny import tiny_tokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tokenizer = tiny_tokenizer()
+    assert list(tmp_path.iterdir()) == []
+    assert tokenizer("a person").input_ids[0] == tokenizer.bos_token_id
