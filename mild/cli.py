@@ -233,7 +233,7 @@ def parse_args(argv):
     evaluation = commands.add_parser("eval", help="PSNR/SSIM/CAG on held-out samples against baselines")
     train_tiny = commands.add_parser("train-tiny", help="rebuild the shipped tiny model's weights")
     if chosen == "synth":
-        from .data import add_synth_arguments
+        from .synth import add_synth_arguments
 
         add_synth_arguments(synth)
     elif chosen == "train":
@@ -396,7 +396,8 @@ def check_erase_arguments(args) -> None:
 
 def run_training_command(args) -> int:
     """synth, train, train-tiny and eval: their modules' user errors become CLIErrors."""
-    from .data import DataError, run_synth
+    from .data import DataError
+    from .synth import run_synth
     from .evaluate import run_eval
     from .checkpoints import CheckpointError
     from .train import TrainError, run_train, run_train_tiny

@@ -327,7 +327,8 @@ def load_shard(root, rank: int, world: int, count: int = 0, seed: int = 0):
     """This rank's samples (every ``world``-th folder), each checked before anything is trained
     or written: a bad sample stops the run with one line naming its file. ``root`` "procedural":
     ``count`` scenes per rank drawn on the fly (``ProceduralStream``), each rank its own."""
-    from .data import DataError, ProceduralStream, list_samples, read_sample
+    from .data import DataError, list_samples, read_sample
+    from .synth import ProceduralStream
 
     if str(root) == "procedural":
         return ProceduralStream(max(count, 1), seed=seed * 1009 + rank)
@@ -405,7 +406,7 @@ def run_train(args) -> int:
     log = TrainingLog(out, start) if rank == 0 else None
     val_set = shard[: args.val_samples]
     if args.data == "procedural":  # scenes of their own, never trained on
-        from .data import ProceduralStream
+        from .synth import ProceduralStream
 
         val_set = ProceduralStream(args.val_samples, seed=args.seed * 1009 + 999_983)[:]
 
@@ -527,7 +528,7 @@ def run_train_tiny(args) -> int:
     adapters, SMA modulation, HMG adapter, alpha head, every layer against its own target) and,
     with the same architecture, steps and data, the single-layer baseline. Prints the
     autoencoder gate first."""
-    from .data import ProceduralStream
+    from .synth import ProceduralStream
     from .pipeline import MILDPipeline
     from .tiny import TINY_WEIGHTS, save_tiny_weights
 

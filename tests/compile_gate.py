@@ -116,14 +116,14 @@ def _config_cases(table, prefix, backward):
 
 def sma_forward_cases(configs=None):
     """(name, thunk) for every shipped forward config and each kernel variant it serves."""
-    from mild_kernels.sma.triton_forward import FORWARD_CONFIGS
+    from mild_kernels.sma.configs import FORWARD_CONFIGS
 
     yield from _config_cases(configs or FORWARD_CONFIGS, "sma_fwd", backward=False)
 
 
 def sma_backward_cases(configs=None):
     """(name, thunk) for every shipped backward config and each kernel variant it serves."""
-    from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS
+    from mild_kernels.sma.configs import BACKWARD_CONFIGS
 
     yield from _config_cases(configs or BACKWARD_CONFIGS, "sma_bwd", backward=True)
 
@@ -153,7 +153,7 @@ def multi_lora_launch(dtype, rank, width):
 
 def multi_lora_cases():
     """(name, thunk) for every shipped multi-LoRA GEMM and gradient config."""
-    from mild_kernels.multi_lora.triton_kernels import GEMM_CONFIGS
+    from mild_kernels.multi_lora.triton_lora import GEMM_CONFIGS
 
     for is_fp32, block_r, width_class in sorted(GEMM_CONFIGS):
         dtypes = (torch.float32,) if is_fp32 else (torch.float16, torch.bfloat16)

@@ -8,8 +8,7 @@ compiles the quick gate (SMA at SD's head dims, every other kernel whole, ~170 k
 """
 
 import compile_gate
-from mild_kernels.sma.triton_backward import BACKWARD_CONFIGS, BACKWARD_CONFIGS_SM80
-from mild_kernels.sma.triton_forward import FORWARD_CONFIGS, FORWARD_CONFIGS_SM80
+from mild_kernels.sma.configs import BACKWARD_CONFIGS, BACKWARD_CONFIGS_SM80, FORWARD_CONFIGS, FORWARD_CONFIGS_SM80
 
 
 def test_every_shipped_config_compiles_within_its_spill_budget(compile_gate_run):

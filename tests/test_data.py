@@ -1,4 +1,4 @@
-"""Paired training data (mild.data): reading, writing, the two generators and the synth command."""
+"""Paired training data: the format (mild.data: reading, writing) and synthesis (mild.synth: the two generators and the synth command)."""
 
 import argparse
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mild import data
-from mild.data import (DataError, PairedSample, cutout_sample, list_samples, procedural_sample, read_sample,
-                       run_synth, synthesize, write_sample)
+from mild import synth
+from mild.data import DataError, PairedSample, list_samples, read_sample, write_sample
+from mild.synth import cutout_sample, procedural_sample, run_synth, synthesize
 
 SIZE = 32
 
@@ -103,7 +103,7 @@ def test_procedural_keypoints_are_estimated_and_hidden_ones_less_sure():
             x, y = points[:, 0].round().long().clamp(0, 63), points[:, 1].round().long().clamp(0, 63)
             on_image = points[:, 2] > 0
             hidden = on_image & silhouette[y, x] & ~mask[y, x]
-            assert torch.all(points[hidden, 2] == data.HIDDEN_KEYPOINT_CONFIDENCE)
+            assert torch.all(points[hidden, 2] == synth.HIDDEN_KEYPOINT_CONFIDENCE)
             assert torch.all(points[on_image & ~hidden, 2] == 1)
             hidden_joints += int(hidden.sum())
     assert hidden_joints >= 10
@@ -468,7 +468,7 @@ def test_synthesize_skips_existing_and_does_not_depend_on_them(tmp_path):
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    data.add_synth_arguments(parser)
+    synth.add_synth_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -522,14 +522,14 @@ def test_occluded_scenes_hide_a_kept_person_behind_an_erased_one():
         sample = procedural_sample(seed, size=64, kind="occluded")
         assert sample.scene == {"kind": "occluded"} and len(sample.masks) >= 2
         check_layer_targets(sample, 1e-6)
-        assert hidden_by_erased(sample) >= data.MIN_HIDDEN_FRACTION
+        assert hidden_by_erased(sample) >= synth.MIN_HIDDEN_FRACTION
     mixed = [hidden_by_erased(procedural_sample(seed, size=64)) >= 0.3 for seed in range(20)]
     assert sum(mixed) < 20  # the default mix is not all like that
 
 
 def test_textured_scenes_draw_strong_textures_at_any_orientation():
     scenes = [procedural_sample(seed, size=64, kind="textured").scene for seed in range(24)]
-    assert {scene["texture"] for scene in scenes} == set(data.STRONG_TEXTURES)
+    assert {scene["texture"] for scene in scenes} == set(synth.STRONG_TEXTURES)
     assert all(0.2 <= scene["amplitude"] <= 0.5 and 6 <= scene["period"] <= 30 for scene in scenes)
     angles = [scene["angle"] for scene in scenes]
     assert min(angles) < 0.8 and max(angles) > 2.3  # not only axis-aligned
@@ -540,9 +540,9 @@ def test_textured_scenes_draw_strong_textures_at_any_orientation():
 
 
 def test_synthesize_takes_the_scene_kinds_in_turn_and_writes_scene_json(tmp_path):
-    written = synthesize(tmp_path / "all", len(data.SCENE_KINDS), seed=1, size=SIZE, progress=False, scene="all")
+    written = synthesize(tmp_path / "all", len(synth.SCENE_KINDS), seed=1, size=SIZE, progress=False, scene="all")
     kinds = [read_sample(folder).scene["kind"] for folder in written]
-    assert kinds == list(data.SCENE_KINDS)
+    assert kinds == list(synth.SCENE_KINDS)
     assert json.loads((written[1] / "scene.json").read_text())["kind"] == "textured"
     with pytest.raises(DataError, match="scene must be one of"):
         synthesize(tmp_path / "bad", 1, size=SIZE, progress=False, scene="foggy")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mild import MILDPipeline, plan_layers
-from mild.data import DataError, procedural_sample, synthesize
+from mild.data import DataError
+from mild.synth import procedural_sample, synthesize
 from mild.evaluate import (ALEXNET_WEIGHTS, METHODS, EvalReport, add_eval_arguments, erased_union, evaluate,
                            inpaint_region, lpips_metric, masked_psnr, masked_ssim, mean_interval, pixel_kinds,
                            run_eval, telea)

@@ -106,7 +106,7 @@ def test_layers_composite_back_to_front_by_their_own_alpha():
     """The result is the float64 "over" of the decoded layers by the alphas the call reports,
     pasted through the feathered erased union; the background's alpha is 1, a person layer's is
     1 on its visible mask, predicted inside its inpaint region and 0 elsewhere."""
-    from mild.data import procedural_sample
+    from mild.synth import procedural_sample
 
     sample = procedural_sample(21, size=SIZE, kind="occluded")
     pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")
@@ -134,7 +134,7 @@ def test_alpha_head_reads_the_layers_as_decoded_as_in_training():
     """Training feeds the head the decoded x0 estimate of every row (mild/train.py); inference
     must feed it the decoded layers too, not the layers with the photo pasted outside their
     inpaint region (which the head never saw). The pasted layers are what is composited."""
-    from mild.data import procedural_sample
+    from mild.synth import procedural_sample
 
     sample = procedural_sample(21, size=SIZE, kind="occluded")
     pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")

@@ -11,7 +11,7 @@ import compile_gate
 from helpers import assert_close, count_host_reads
 from mild_kernels import MultiLoRALinear, apply_multi_lora, multi_lora_linear, set_adapter_ids
 from mild_kernels._runtime import poison_outputs, record_launches
-from mild_kernels.multi_lora import interface, multi_lora_linear_reference, triton_kernels
+from mild_kernels.multi_lora import interface, multi_lora_linear_reference, triton_lora
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -132,7 +132,7 @@ def test_every_id_minus_one_is_the_base_layer(backend, device):
 ])
 def test_triton_tilings(rows, tokens, in_features, out_features, rank, ids, group, monkeypatch, device):
     """Output-tile groups of every size (a ragged last group included) and tiles across rows."""
-    monkeypatch.setattr(triton_kernels, "output_group_size", lambda *args: group)
+    monkeypatch.setattr(triton_lora, "output_group_size", lambda *args: group)
     case = make_case(rows, tokens, in_features, out_features, rank, adapters=2, ids=ids, device=device)
     check_forward_and_backward(case, "triton", torch.float32)
 
@@ -246,23 +246,23 @@ def test_compile_gate_cases_drive_every_shipped_config():
             args = launch.kwargs
             if launch.kernel.__name__ == "_lora_grad_kernel":
                 is_fp32 = args["V"].dtype == torch.float32
-                config = triton_kernels.GradConfig(args["BLOCK_M"], args["BLOCK_Q"], launch.num_warps,
+                config = triton_lora.GradConfig(args["BLOCK_M"], args["BLOCK_Q"], launch.num_warps,
                                                    launch.num_stages)
                 key = (is_fp32, args["BLOCK_R"])
-                assert triton_kernels.GRAD_CONFIGS[key] == config, name
+                assert triton_lora.GRAD_CONFIGS[key] == config, name
                 grad_seen.add(key)
             else:
                 is_fp32 = args["X"].dtype == torch.float32
-                config = triton_kernels.GemmConfig(args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"],
+                config = triton_lora.GemmConfig(args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"],
                                                    launch.num_warps, launch.num_stages)
-                key = (is_fp32, args["BLOCK_R"], triton_kernels.output_tile_class(args["N"]))
-                shipped = triton_kernels.GEMM_CONFIGS[key]
+                key = (is_fp32, args["BLOCK_R"], triton_lora.output_tile_class(args["N"]))
+                shipped = triton_lora.GEMM_CONFIGS[key]
                 if launch.kernel.__name__ == "_multi_lora_fixup_kernel":  # at most two stages (sm_80 spilled)
                     shipped = dataclasses.replace(shipped, num_stages=min(shipped.num_stages, 2))
                 assert shipped == config, name
                 gemm_seen.add(key)
-    assert gemm_seen == set(triton_kernels.GEMM_CONFIGS)
-    assert grad_seen == set(triton_kernels.GRAD_CONFIGS)
+    assert gemm_seen == set(triton_lora.GEMM_CONFIGS)
+    assert grad_seen == set(triton_lora.GRAD_CONFIGS)
 
 
 # ---------------------------------------------------------------- module and UNet helpers

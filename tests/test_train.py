@@ -15,7 +15,8 @@ import torch
 from mild.checkpoints import (CheckpointError, architecture, load_checkpoint, resolve_checkpoint,
                               save_checkpoint)
 from mild.cli import main as cli_main
-from mild.data import procedural_sample, synthesize, write_sample
+from mild.data import write_sample
+from mild.synth import procedural_sample, synthesize
 from mild.pipeline import MILDPipeline
 from mild.train import TrainError, TrainingModel, sample_loss, step_generator, text_embeddings
 
@@ -397,7 +398,7 @@ def test_single_layer_training_is_one_plain_row_on_the_composite_target():
 
 
 def test_procedural_stream_is_drawn_on_the_fly_and_occlusion_heavy():
-    from mild.data import ProceduralStream
+    from mild.synth import ProceduralStream
 
     stream = ProceduralStream(400, seed=5, size=SIZE)
     kinds = [stream.kind(i) for i in range(400)]
@@ -436,7 +437,7 @@ def test_single_layer_needs_train_base(tmp_path, capsys):
 def test_autoencoder_gate_round_trip_beats_telea_by_five_db():
     """The tiny model's autoencoder gives back the truth in the erased region of held-out scenes
     at least 5 dB better than OpenCV's Telea fills it (its round trip is lossless)."""
-    from mild.data import ProceduralStream
+    from mild.synth import ProceduralStream
     from mild.train import autoencoder_gate
 
     pipe = MILDPipeline.tiny(weights=None)

@@ -43,6 +43,9 @@ SCRIPT = textwrap.dedent('''
     scheduler.set_timesteps(5)
     FusedStep(scheduler).step(torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), scheduler.timesteps[0],
                               torch.randn(2, 4, 3, 3), 3.0)
+    from mild_kernels.sma.configs import backward_config, forward_config  # choosing a config needs no triton
+    assert forward_config(80, torch.float16, False, 3, torch.device("cpu")).pure.block_m >= 16
+    assert backward_config(80, torch.float16, False, 3, torch.device("cpu")).dkdv.block_n >= 16
     assert "triton" not in sys.modules
     print("ran without triton")
 ''')

@@ -14,7 +14,7 @@ tables of their own (mma.sync needs more registers than wgmma for the same tiles
 ``--retune`` takes the rows of ``compile_gate.py --json`` and resumes each failing (key, role)
 at the candidate after the one it ships with.
 
-Prints the tables to paste into triton_forward.py and triton_backward.py.
+Prints the tables to paste into mild_kernels/sma/configs.py.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import compile_gate as gate  # noqa: E402
 from mild_kernels._runtime import record_launches, target_arch  # noqa: E402
-from mild_kernels.sma import triton_backward, triton_forward  # noqa: E402
-from mild_kernels.sma.triton_forward import KernelConfig  # noqa: E402
+from mild_kernels.sma import configs  # noqa: E402
+from mild_kernels.sma.configs import KernelConfig  # noqa: E402
 
 # role: (kernel name, its MIXED constexpr or None)
 ROLES = {
@@ -40,8 +40,8 @@ ROLES = {
     "backward": {"dkdv": ("_sma_bwd_dkdv_kernel", None), "dq": ("_sma_bwd_dq_kernel", False),
                  "dq_mixed": ("_sma_bwd_dq_kernel", True)},
 }
-TABLES = {("forward", 90): triton_forward.FORWARD_CONFIGS, ("forward", 80): triton_forward.FORWARD_CONFIGS_SM80,
-          ("backward", 90): triton_backward.BACKWARD_CONFIGS, ("backward", 80): triton_backward.BACKWARD_CONFIGS_SM80}
+TABLES = {("forward", 90): configs.FORWARD_CONFIGS, ("forward", 80): configs.FORWARD_CONFIGS_SM80,
+          ("backward", 90): configs.BACKWARD_CONFIGS, ("backward", 80): configs.BACKWARD_CONFIGS_SM80}
 CASES = {"forward": gate.sma_forward_cases, "backward": gate.sma_backward_cases}
 
 # KernelConfig fields: block_m, block_n, num_warps, num_stages, maxnreg, fp32_precision.

@@ -6,11 +6,12 @@ import math
 
 import torch
 
+from .._backends import check_backend, choose_backend
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
-from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on
+from .._runtime import autocast_inputs, autocast_off
 from .op import checked_ids, multi_lora_forward
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("triton", "torch")  # offered (_backends.py holds the policy)
 INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 # The triton kernels keep the shrink tile (BLOCK_M x rank, fp32) in registers: at rank 128
 # every candidate config spilled on sm_80 or sm_90 (tests/compile_gate.py), so larger ranks
@@ -67,20 +68,15 @@ def _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend
             f"adapter_ids: is on {adapter_ids.device}; it must be on x's device {x.device} or on the CPU")
 
 
-def choose_backend(backend: str, x: torch.Tensor, rank: int, out_features: int) -> str:
+def triton_refusal(x: torch.Tensor, rank: int, out_features: int) -> str | None:
+    """Why the Triton kernels cannot take this call (None: they can)."""
     elements = x.numel() // max(1, x.shape[-1]) * max(x.shape[-1], out_features)
-    if backend == "auto":
-        fits = rank <= MAX_RANK and elements <= MAX_ELEMENTS
-        return "triton" if x.device.type == "cuda" and triton_available() and fits else "torch"
-    if backend == "triton":
-        require(triton_available(), "backend: 'triton' needs the triton package")
-        require(triton_runs_on(x.device),
-                f"backend: 'triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got {x.device}")
-        require(rank <= MAX_RANK, f"lora_a: rank {rank} exceeds the triton backend's maximum {MAX_RANK}; use "
-                                  "backend='torch'")
-        require(elements <= MAX_ELEMENTS, f"x: {elements} elements in x or the output exceed the triton backend's "
-                                          f"int32 indexing ({MAX_ELEMENTS}); use backend='torch'")
-    return backend
+    if rank > MAX_RANK:
+        return f"lora_a: rank {rank} exceeds the triton backend's maximum {MAX_RANK}; use backend='torch'"
+    if elements > MAX_ELEMENTS:
+        return (f"x: {elements} elements in x or the output exceed the triton backend's int32 indexing "
+                f"({MAX_ELEMENTS}); use backend='torch'")
+    return None
 
 
 def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0, backend="auto"):
@@ -112,11 +108,12 @@ def multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling=1.0,
 
 
 def _multi_lora_linear(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend):
-    require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, BACKENDS)
     if isinstance(adapter_ids, (list, tuple)):
         adapter_ids = torch.tensor(adapter_ids, dtype=torch.long)
     _check_shapes(x, weight, bias, lora_a, lora_b, adapter_ids, scaling, backend)
-    chosen = choose_backend(backend, x, lora_a.shape[1], weight.shape[0])
+    chosen = choose_backend(backend, x.device, offered=BACKENDS,
+                            triton_refusal=triton_refusal(x, lora_a.shape[1], weight.shape[0]))
     if isinstance(scaling, torch.Tensor):
         scale, scales = 1.0, scaling.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous()
     else:

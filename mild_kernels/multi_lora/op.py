@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import require
-from .torch_backend import multi_lora_backward_torch, multi_lora_forward_torch
+from .torch_lora import multi_lora_backward_torch, multi_lora_forward_torch
 
 NO_TENSOR = torch.empty(0)  # stands for an absent optional output
 
@@ -71,7 +71,7 @@ def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a
     if backend == "torch":
         return multi_lora_forward_torch(x, weight, bias, lora_a, lora_b, adapter_ids, scale, scales), \
             NO_TENSOR.to(x.device)
-    from .triton_kernels import multi_lora_forward_triton
+    from .triton_lora import multi_lora_forward_triton
 
     y, shrink = multi_lora_forward_triton(x.reshape(rows * tokens, K), weight, bias, lora_a, lora_b, adapter_ids,
                                           tokens, scale, scales, save_shrink)
@@ -97,7 +97,7 @@ def multi_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tenso
     adapter_ids = checked_ids(adapter_ids, lora_a.shape[0], x.device)
     if backend == "torch":
         return multi_lora_backward_torch(grad_y, x, weight, lora_a, lora_b, adapter_ids, scale, scales)
-    from .triton_kernels import multi_lora_backward_triton
+    from .triton_lora import multi_lora_backward_triton
 
     rows, tokens, K = x.shape
     dx, d_a, d_b = multi_lora_backward_triton(grad_y.reshape(rows * tokens, -1), x.reshape(rows * tokens, K),

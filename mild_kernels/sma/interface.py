@@ -7,12 +7,13 @@ from typing import NamedTuple
 
 import torch
 
+from .._backends import check_backend, choose_backend
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor, require
-from .._runtime import autocast_inputs, autocast_off, triton_available, triton_runs_on, unit_last_stride
+from .._runtime import autocast_inputs, autocast_off, unit_last_stride
 from .layout import SMALayout, prepare_regions, tokens_of
 from .op import flatten_layout, sma_forward
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("triton", "torch")  # offered (_backends.py holds the policy)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 
@@ -85,17 +86,6 @@ def _check_layout(layout, q, k, caller_given: bool = True):
     require(device == q.device, f"layout: is on {device} but q is on {q.device}")
 
 
-def choose_backend(backend: str, device: torch.device) -> str:
-    require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton":
-        require(triton_available(), "backend: 'triton' needs the triton package")
-        require(triton_runs_on(device),
-                f"backend: 'triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; got {device}")
-    return backend
-
-
 def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None, scale=None, *, layout=None,
                   return_lse=False, return_region_mass=False, backend="auto"):
     """Spatially-modulated attention (docs/semantics.md).
@@ -139,9 +129,9 @@ def sma_attention(q, k, v, q_regions=None, k_regions=None, bias=None, allow=None
 
 def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, return_lse, return_region_mass,
                    backend):
-    require(backend in BACKENDS, f"backend: must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend, BACKENDS)
     _check_qkv(q, k, v, backend)
-    chosen = choose_backend(backend, q.device)
+    chosen = choose_backend(backend, q.device, offered=BACKENDS)
     B, H, _, D = q.shape
     if layout is None:
         require(q_regions is not None, "q_regions: give the query regions, or a prepared layout")

@@ -94,7 +94,8 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
         out, lse, mass = forward(q, k, v, qr, kr, table, layout.allow, scale, R, return_mass)
         shift = None
     else:
-        from .triton_forward import forward_config, sma_forward_triton
+        from .configs import forward_config
+        from .triton_forward import sma_forward_triton
 
         config = forward_config(q.shape[-1], q.dtype, return_mass, R, q.device)
         out, lse, mass, shift = sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config)
@@ -124,7 +125,8 @@ def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Option
     if backend == "torch":
         return sma_backward_torch(q, k, v, out, lse, grad_out, grad_lse, grad_mass, mass, layout.q_regions,
                                   layout.k_regions, _dense_bias(bias, R, q.device), layout.allow, scale, R)
-    from .triton_backward import backward_config, sma_backward_triton
+    from .configs import backward_config
+    from .triton_backward import sma_backward_triton
 
     config = backward_config(q.shape[-1], q.dtype, grad_mass is not None, R, q.device)
     return sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout, bias, scale,

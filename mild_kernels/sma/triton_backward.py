@@ -27,18 +27,16 @@ In the FlashAttention-2 arrangement, with no atomics (so bitwise repeatable):
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
 
-from .._runtime import device_arch, empty, interpreting, launch, next_power_of_2, unit_last_stride
+from .._runtime import empty, interpreting, launch, next_power_of_2, unit_last_stride
+from .configs import BackwardConfig
 from .layout import REGION_BITS, TILE_N
-from .triton_forward import (LOG2E, KernelConfig, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns,
-                             _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, config_key,
-                             fp32_memberships, head_dim_split, kernel_precision, pad_head_dim, stride_unit,
-                             unit_strides)
+from .triton_common import (LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns, _region_product,
+                            _resume_blocks, _split_operand, batch_stride, bias_dot_shape, fp32_memberships,
+                            head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 @triton.jit
@@ -475,90 +473,6 @@ def _sma_bwd_dbias_kernel(Sums, QLabels, QMem, DW, stride_qlab_b, stride_qmem_b,
         acc = tl.dot(mq_t, sums, acc, input_precision="tf32x3")
     tl.store(DW + pid_bh * R * R + rows_r[:, None] * R + offs_r[None, :], acc,
              mask=(rows_r[:, None] < R) & (offs_r[None, :] < R))
-
-
-@dataclasses.dataclass(frozen=True)
-class BackwardConfig:
-    """dK/dV (block_m: query block per iteration, block_n: keys per program), and dQ's two
-    launches (block_m: queries per program, block_n: key block per iteration)."""
-
-    dkdv: KernelConfig
-    dq: KernelConfig
-    dq_mixed: KernelConfig
-
-
-def _backward(dkdv, dq, dq_mixed):
-    return BackwardConfig(KernelConfig(*dkdv), KernelConfig(*dq), KernelConfig(*dq_mixed))
-
-
-# Per (head-dim class, fp32 inputs, variant), as FORWARD_CONFIGS. A dK/dV program owns 64 keys at
-# most (the layout's key tile), so it runs one warpgroup: two would compute the same 64-row products.
-BACKWARD_CONFIGS = {
-    (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (64, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (64, True, "plain"): _backward((32, 32, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
-    (64, True, "mass"): _backward((16, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
-    (64, True, "wide"): _backward((16, 16, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
-    (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
-    (128, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (128, True, "plain"): _backward((32, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)),
-    (128, True, "mass"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (64, 32, 8, 2)),
-    (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
-    (160, False, "plain"): _backward((32, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (160, False, "mass"): _backward((16, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (160, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 8, 2)),
-    (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
-    (256, True, "mass"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
-    (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
-}
-
-# sm_80 (Ampere), as FORWARD_CONFIGS_SM80.
-BACKWARD_CONFIGS_SM80 = {
-    (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (64, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
-    (64, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
-    (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (64, True, "plain"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
-    (64, True, "mass"): _backward((64, 32, 8, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
-    (64, True, "wide"): _backward((32, 16, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
-    (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
-    (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
-    (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
-    (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
-    (128, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
-    (128, True, "plain"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
-    (128, True, "mass"): _backward((32, 32, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (32, 32, 8, 2)),
-    (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2)),
-    (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
-    (160, False, "mass"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
-    (160, False, "wide"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
-    (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)),
-    (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
-    (256, True, "mass"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
-    (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
-}
-
-
-def backward_config(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int, device) -> BackwardConfig:
-    """The shipped config for the device's architecture, as triton_forward.forward_config."""
-    table = BACKWARD_CONFIGS if device_arch(device) >= 90 else BACKWARD_CONFIGS_SM80
-    return table[config_key(head_dim, dtype, mass, num_regions)]
 
 
 def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, tables, layout, bias, scale,
