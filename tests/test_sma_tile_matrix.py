@@ -79,3 +79,39 @@ def dbias_term_scale(refs, q_regions, k_regions, allow, grad_out) -> torch.Tenso
     grad_out = grad_out.double()
     d_scores = probs * (grad_out @ v.transpose(-1, -2) - (grad_out * (probs @ v)).sum(-1, keepdim=True))
     return torch.einsum("qa,bhqk,kc->hac", one_hot[0], d_scores.abs(), one_hot[1])
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "one-hot-soft"])
+@pytest.mark.parametrize("arch, head_dim", [(90, 128), (80, 80)])
+def test_pure_runs_in_key_blocks_of_two_tiles(arch, head_dim, soft):
+    """The shipped forward at these (arch, head dim) walks pure runs in 128-key blocks, two
+    layout tiles: a run of three tiles is one full block and a last tile alone (masked), a run
+    of two one block, and the last pure run ends where the keys end (no key past it may be read)."""
+    from mild_kernels._runtime import target_arch
+    from mild_kernels.sma.configs import forward_config
+
+    sizes = (3 * TILE_N, 2 * TILE_N, TILE_N)  # three pure runs of 3, 2 and 1 tiles; no mixed key tile
+    labels = torch.cat([torch.full((n,), r) for r, n in enumerate(sizes)])
+    regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
+    Nk = labels.shape[0]
+    q_regions = regions[torch.linspace(0, Nk - 1, NQ).round().long()]
+    allow = torch.ones(R, R, dtype=torch.bool)
+    allow[2, 0] = False
+    bias = 2 * torch.randn(2, R, R)
+    layout = prepare_regions(q_regions, regions, allow)
+    q, k, v = (torch.randn(1, 2, n, head_dim).half() for n in (NQ, Nk, Nk))
+    with target_arch(arch):
+        assert forward_config(head_dim, torch.float16, False, R, q.device).pure.block_n == 2 * TILE_N
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+        result = sma_attention(*leaves[:3], bias=leaves[3], layout=layout, return_lse=True, backend="triton")
+        grad_out = torch.randn(result.out.shape)
+        (result.out.float() * grad_out).sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    out, lse, _ = sma_attention_reference(*refs[:3], q_regions.double() if soft else q_regions,
+                                          regions.double() if soft else regions, refs[3], allow, return_lse=True)
+    (out * grad_out.double()).sum().backward()
+    assert_close("out", result.out, out, torch.float16)
+    assert_close("lse", result.lse, lse, torch.float16)
+    for name, mine, ref in zip(("dq", "dk", "dv"), leaves[:3], refs[:3]):
+        err = rel_err(mine.grad, ref.grad)
+        assert err <= GRAD_TOLERANCE[torch.float16], f"{name}: relative error {err:.3e}"

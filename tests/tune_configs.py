@@ -66,8 +66,18 @@ CANDIDATES_32 = [(64, 64, 4, 2, None, "tf32x3"), (64, 32, 4, 2, None, "tf32x3"),
                  (16, 16, 4, 1)]
 
 
-def candidates(role: str, is_fp32: bool) -> list[KernelConfig]:
-    return [KernelConfig(*c) for c in (CANDIDATES_32 if is_fp32 else CANDIDATES_16[role])]
+# The forward's pure launch at head-dim classes from 96 up tries the 128 x 128 tile first (a key
+# block of two layout tiles, as Triton's tutorial runs D=128): one CTA fits a multiprocessor there
+# at either tile, and the wider block halves the per-row softmax work per pair. At 64 and below,
+# 128 x 64 keeps two CTAs a multiprocessor (one's softmax under the other's MMAs).
+WIDE_PURE_FROM = 96
+
+
+def candidates(role: str, is_fp32: bool, head_dim_class: int = 64) -> list[KernelConfig]:
+    if is_fp32:
+        return [KernelConfig(*c) for c in CANDIDATES_32]
+    wide_pure = [(128, 128, 8, 2)] if role == "pure" and head_dim_class >= WIDE_PURE_FROM else []
+    return [KernelConfig(*c) for c in wide_pure + CANDIDATES_16[role]]
 
 
 def with_role(config, role: str, kernel_config: KernelConfig):
@@ -103,7 +113,7 @@ def failing_roles(op: str, arch: int, rows) -> dict:
                      if name == row["kernel"] and (mixed is None or mixed == row.get("mixed"))), None)
         if role is None:  # a kernel with a fixed config (the backward's preprocess)
             continue
-        options = candidates(role, key[1])
+        options = candidates(role, key[1], key[0])
         shipped = getattr(TABLES[(op, arch)][key], role)
         starts[(key, role)] = options.index(shipped) + 1 if shipped in options else 0
     return starts
@@ -112,13 +122,13 @@ def failing_roles(op: str, arch: int, rows) -> dict:
 def tune(op: str, arch: int, keys, workers: int, starts=None):
     """{(key, role): KernelConfig or None} for the first candidate of each that passes."""
     pending = dict(starts) if starts is not None else {(key, role): 0 for key in keys for role in ROLES[op]}
-    pending = {owner: index for owner, index in pending.items() if index < len(candidates(owner[1], owner[0][1]))}
+    pending = {owner: index for owner, index in pending.items() if index < len(candidates(owner[1], owner[0][1], owner[0][0]))}
     chosen = {}
     context = multiprocessing.get_context("fork")
     while pending:
         batch, owners = [], []
         for (key, role), index in pending.items():
-            jobs = jobs_for(op, arch, key, role, candidates(role, key[1])[index])
+            jobs = jobs_for(op, arch, key, role, candidates(role, key[1], key[0])[index])
             batch += jobs
             owners += [(key, role)] * len(jobs)
         gate._JOBS[:] = batch
@@ -126,7 +136,7 @@ def tune(op: str, arch: int, keys, workers: int, starts=None):
             rows = list(pool.map(gate.compile_one, range(len(batch))))
         failed = {owner for owner, row in zip(owners, rows) if gate.failures(row, known_spills={})}
         for owner in list(pending):
-            options = candidates(owner[1], owner[0][1])
+            options = candidates(owner[1], owner[0][1], owner[0][0])
             if owner not in failed:
                 chosen[owner] = options[pending.pop(owner)]
                 print(f"{owner}: {chosen[owner]}", flush=True)

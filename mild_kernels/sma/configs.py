@@ -3,6 +3,8 @@
 The tables are chosen by ``tests/tune_configs.py``: for every key (head-dim class, fp32
 inputs, variant) and launch role, the first of its candidates (larger tiles and more stages
 first) that compiles for the architecture with no spill in every case of the compile gate.
+From head-dim class 96 up the forward's pure launch tries a 128 x 128 tile first (a key block
+of two layout tiles): sm_90 takes it at 128 (plain), sm_80 at 96 (plain).
 ``tests/test_compile_gate.py`` holds every entry to that rule. sm_90 (wgmma) and sm_80
 (mma.sync, which needs more registers for the same tiles) have tables of their own;
 ``TABLE_OF_ARCH`` says which one every other architecture takes.
@@ -34,7 +36,8 @@ class KernelConfig:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg)
 
     def tile_args(self) -> dict:
-        """The kernels' block constexprs; blocks divide the layout's tiles."""
+        """The kernels' block constexprs. Blocks divide the layout's tiles (SUB_M, SUB_N per tile), except a
+        forward pure launch's key block, which may span two key tiles (SUB_N = 0: it walks runs of tiles)."""
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, SUB_M=TILE_M // self.block_m,
                     SUB_N=TILE_N // self.block_n)
 
@@ -113,7 +116,7 @@ FORWARD_CONFIGS = {
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
-    (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (128, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, True, "plain"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
@@ -142,7 +145,7 @@ FORWARD_CONFIGS_SM80 = {
     (64, True, "plain"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "mass"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "wide"): _forward((32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
-    (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
@@ -157,7 +160,7 @@ FORWARD_CONFIGS_SM80 = {
     (256, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
-    (256, True, "plain"): _forward((16, 32, 4, 2), (16, 32, 4, 2)),
+    (256, True, "plain"): _forward((32, 32, 8, 2), (32, 32, 8, 2)),
     (256, True, "mass"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
 }

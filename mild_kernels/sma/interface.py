@@ -158,9 +158,9 @@ def _sma_attention(q, k, v, q_regions, k_regions, bias, allow, scale, layout, re
     # The one copy the kernels need (Triton's row loads, and aten's fused CPU attention, which
     # silently miscomputes a strided head dim), made here so that autograd saves it.
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
-    save_shift = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
+    save_tables = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias4))
     tensors, ints = flatten_layout(layout)
-    out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_shift, check_values,
+    out, lse, mass, _ = sma_forward(q, k, v, tensors, ints, bias4, scale, return_region_mass, save_tables, check_values,
                                     chosen)
     if not (return_lse or return_region_mass):
         return out

@@ -69,9 +69,10 @@ def _dense_bias(bias: Optional[Tensor], num_regions: int, device) -> Tensor:
 
 @torch.library.custom_op("mild_kernels::sma_forward", mutates_args=())
 def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], layout_ints: list[int],
-                bias: Optional[Tensor], scale: float, return_mass: bool, save_shift: bool, check_values: bool,
+                bias: Optional[Tensor], scale: float, return_mass: bool, save_tables: bool, check_values: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, lse, region mass or empty, [QW, shift] tables or empty). See interface.sma_attention.
+    """(out, lse, region mass or empty, the bias table QW (B, H, R, Nq) that the backward reads or
+    empty). See interface.sma_attention.
 
     ``check_values`` reads q, k, v and the bias on the host to refuse NaN, inf and a bias past
     MAX_BIAS (a raw call; inside the op, so torch.compile traces no data-dependent branch).
@@ -92,31 +93,31 @@ def sma_forward(q: Tensor, k: Tensor, v: Tensor, layout_tensors: list[Tensor], l
         forward = (torch_region_pairs.sma_forward_by_region_pairs
                    if torch_region_pairs.applies(q, qr, kr, R, table) else sma_forward_torch)
         out, lse, mass = forward(q, k, v, qr, kr, table, layout.allow, scale, R, return_mass)
-        shift = None
+        qw = None
     else:
         from .configs import forward_config
         from .triton_forward import sma_forward_triton
 
         config = forward_config(q.shape[-1], q.dtype, return_mass, R, q.device)
-        out, lse, mass, shift = sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config)
+        out, lse, mass, qw = sma_forward_triton(q, k, v, layout, bias, scale, return_mass, config)
     return (out, lse, mass if return_mass else lse.new_empty(0),
-            shift if save_shift and shift is not None else lse.new_empty(0))
+            qw if save_tables and qw is not None else lse.new_empty(0))
 
 
 @sma_forward.register_fake
-def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend):
+def _(q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_tables, check_values, backend):
     B, H, Nq, _ = q.shape
     R = layout_ints[0]
     stats = _stats_dtype(q, backend)
     mass = q.new_empty((B, H, Nq, R), dtype=stats) if return_mass else q.new_empty((0,), dtype=torch.float32)
-    shift = (q.new_empty((2, B, H, R, Nq), dtype=torch.float32) if save_shift and backend != "torch"
+    qw = (q.new_empty((B, H, R, Nq), dtype=torch.float32) if save_tables and backend != "torch"
              else q.new_empty((0,), dtype=torch.float32))
-    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=stats), mass, shift
+    return q.new_empty(q.shape), q.new_empty((B, H, Nq), dtype=stats), mass, qw
 
 
 @torch.library.custom_op("mild_kernels::sma_backward", mutates_args=())
 def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Optional[Tensor], q: Tensor, k: Tensor,
-                 v: Tensor, out: Tensor, lse: Tensor, mass: Optional[Tensor], shift: Tensor,
+                 v: Tensor, out: Tensor, lse: Tensor, mass: Optional[Tensor], qw: Tensor,
                  layout_tensors: list[Tensor], layout_ints: list[int], bias: Optional[Tensor], scale: float,
                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dbias as (B, H, R, R))."""
@@ -129,12 +130,12 @@ def sma_backward(grad_out: Tensor, grad_lse: Optional[Tensor], grad_mass: Option
     from .triton_backward import sma_backward_triton
 
     config = backward_config(q.shape[-1], q.dtype, grad_mass is not None, R, q.device)
-    return sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout, bias, scale,
+    return sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, qw, layout, bias, scale,
                                config)
 
 
 @sma_backward.register_fake
-def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tensors, layout_ints, bias, scale,
+def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, qw, layout_tensors, layout_ints, bias, scale,
       backend):
     B, H = q.shape[:2]
     R = layout_ints[0]
@@ -143,22 +144,22 @@ def _(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, shift, layout_tens
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_shift, check_values, backend = inputs
-    out, lse, mass, shift = output
-    ctx.save_for_backward(q, k, v, bias, out, lse, mass if return_mass else None, shift, *layout_tensors)
+    q, k, v, layout_tensors, layout_ints, bias, scale, return_mass, save_tables, check_values, backend = inputs
+    out, lse, mass, qw = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, mass if return_mass else None, qw, *layout_tensors)
     ctx.layout_ints = layout_ints
     ctx.scale, ctx.backend = scale, backend
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
 
 
-def _backward(ctx, grad_out, grad_lse, grad_mass, grad_shift):
-    q, k, v, bias, out, lse, mass, shift, *layout_tensors = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse, grad_mass, grad_qw):
+    q, k, v, bias, out, lse, mass, qw, *layout_tensors = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     grad_mass = None if grad_mass is None or mass is None else grad_mass.contiguous()
     dq, dk, dv, dbias = torch.ops.mild_kernels.sma_backward(
-        grad_out.contiguous(), grad_lse, grad_mass, q, k, v, out, lse, mass, shift,
+        grad_out.contiguous(), grad_lse, grad_mass, q, k, v, out, lse, mass, qw,
         layout_tensors, ctx.layout_ints, bias, ctx.scale, ctx.backend)
     no_grads = [None] * len(layout_tensors)  # the regions get no gradient
     if bias is not None:

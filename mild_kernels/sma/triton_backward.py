@@ -8,12 +8,14 @@ delta = rowsum(dO * O) + rowsum(dMass * Mass) - dlse:
 
 In the FlashAttention-2 arrangement, with no atomics (so bitwise repeatable):
 
-- ``_sma_bwd_preprocess``: delta per row; with a region-mass gradient also the table
-  ``delta[q] - dMass[q, c]`` (stored (R, Nq) like the shift table), the per-region delta
-  that pure tiles read.
+- ``_sma_bwd_preprocess``: delta per row; the shift table ``lse_log2[q] - qw[q, c]`` (+inf
+  where (label(q), c) is blocked or the row sees nothing), (R, Nq) per (batch row, head),
+  from lse and the forward's bias table QW; with a region-mass gradient also the table
+  ``delta[q] - dMass[q, c]`` (stored like the shift table), the per-region delta that pure
+  tiles read.
 - ``_sma_bwd_dkdv_kernel``: one program per key block, walking the query tiles its
   layout list names, dK and dV in registers. A uniform key tile of region c (the pure
-  case) recomputes P with the forward's shift table, ``P = exp2(q k^T qk_scale -
+  case) recomputes P with the shift table, ``P = exp2(q k^T qk_scale -
   shift[q, c])``: one column gather per query block, no bias, no mask. A mixed key tile
   runs the exact path (bias dot, element mask, key tail). Mixed key tiles come first in
   the grid, so their slower programs do not form the tail.
@@ -34,17 +36,18 @@ import triton.language as tl
 from .._runtime import empty, interpreting, launch, next_power_of_2, unit_last_stride
 from .configs import BackwardConfig
 from .layout import REGION_BITS, TILE_N
-from .triton_common import (LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _qw_columns, _region_product,
-                            _resume_blocks, _split_operand, batch_stride, bias_dot_shape, fp32_memberships,
+from .triton_common import (LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_rows, _qw_columns,
+                            _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape, fp32_memberships,
                             head_dim_split, kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 @triton.jit
-def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable,
+def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable, Lse, QW, Shift, QLabels, AllowBits,
                         stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-                        H, Nq, R,
+                        stride_qlab_b, stride_allow_b, H, Nq, R,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, RP: tl.constexpr,
-                        MASS_GRAD: tl.constexpr, LSE_GRAD: tl.constexpr):
+                        MASS_GRAD: tl.constexpr, LSE_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        ANY_BLOCKED: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -70,6 +73,22 @@ def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable,
     if MASS_GRAD:
         # (R, Nq) per (batch row, head), like the shift table: region c's row is contiguous over queries
         tl.store(DTable + (pid_bh * R + offs_r[None, :]) * Nq + offs_m[:, None], delta[:, None] - dmass, mask=mask_r)
+    # The shift table: P = exp2(qk qk_scale - shift[c, q]) on a key tile of region c, +inf where
+    # (label(q), c) is blocked or the row sees nothing (lse = -inf). (R, Nq) per (batch row, head).
+    lse_log2 = tl.load(Lse + rows, mask=in_m, other=float("-inf")) * LOG2E
+    for c0 in tl.static_range(0, RP, 16):
+        cols = c0 + tl.arange(0, 16)
+        table_mask = in_m[:, None] & (cols[None, :] < R)
+        usable = (lse_log2 != float("-inf"))[:, None] & (cols[None, :] < R)
+        if ANY_BLOCKED:
+            lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
+            q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
+            usable = usable & (((q_bits[:, None] >> cols[None, :].to(q_bits.dtype)) & 1) != 0)
+        shift = lse_log2[:, None] + tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+        if HAS_BIAS:
+            shift -= tl.load(QW + (pid_bh * R + cols[None, :]) * Nq + offs_m[:, None], mask=table_mask, other=0.0)
+        tl.store(Shift + (pid_bh * R + cols[None, :]) * Nq + offs_m[:, None], tl.where(usable, shift, float("inf")),
+                 mask=table_mask)
 
 
 @triton.jit
@@ -236,16 +255,6 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                  mask=in_n[:, None] & (cols1[None, :] < HEAD_DIM))
         tl.store(DV + kv_rows[:, None] * HEAD_DIM + cols1[None, :], dv1.to(DV.dtype.element_ty),
                  mask=in_n[:, None] & (cols1[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _load_rows(ptrs, in_rows, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A block of rows, masked by row (and by column past the head dim, if any)."""
-    if COL0 + WIDTH > HEAD_DIM:
-        block = tl.load(ptrs, mask=in_rows[:, None] & (COL0 + tl.arange(0, WIDTH) < HEAD_DIM)[None, :], other=0.0)
-    else:
-        block = tl.load(ptrs, mask=in_rows[:, None], other=0.0)
-    return block
 
 
 @triton.jit
@@ -475,7 +484,7 @@ def _sma_bwd_dbias_kernel(Sums, QLabels, QMem, DW, stride_qlab_b, stride_qmem_b,
              mask=(rows_r[:, None] < R) & (offs_r[None, :] < R))
 
 
-def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, tables, layout, bias, scale,
+def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, qw, layout, bias, scale,
                         config: BackwardConfig):
     """dq, dk, dv in the inputs' dtype and dbias as (B, H, R, R) float32 (zeros without a bias)."""
     B, H, Nq, D = q.shape
@@ -492,13 +501,17 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     delta = empty((B, H, Nq), dtype=torch.float32, device=device)
     dtable = empty((B, H, R, Nq), dtype=torch.float32, device=device) if mass_grad else delta
     pre_block = 32 if q.dtype == torch.float32 else 64  # 64 fp32 rows at D=64: ptxas spills a pointer
+    shift = empty((B, H, R, Nq), dtype=torch.float32, device=device)
     launch(_sma_bwd_preprocess, (triton.cdiv(Nq, pre_block), B * H), num_warps=4, num_stages=1,
            Out=out, DO=grad_out, Mass=mass if mass_grad else delta, DMass=grad_mass if mass_grad else delta,
-           DLse=grad_lse if grad_lse is not None else delta, Delta=delta, DTable=dtable,
+           DLse=grad_lse if grad_lse is not None else delta, Delta=delta, DTable=dtable, Lse=lse, QW=qw, Shift=shift,
+           QLabels=qr.labels, AllowBits=layout.allow_bits,
            stride_ob=out.stride(0), stride_oh=out.stride(1), stride_on=out.stride(2),
            stride_dob=grad_out.stride(0), stride_doh=grad_out.stride(1), stride_don=grad_out.stride(2),
+           stride_qlab_b=batch_stride(qr.labels), stride_allow_b=batch_stride(layout.allow_bits),
            H=H, Nq=Nq, R=R, HEAD_DIM=D, BLOCK_D=next_power_of_2(D), BLOCK_M=pre_block, RP=rp,
-           MASS_GRAD=mass_grad, LSE_GRAD=grad_lse is not None)
+           MASS_GRAD=mass_grad, LSE_GRAD=grad_lse is not None, HAS_BIAS=bias is not None,
+           ANY_BLOCKED=info.any_blocked)
 
     kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
     q_mem = fp32_memberships(qr) if soft else qr.labels
@@ -516,7 +529,7 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     unit = stride_unit(q, k, v, grad_out)
     common = dict(
         Q=q, K=k, V=v, DO=grad_out, Lse=lse, Delta=delta, DTable=dtable, DMass=grad_mass if mass_grad else delta,
-        QW=tables[0], Shift=tables[-1], QLabels=qr.labels, KLabels=kr.labels, KOperand=k_op,
+        QW=qw, Shift=shift, QLabels=qr.labels, KLabels=kr.labels, KOperand=k_op,
         AllowBits=layout.allow_bits,
         **dict(zip(("stride_qb", "stride_qh", "stride_qn"), unit_strides(q, unit))),
         **dict(zip(("stride_kb", "stride_kh", "stride_kn"), unit_strides(k, unit))),

@@ -152,6 +152,15 @@ def _load_cols(ptrs, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.const
     return block
 
 
+@triton.jit
+def _load_rows(ptrs, in_rows, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A block of rows, masked by row (and by column past the head dim, if any)."""
+    if COL0 + WIDTH > HEAD_DIM:
+        block = tl.load(ptrs, mask=in_rows[:, None] & (COL0 + tl.arange(0, WIDTH) < HEAD_DIM)[None, :], other=0.0)
+    else:
+        block = tl.load(ptrs, mask=in_rows[:, None], other=0.0)
+    return block
+
 def kernel_precision(dtype: torch.dtype, config: KernelConfig) -> str:
     """A launch's PRECISION: "split" for 16-bit inputs; the interpreter computes fp32 and ignores precision."""
     if interpreting():

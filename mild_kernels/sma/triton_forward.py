@@ -15,10 +15,9 @@ softmax uses exp2.
   laid side by side along K, so the four products are one dot of width 4 next_pow2(R)
   (16 at R <= 4); the key operand is split once, in the layout. Then the element-wise
   allow mask and the key tail.
-- Epilogue: out, lse (natural log), region mass, and, when a backward pass will run, the
-  shift table ``lse_log2[q] - qw[q, c]`` (+inf where (label(q), c) is blocked or the row
-  sees nothing) that the backward kernels exponentiate against; the ``QW`` table then
-  stays too, for the backward's mixed tiles with soft memberships.
+- Epilogue: out, lse (natural log) and region mass. The ``QW`` table stays for the backward
+  pass, whose preprocess makes the shift table from it and lse: the forward is one kernel for
+  inference and training, and keeps no shift state through its loop.
 """
 
 from __future__ import annotations
@@ -29,11 +28,15 @@ import triton.language as tl
 
 from .._runtime import empty, empty_like, interpreting, launch, next_power_of_2, unit_last_stride
 from .configs import ForwardConfig
-from .layout import REGION_BITS
-from .triton_common import (LN2, LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _query_bias_columns,
+from .layout import REGION_BITS, TILE_N
+from .triton_common import (LN2, LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_rows,
+                            _query_bias_columns,
                             _qw_columns, _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape,
                             fp32_memberships, head_dim_split, kernel_precision, pad_head_dim, stride_unit,
                             unit_strides)
+
+
+TILE_KEYS = tl.constexpr(TILE_N)  # keys per layout tile: a pure launch's key block may span two
 
 
 @triton.jit
@@ -99,10 +102,55 @@ def _fwd_mixed_tiles(acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m
 
 
 @triton.jit
+def _fwd_pure_block(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, b_row, allowed_row, in_block,
+                    qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ANY_BLOCKED: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, OUT_TY: tl.constexpr, MASKED: tl.constexpr):
+    """One key block of a pure run: FlashAttention-2's step with the row's bias in the exp2 shift.
+    MASKED: only the keys where ``in_block`` holds are the run's (a run's last layout tile alone)."""
+    if MASKED:
+        k0 = _as_operand(_load_rows(k_ptrs0, in_block, 0, D0, HEAD_DIM), UPCAST)
+    else:
+        k0 = _as_operand(_load_cols(k_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        if MASKED:
+            k1 = _as_operand(_load_rows(k_ptrs1, in_block, D0, D1, HEAD_DIM), UPCAST)
+        else:
+            k1 = _as_operand(_load_cols(k_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+    if MASKED:
+        qk = tl.where(in_block[None, :], qk, float("-inf"))
+    row_max = tl.max(qk, 1) * qk_scale + b_row
+    if ANY_BLOCKED:
+        m_new = tl.maximum(m_i, tl.where(allowed_row, row_max, float("-inf")))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        shift = tl.where(allowed_row, m_safe - b_row, float("inf"))  # blocked rows: p = 0
+    else:
+        m_new = tl.maximum(m_i, row_max)
+        m_safe = m_new
+        shift = m_new - b_row
+    p = tl.math.exp2(qk * qk_scale - shift[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p_op = _as_operand(p.to(OUT_TY), UPCAST)
+    if MASKED:
+        v0 = _as_operand(_load_rows(v_ptrs0, in_block, 0, D0, HEAD_DIM), UPCAST)
+    else:
+        v0 = _as_operand(_load_cols(v_ptrs0, 0, D0, HEAD_DIM), UPCAST)
+    acc0 = tl.dot(p_op, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+    if D1 > 0:
+        if MASKED:
+            v1 = _as_operand(_load_rows(v_ptrs1, in_block, D0, D1, HEAD_DIM), UPCAST)
+        else:
+            v1 = _as_operand(_load_cols(v_ptrs1, D0, D1, HEAD_DIM), UPCAST)
+        acc1 = tl.dot(p_op, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc0, acc1, m_new, l_i
+
+
+@triton.jit
 def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, offs_m, in_m, k_base, v_base,
                    run_base, run_count, stride_kn, stride_vn, Nq, qk_scale,
-                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SUB_N: tl.constexpr, MASS_R: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr, MASS_R: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
                    RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    OUT_TY: tl.constexpr, REGION_BITS: tl.constexpr):
     """Online softmax over runs of uniform key tiles. Within a run every key is in region c, so
@@ -121,47 +169,40 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
     if D1 > 0:
         k_block1 = k_base + offs_block[:, None] * stride_kn + (D0 + tl.arange(0, D1))[None, :]
         v_block1 = v_base + offs_block[:, None] * stride_vn + (D0 + tl.arange(0, D1))[None, :]
+    else:  # unused: one head-dim block
+        k_block1 = k_block0
+        v_block1 = v_block0
     for r in range(run_count):
         head = tl.load(run_base + 2 * r)
         length = tl.load(run_base + 2 * r + 1)
         region = head & ((1 << REGION_BITS) - 1)
-        start_n = (head >> REGION_BITS) * (SUB_N * BLOCK_N)
+        start_n = (head >> REGION_BITS) * TILE_KEYS
         if HAS_BIAS:
             b_row = tl.load(qw_base + region * Nq + offs_m, mask=in_m, other=0.0)
         else:
             b_row = tl.zeros_like(m_i)
         if ANY_BLOCKED:
             allowed_row = ((q_bits >> region.to(q_bits.dtype)) & 1) != 0
+        else:  # unused
+            allowed_row = in_m
         if RETURN_MASS:
             m_start = m_i
             l_start = l_i
-        for j in range(length * SUB_N):
-            k_offset = (start_n + j * BLOCK_N) * stride_kn
-            v_offset = (start_n + j * BLOCK_N) * stride_vn
-            k0 = _as_operand(_load_cols(k_block0 + k_offset, 0, D0, HEAD_DIM), UPCAST)
-            qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
-            if D1 > 0:
-                k1 = _as_operand(_load_cols(k_block1 + k_offset, D0, D1, HEAD_DIM), UPCAST)
-                qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
-            row_max = tl.max(qk, 1) * qk_scale + b_row
-            if ANY_BLOCKED:
-                m_new = tl.maximum(m_i, tl.where(allowed_row, row_max, float("-inf")))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                shift = tl.where(allowed_row, m_safe - b_row, float("inf"))  # blocked rows: p = 0
-            else:
-                m_new = tl.maximum(m_i, row_max)
-                m_safe = m_new
-                shift = m_new - b_row
-            p = tl.math.exp2(qk * qk_scale - shift[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            p_op = _as_operand(p.to(OUT_TY), UPCAST)
-            v0 = _as_operand(_load_cols(v_block0 + v_offset, 0, D0, HEAD_DIM), UPCAST)
-            acc0 = tl.dot(p_op, v0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-            if D1 > 0:
-                v1 = _as_operand(_load_cols(v_block1 + v_offset, D0, D1, HEAD_DIM), UPCAST)
-                acc1 = tl.dot(p_op, v1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
+        keys = length * TILE_KEYS
+        for j in range(keys // BLOCK_N):
+            acc0, acc1, m_i, l_i = _fwd_pure_block(
+                acc0, acc1, m_i, l_i, q0, q1, k_block0 + (start_n + j * BLOCK_N) * stride_kn,
+                k_block1 + (start_n + j * BLOCK_N) * stride_kn, v_block0 + (start_n + j * BLOCK_N) * stride_vn,
+                v_block1 + (start_n + j * BLOCK_N) * stride_vn, b_row, allowed_row, offs_block, qk_scale, HEAD_DIM,
+                D0, D1, ANY_BLOCKED, UPCAST, DOT_PRECISION, OUT_TY, False)
+        if BLOCK_N > TILE_KEYS:  # a block spans two layout tiles: a run of odd length ends in one alone
+            if keys % BLOCK_N != 0:
+                last = start_n + (keys // BLOCK_N) * BLOCK_N
+                acc0, acc1, m_i, l_i = _fwd_pure_block(
+                    acc0, acc1, m_i, l_i, q0, q1, k_block0 + last * stride_kn, k_block1 + last * stride_kn,
+                    v_block0 + last * stride_vn, v_block1 + last * stride_vn, b_row, allowed_row,
+                    offs_block < TILE_KEYS, qk_scale, HEAD_DIM, D0, D1, ANY_BLOCKED, UPCAST, DOT_PRECISION, OUT_TY,
+                    True)
         if RETURN_MASS:  # the run's share of l is its mass in region c; rescale the rest once
             factor = tl.where(m_i == float("-inf"), 1.0, tl.math.exp2(m_start - m_i))
             tl.debug_barrier()
@@ -176,7 +217,7 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
 
 
 @triton.jit
-def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL, StateMass,
+def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, StateMass,
                     QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits,
                     RunCount, Runs, MixedCount, MixedIndex,
                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -189,7 +230,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
                     TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr, MASS_R: tl.constexpr,
                     SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, HAS_MIXED: tl.constexpr,
-                    ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr, SAVE_SHIFT: tl.constexpr,
+                    ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
                     REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
     """Launched twice when the layout has mixed tiles: MIXED=True walks them and leaves the
@@ -285,7 +326,7 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
                 acc0, acc1, m_i, l_i, Mass + rows * R, R, q0, q1, q_bits, qw_base, offs_m, in_m, K + b * stride_kb + h * stride_kh,
                 V + b * stride_vb + h * stride_vh, Runs + b * stride_runs_b + list_row * num_key_tiles * 2,
                 tl.load(RunCount + b * stride_count_b + list_row), stride_kn, stride_vn, Nq, qk_scale, HEAD_DIM, D0,
-                D1, BLOCK_N, SUB_N, MASS_R, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, DOT_PRECISION, OUT_TY,
+                D1, BLOCK_N, MASS_R, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, DOT_PRECISION, OUT_TY,
                 REGION_BITS)
 
             # Epilogue. Rows with every key blocked have l = 0: O = 0 and lse = -inf.
@@ -307,31 +348,17 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, Shift, StateAcc, StateM, StateL
                     mass_ptrs = Mass + rows[:, None] * R + cols[None, :]
                     mass_mask = in_m[:, None] & (cols[None, :] < R)
                     tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
-            if SAVE_SHIFT:  # the backward's shift table: p = exp2(qk qk_scale - shift[c, q])
-                for c0 in tl.static_range(0, RP, 16):
-                    cols = c0 + tl.arange(0, 16)
-                    table_mask = in_m[:, None] & (cols[None, :] < R)
-                    if HAS_BIAS:
-                        qw_final = tl.load(qw_base + cols[None, :] * Nq + offs_m[:, None], mask=table_mask, other=0.0)
-                    else:
-                        qw_final = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-                    usable = (lse_log2 != float("-inf"))[:, None] & (cols[None, :] < R)
-                    if ANY_BLOCKED:
-                        usable = usable & (((q_bits[:, None] >> cols[None, :].to(q_bits.dtype)) & 1) != 0)
-                    tl.store(Shift + pid_bh * R * Nq + cols[None, :] * Nq + offs_m[:, None],
-                             tl.where(usable, lse_log2[:, None] - qw_final, float("inf")), mask=table_mask)
 
-
-def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, config: ForwardConfig):
+def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, config: ForwardConfig):
     """Launch the forward kernel (twice when the layout has mixed tiles). Inputs are checked.
 
     Args:
         layout: the SMALayout (its tile lists built).
         bias: (B|1, H|1, R, R) float bias table in natural units (last dim contiguous), or None.
-        save_shift: also leave the shift table the backward pass reads.
     Returns:
         out (B, H, Nq, D) in q.dtype, lse (B, H, Nq) float32, mass (B, H, Nq, R) float32 or
-        None, and the tables (2, B, H, R, Nq) float32: [QW, shift] (valid when save_shift).
+        None, and the bias table QW (B, H, R, Nq) float32 in log2 units (written when there is a bias), which
+        the backward reads.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
@@ -343,7 +370,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
     q, k, v = (pad_head_dim(unit_last_stride(t)) for t in (q, k, v))
     lse = empty((B, H, Nq), dtype=torch.float32, device=device)
     mass = empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse
-    tables = empty((2 if save_shift else 1, B, H, R, Nq), dtype=torch.float32, device=device)
+    qw = empty((B, H, R, Nq), dtype=torch.float32, device=device)
     if info.has_mixed:
         state = (empty((B, H, Nq, q.shape[-1]), dtype=torch.float32, device=device),
                  empty((B, H, Nq), dtype=torch.float32, device=device),
@@ -359,7 +386,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
     d0, d1 = head_dim_split(q.shape[-1])
     unit = stride_unit(q, k, v, out)
     args = dict(
-        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=tables[0], Shift=tables[-1], StateAcc=state[0],
+        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=qw, StateAcc=state[0],
         StateM=state[1], StateL=state[2],
         StateMass=state[3], QLabels=qr.labels, QMem=q_mem, KLabels=kr.labels, KMem=k_mem, KOperand=k_op,
         Bias=bias if bias is not None else lse, AllowBits=layout.allow_bits,
@@ -382,7 +409,7 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
         HEAD_DIM=q.shape[-1], OUT_DIM=D, D0=d0, D1=d1,
         RP=max(16, next_power_of_2(R)), KR=kr_width, TERMS_Q=terms_q, TERMS_K=terms_k,
         MASS_R=max(16, next_power_of_2(R)), SOFT=soft, HAS_BIAS=bias is not None, HAS_MIXED=info.has_mixed,
-        ANY_BLOCKED=info.any_blocked, RETURN_MASS=return_mass, SAVE_SHIFT=save_shift,
+        ANY_BLOCKED=info.any_blocked, RETURN_MASS=return_mass,
         UPCAST=interpreting() and q.dtype != torch.float32, REGION_BITS=REGION_BITS, STRIDE_UNIT=unit,
     )
     if info.has_mixed:
@@ -392,4 +419,4 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, save_shift, co
     pure = config.pure
     launch(_sma_fwd_kernel, (triton.cdiv(Nq, pure.block_m), B * H), **pure.launch_options(), **pure.tile_args(),
            MIXED=False, PRECISION=kernel_precision(q.dtype, pure), **args)
-    return out, lse, (mass if return_mass else None), tables
+    return out, lse, (mass if return_mass else None), qw
