@@ -315,10 +315,25 @@ def keep_region_order(unet) -> None:
             module.sma_region_order = RegionOrder(module.transformer_blocks)
 
 
+# The processors SMAAttnProcessor stands in for: a UNet's self- and cross-attention (SD 1.5, SD 2,
+# SDXL), whose inputs are one token sequence and, for cross-attention, the text.
+REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SMAAttnProcessor")
+
+
 def enable_sma(unet) -> None:
     """Install SMAAttnProcessor on every attention module of a diffusers UNet, an SMAModulation
     (gains 1: the default modulation) on every self-attention that lacks one, and RegionOrder
-    on its transformers (region-sorted tokens across their blocks, with no copy per attention)."""
+    on its transformers (region-sorted tokens across their blocks, with no copy per attention).
+
+    A model with any other attention (a diffusion transformer's joint attention: FLUX's
+    FluxAttnProcessor, SD3's JointAttnProcessor2_0) is refused with a ValueError and left as it was."""
+    foreign = {name: type(processor).__name__ for name, processor in getattr(unet, "attn_processors", {}).items()
+               if type(processor).__name__ not in REPLACEABLE_PROCESSORS}
+    if not hasattr(unet, "set_attn_processor") or foreign:
+        kinds = sorted(set(foreign.values())) or ["no attention processors"]
+        raise ValueError(f"enable_sma: {type(unet).__name__} has attention SMA cannot serve ({', '.join(kinds)}); "
+                         f"it supports UNet2DConditionModel self- and cross-attention (SD 1.5, SD 2, SDXL "
+                         f"inpainting). The model is unchanged.")
     unet.set_attn_processor(SMAAttnProcessor())
     for module in unet.modules():
         if isinstance(module, Attention) and not module.is_cross_attention and not hasattr(module, "sma_modulation"):

@@ -194,6 +194,19 @@ def test_from_pretrained_row(tmp_path):
         MILDPipeline.from_pretrained(tmp_path / "nowhere")
 
 
+def test_enable_sma_row():
+    from diffusers import FluxTransformer2DModel
+
+    from mild import enable_sma
+
+    expected = table_rows()[("enable_sma", "a FLUX transformer")]
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                   axes_dims_rope=(4, 6, 6))
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        enable_sma(model)
+
+
 @pytest.mark.parametrize("case", sorted(FUNCTION_CASES), ids=" / ".join)
 def test_function_row(case):
     expected = table_rows()[case]
@@ -263,5 +276,6 @@ def test_cli_row(case, files, capsys):
 def test_every_row_has_a_case():
     rows = set(table_rows())
     cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(CLI_CASES) | {
-        ("mild erase", "--device cuda without CUDA"), ("MILDPipeline.from_pretrained", "a missing folder")}
+        ("mild erase", "--device cuda without CUDA"), ("MILDPipeline.from_pretrained", "a missing folder"),
+        ("enable_sma", "a FLUX transformer")}
     assert rows == cases, f"rows without a case: {sorted(rows - cases)}; cases without a row: {sorted(cases - rows)}"

@@ -288,3 +288,45 @@ def test_region_order_refuses_a_self_attention_mask_and_serves_mixed_processors(
     hidden = torch.randn(2, 64, block.attn1.query_dim)
     with pytest.raises(ValueError, match="^attention_mask: a self-attention mask"):
         processor(block.attn1, hidden, attention_mask=torch.zeros(2, 1, 64), region_context=context)
+
+
+def tiny_transformers():
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=8, out_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                                pooled_projection_dim=32, out_channels=4)
+    return {"flux": flux.eval(), "sd3": sd3.eval()}
+
+
+def transformer_output(name, model):
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if name == "flux":
+            tokens, text = 16, 5
+            return model(hidden_states=torch.randn(1, tokens, 8, generator=gen),
+                         encoder_hidden_states=torch.randn(1, text, 32, generator=gen),
+                         pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([0.5]),
+                         img_ids=torch.randint(0, 4, (tokens, 3), generator=gen).float(),
+                         txt_ids=torch.zeros(text, 3)).sample
+        return model(hidden_states=torch.randn(1, 4, 8, 8, generator=gen),
+                     encoder_hidden_states=torch.randn(1, 5, 32, generator=gen),
+                     pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([500])).sample
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_enable_sma_refuses_a_diffusion_transformer_and_leaves_it_unchanged(name):
+    """FLUX's and SD3's joint attention is not a UNet's: enable_sma once replaced it with the UNet
+    processor, and the next forward raised (FLUX: no spatial_norm) or mis-shaped (SD3)."""
+    model = tiny_transformers()[name]
+    before = dict(model.attn_processors)
+    expected = transformer_output(name, model)
+    with pytest.raises(ValueError, match=r"^enable_sma: .*(FluxAttnProcessor|JointAttnProcessor2_0).*unchanged"):
+        enable_sma(model)
+    assert all(model.attn_processors[k] is v for k, v in before.items())
+    assert not any(hasattr(m, "sma_modulation") for m in model.modules())
+    assert torch.equal(transformer_output(name, model), expected)
