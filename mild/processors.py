@@ -315,11 +315,6 @@ def keep_region_order(unet) -> None:
             module.sma_region_order = RegionOrder(module.transformer_blocks)
 
 
-# The processors SMAAttnProcessor stands in for: a UNet's self- and cross-attention (SD 1.5, SD 2,
-# SDXL), whose inputs are one token sequence and, for cross-attention, the text.
-REPLACEABLE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SMAAttnProcessor")
-
-
 def enable_sma(unet) -> None:
     """Install SMAAttnProcessor on every attention module of a diffusers UNet, an SMAModulation
     (gains 1: the default modulation) on every self-attention that lacks one, and RegionOrder
@@ -327,10 +322,12 @@ def enable_sma(unet) -> None:
 
     A model with any other attention (a diffusion transformer's joint attention: FLUX's
     FluxAttnProcessor, SD3's JointAttnProcessor2_0) is refused with a ValueError and left as it was."""
-    foreign = {name: type(processor).__name__ for name, processor in getattr(unet, "attn_processors", {}).items()
-               if type(processor).__name__ not in REPLACEABLE_PROCESSORS}
+    # SMAAttnProcessor serves diffusers' Attention over one token sequence, with the text as
+    # cross-attention's keys: not joint text-image attention (added K/V projections) or other classes.
+    foreign = {type(module.processor).__name__ for module in unet.modules() if hasattr(module, "processor")
+               and (not isinstance(module, Attention) or getattr(module, "added_kv_proj_dim", None) is not None)}
     if not hasattr(unet, "set_attn_processor") or foreign:
-        kinds = sorted(set(foreign.values())) or ["no attention processors"]
+        kinds = sorted(foreign) or ["no attention processors"]
         raise ValueError(f"enable_sma: {type(unet).__name__} has attention SMA cannot serve ({', '.join(kinds)}); "
                          f"it supports UNet2DConditionModel self- and cross-attention (SD 1.5, SD 2, SDXL "
                          f"inpainting). The model is unchanged.")

@@ -330,3 +330,20 @@ def test_enable_sma_refuses_a_diffusion_transformer_and_leaves_it_unchanged(name
     assert all(model.attn_processors[k] is v for k, v in before.items())
     assert not any(hasattr(m, "sma_modulation") for m in model.modules())
     assert torch.equal(transformer_output(name, model), expected)
+
+
+def test_enable_sma_takes_a_unet_whatever_processor_it_had():
+    """A UNet's attention with another processor (a peer installed for a benchmark, an older
+    diffusers default) is still one token sequence: enable_sma replaces it."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from mild import SMAAttnProcessor, tiny_components
+
+    unet = tiny_components()["unet"]
+
+    class Peer(AttnProcessor):
+        pass
+
+    unet.set_attn_processor(Peer())
+    enable_sma(unet)
+    assert all(isinstance(p, SMAAttnProcessor) for p in unet.attn_processors.values())
