@@ -27,6 +27,27 @@ def sorted_regions(soft: bool) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, R).float() if soft else labels
 
 
+def check_against_reference(q, k, v, bias, q_regions, k_regions, allow, layout):
+    """The Triton backend's out, lse and dq, dk, dv against a float64 evaluation of the reference;
+    returns (the backend's leaves, the reference's leaves, grad_out) for further checks."""
+    dtype, soft = q.dtype, q_regions.is_floating_point()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    result = sma_attention(*leaves[:3], bias=leaves[3], layout=layout, return_lse=True, backend="triton")
+    grad_out = torch.randn(result.out.shape)
+    (result.out.float() * grad_out).sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    out, lse, _ = sma_attention_reference(*refs[:3], q_regions.double() if soft else q_regions,
+                                          k_regions.double() if soft else k_regions, refs[3], allow,
+                                          return_lse=True)
+    (out * grad_out.double()).sum().backward()
+    assert_close("out", result.out, out, dtype)
+    assert_close("lse", result.lse, lse, dtype)
+    for name, mine, ref in zip(("dq", "dk", "dv"), leaves, refs):
+        err = rel_err(mine.grad, ref.grad)
+        assert err <= GRAD_TOLERANCE[dtype], f"{name}: relative error {err:.3e} (D={q.shape[-1]}, {dtype})"
+    return leaves, refs, grad_out
+
+
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "one-hot-soft"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [40, 64, 80, 128, 160])
@@ -46,21 +67,7 @@ def test_pure_and_mixed_tiles_forward_and_backward(head_dim, dtype, soft):
         return torch.randn(1, 2, n, head_dim).to(dtype)
 
     q, k, v = inputs(NQ), inputs(Nk), inputs(Nk)
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-    result = sma_attention(*leaves[:3], bias=leaves[3], layout=layout, return_lse=True, backend="triton")
-    grad_out = torch.randn(result.out.shape)
-    (result.out.float() * grad_out).sum().backward()
-
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
-    out, lse, _ = sma_attention_reference(*refs[:3], q_regions.double() if soft else q_regions,
-                                          k_regions.double() if soft else k_regions, refs[3], allow,
-                                          return_lse=True)
-    (out * grad_out.double()).sum().backward()
-    assert_close("out", result.out, out, dtype)
-    assert_close("lse", result.lse, lse, dtype)
-    for name, mine, ref in zip(("dq", "dk", "dv"), leaves, refs):
-        err = rel_err(mine.grad, ref.grad)
-        assert err <= GRAD_TOLERANCE[dtype], f"{name}: relative error {err:.3e} (D={head_dim}, {dtype})"
+    leaves, refs, grad_out = check_against_reference(q, k, v, bias, q_regions, k_regions, allow, layout)
     # dbias[a, c] sums dS over a block whose terms nearly cancel (each row of dS sums to 0), so
     # its error is bounded against the sum of |dS|, as for any sum, not against the sum itself.
     scale = dbias_term_scale(refs, q_regions, k_regions, allow, grad_out)
@@ -102,16 +109,4 @@ def test_pure_runs_in_key_blocks_of_two_tiles(arch, head_dim, soft):
     q, k, v = (torch.randn(1, 2, n, head_dim).half() for n in (NQ, Nk, Nk))
     with target_arch(arch):
         assert forward_config(head_dim, torch.float16, False, R, q.device).pure.block_n == 2 * TILE_N
-        leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-        result = sma_attention(*leaves[:3], bias=leaves[3], layout=layout, return_lse=True, backend="triton")
-        grad_out = torch.randn(result.out.shape)
-        (result.out.float() * grad_out).sum().backward()
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
-    out, lse, _ = sma_attention_reference(*refs[:3], q_regions.double() if soft else q_regions,
-                                          regions.double() if soft else regions, refs[3], allow, return_lse=True)
-    (out * grad_out.double()).sum().backward()
-    assert_close("out", result.out, out, torch.float16)
-    assert_close("lse", result.lse, lse, torch.float16)
-    for name, mine, ref in zip(("dq", "dk", "dv"), leaves[:3], refs[:3]):
-        err = rel_err(mine.grad, ref.grad)
-        assert err <= GRAD_TOLERANCE[torch.float16], f"{name}: relative error {err:.3e}"
+        check_against_reference(q, k, v, bias, q_regions, regions, allow, layout)
