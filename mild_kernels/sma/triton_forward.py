@@ -30,10 +30,9 @@ from .._runtime import empty, empty_like, interpreting, launch, next_power_of_2,
 from .configs import ForwardConfig
 from .layout import REGION_BITS, TILE_N
 from .triton_common import (LN2, LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_rows,
-                            _query_bias_columns,
-                            _qw_columns, _region_product, _resume_blocks, _split_operand, batch_stride, bias_dot_shape,
-                            fp32_memberships, head_dim_split, kernel_precision, pad_head_dim, stride_unit,
-                            unit_strides)
+                            _query_bias_columns, _qw_columns, _region_product, _resume_blocks, _split_operand,
+                            batch_stride, bias_dot_shape, fp32_memberships, head_dim_split, kernel_precision,
+                            pad_head_dim, stride_unit, unit_strides)
 
 
 TILE_KEYS = tl.constexpr(TILE_N)  # keys per layout tile: a pure launch's key block may span two
