@@ -89,7 +89,7 @@ def dbias_term_scale(refs, q_regions, k_regions, allow, grad_out) -> torch.Tenso
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "one-hot-soft"])
-@pytest.mark.parametrize("arch, head_dim", [(90, 128), (80, 80)])
+@pytest.mark.parametrize("arch, head_dim", [(90, 128), (90, 80), (80, 80)])
 def test_pure_runs_in_key_blocks_of_two_tiles(arch, head_dim, soft):
     """The shipped forward at these (arch, head dim) walks pure runs in 128-key blocks, two
     layout tiles: a run of three tiles is one full block and a last tile alone (masked), a run

@@ -81,12 +81,12 @@ def test_sma_steady_state_within_budget_of_plain_flash(sm90_rows):
 # at D=128 (its forward in the 128 x 128 tiles of Triton's tutorial), 40, 80 and 160 against
 # SMA's own D=64 rows (the plain kernel takes powers of two only). The D=128 forward's budget
 # is issue 19's target; the others are today's figures (benchmarks/NOTES.md) plus ~5%, so that a
-# change that makes one slower fails here. The dK/dV figures at 80, 128 and 160 are above the
+# change that makes one slower fails here. The dK/dV figures at 128 and 160 are above the
 # 1.3x of the plain kernel that issue 19 asks for: their 32 x 64 tiles are what compiles
-# without spills today.
+# without spills today (D=80, a class of its own since 2026-12-03, runs 64 x 64).
 HEAD_DIM_BUDGETS = {
     "sma_fwd_d40": 1.12, "sma_dkdv_d40": 1.12, "sma_dq_d40": 1.13,
-    "sma_fwd_d80": 1.20, "sma_dkdv_d80": 1.60, "sma_dq_d80": 1.22,
+    "sma_fwd_d80": 0.99, "sma_dkdv_d80": 1.20, "sma_dq_d80": 1.22,
     "sma_fwd_d128": 1.05, "sma_dkdv_d128": 1.58, "sma_dq_d128": 1.18,
     "sma_fwd_d160": 1.48, "sma_dkdv_d160": 5.40, "sma_dq_d160": 1.45,
 }
@@ -129,7 +129,7 @@ def test_every_sma_matmul_loop_runs_on_wgmma_without_spills(sm90_rows):
     for row in sma:
         assert row["loop"] is not None, f"{row['name']}: no main loop"
         assert row["wgmma"] > 0 and row["mma_sync"] == 0, row["name"]
-        assert row["spill"] == 0 or _head_dim(row["entry"]) > 128, row  # compile_gate.KNOWN_SPILLS: none to 128
+        assert row["spill"] == 0 or _head_dim(row["entry"]) > 128, row  # compile_gate.KNOWN_SPILLS: none to 128 at R = 4
     # The headline's forward keeps two CTAs (16 warps) a multiprocessor.
     assert all(row["ctas_per_sm"] >= 2 for name in ("sma_fwd_hard", "sma_fwd_soft") for row in _rows(sm90_rows, name))
 

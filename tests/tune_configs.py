@@ -66,11 +66,11 @@ CANDIDATES_32 = [(64, 64, 4, 2, None, "tf32x3"), (64, 32, 4, 2, None, "tf32x3"),
                  (16, 16, 4, 1)]
 
 
-# The forward's pure launch at head-dim classes from 96 up tries the 128 x 128 tile first (a key
+# The forward's pure launch at head-dim classes from 80 up tries the 128 x 128 tile first (a key
 # block of two layout tiles, as Triton's tutorial runs D=128): one CTA fits a multiprocessor there
 # at either tile, and the wider block halves the per-row softmax work per pair. At 64 and below,
 # 128 x 64 keeps two CTAs a multiprocessor (one's softmax under the other's MMAs).
-WIDE_PURE_FROM = 96
+WIDE_PURE_FROM = 80
 
 
 def candidates(role: str, is_fp32: bool, head_dim_class: int = 64) -> list[KernelConfig]:

@@ -3,8 +3,8 @@
 The tables are chosen by ``tests/tune_configs.py``: for every key (head-dim class, fp32
 inputs, variant) and launch role, the first of its candidates (larger tiles and more stages
 first) that compiles for the architecture with no spill in every case of the compile gate.
-From head-dim class 96 up the forward's pure launch tries a 128 x 128 tile first (a key block
-of two layout tiles): sm_90 takes it at 128 (plain), sm_80 at 96 (plain).
+From head-dim class 80 up the forward's pure launch tries a 128 x 128 tile first (a key block
+of two layout tiles): sm_90 takes it at 80 and 128 (plain), sm_80 at 80 and 96 (plain).
 ``tests/test_compile_gate.py`` holds every entry to that rule. sm_90 (wgmma) and sm_80
 (mma.sync, which needs more registers for the same tiles) have tables of their own;
 ``TABLE_OF_ARCH`` says which one every other architecture takes.
@@ -82,9 +82,7 @@ def config_variant(mass: bool, num_regions: int) -> str:
     return "mass" if mass else "plain"
 
 
-HEAD_DIM_CLASSES = (48, 64, 96, 128, 160, 256)  # 16-bit inputs; SD 1.5's 40, 80, 160 and SD2/XL's 64 apart
-
-
+HEAD_DIM_CLASSES = (48, 64, 80, 96, 128, 160, 256)  # 16-bit inputs; SD 1.5's 40, 80, 160 and SD2/XL's 64 apart
 HEAD_DIM_CLASSES_FP32 = (64, 128, 256)  # fp32 is the correctness path: coarser classes
 
 
@@ -113,8 +111,11 @@ FORWARD_CONFIGS = {
     (64, True, "plain"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3')),
+    (80, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (96, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
@@ -145,8 +146,11 @@ FORWARD_CONFIGS_SM80 = {
     (64, True, "plain"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "mass"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "wide"): _forward((32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
+    (80, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (96, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (80, False, "mass"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "wide"): _forward((64, 64, 4, 3), (128, 64, 8, 2)),
     (96, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
@@ -178,8 +182,11 @@ BACKWARD_CONFIGS = {
     (64, True, "plain"): _backward((32, 32, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _backward((16, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _backward((16, 16, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
+    (80, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
@@ -210,8 +217,11 @@ BACKWARD_CONFIGS_SM80 = {
     (64, True, "plain"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _backward((64, 32, 8, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _backward((32, 16, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
+    (80, False, "plain"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
+    (80, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
+    (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
