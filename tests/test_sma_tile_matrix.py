@@ -93,7 +93,8 @@ def dbias_term_scale(refs, q_regions, k_regions, allow, grad_out) -> torch.Tenso
 def test_pure_runs_in_key_blocks_of_two_tiles(arch, head_dim, soft):
     """The shipped forward at these (arch, head dim) walks pure runs in 128-key blocks, two
     layout tiles: a run of three tiles is one full block and a last tile alone (masked), a run
-    of two one block, and the last pure run ends where the keys end (no key past it may be read)."""
+    of two one block, and the last pure run ends where the keys end (no key past it may be read).
+    Inputs are strided views, as a UNet hands them over."""
     from mild_kernels._runtime import target_arch
     from mild_kernels.sma.configs import forward_config
 
@@ -106,7 +107,8 @@ def test_pure_runs_in_key_blocks_of_two_tiles(arch, head_dim, soft):
     allow[2, 0] = False
     bias = 2 * torch.randn(2, R, R)
     layout = prepare_regions(q_regions, regions, allow)
-    q, k, v = (torch.randn(1, 2, n, head_dim).half() for n in (NQ, Nk, Nk))
+    # (B, N, H, D) storage seen as (B, H, N, D), as a UNet's attention makes them: not contiguous
+    q, k, v = (torch.randn(1, n, 2, head_dim).half().transpose(1, 2) for n in (NQ, Nk, Nk))
     with target_arch(arch):
         assert forward_config(head_dim, torch.float16, False, R, q.device).pure.block_n == 2 * TILE_N
         check_against_reference(q, k, v, bias, q_regions, regions, allow, layout)
