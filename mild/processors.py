@@ -62,6 +62,7 @@ class RegionContext:
     _biases: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
     _cag: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # (h, w) -> (2, B) sums, counts
     _domain_rows: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # device -> (B, R)
+    _memberships: dict = dataclasses.field(default_factory=dict, init=False, repr=False)  # tokens -> (B, N, R)
 
     @property
     def num_regions(self) -> int:
@@ -91,6 +92,20 @@ class RegionContext:
         and fills no cache, so ``torch.compile`` traces it whole and guards on nothing that
         changes between steps. Returns the context."""
         device = unet.device if device is None else device
+        joint = {getattr(m.processor, "text_first") for m in unet.modules() if hasattr(getattr(m, "processor", None),
+                                                                                      "text_first")}
+        if joint:  # a diffusion transformer: one token grid, joint text-image sequences
+            height, width = self.latent_size
+            for text_first in joint:
+                for text in ({0, text_tokens or 0} if not text_first else {text_tokens or 0}):
+                    self.joint_layout_at(height * width, text, text_first, device)  # SD3.5: image-only too
+            if self.domains is not None:
+                self._cag.setdefault((height, width), torch.zeros(2, len(self.row_image), device=device))
+                self.domain_rows(device)
+            for module in unet.modules():
+                if hasattr(getattr(module, "processor", None), "text_first"):
+                    self.joint_bias_for(module.heads, getattr(module, "sma_modulation", None))
+            return self
         for h, w in self.grids():
             self.layout_at(h * w, None, device)
             if self.text_regions is not None and text_tokens is not None:
@@ -105,9 +120,12 @@ class RegionContext:
         return self
 
     def memberships_at(self, tokens: int) -> torch.Tensor:
-        """(B, N, R) soft memberships of every row's tokens at one resolution, in raster order."""
-        per_image = soft_regions(self.instance_masks.float(), self.grid(tokens))  # (I, N, R)
-        return per_image[self.row_image.to(per_image.device)]
+        """(B, N, R) soft memberships of every row's tokens at one resolution, in raster order
+        (computed once per resolution)."""
+        if tokens not in self._memberships:
+            per_image = soft_regions(self.instance_masks.float(), self.grid(tokens))  # (I, N, R)
+            self._memberships[tokens] = per_image[self.row_image.to(per_image.device)]
+        return self._memberships[tokens]
 
     def layout_at(self, tokens: int, text_tokens: int | None, device) -> SMALayout:
         """The prepared regions of self-attention (text_tokens None) or cross-attention at one
@@ -124,6 +142,47 @@ class RegionContext:
             self._layouts[key] = prepare_regions(memberships, text, allow, sort=sort,
                                                  read_info=not torch.compiler.is_compiling())
         return self._layouts[key]
+
+    def joint_layout_at(self, image_tokens: int, text_tokens: int, text_first: bool, device) -> SMALayout:
+        """The prepared regions of a diffusion transformer's joint attention: one sequence of
+        ``text_tokens`` text and ``image_tokens`` image tokens (text first in FLUX, last in SD3).
+
+        Image tokens carry their row's memberships at their grid. Text tokens carry
+        ``text_regions`` when the context has them; otherwise they form one more region, R,
+        with zero bias and every pair allowed (see :meth:`joint_bias_for`), so that they
+        modulate nothing, as text does in an unmodulated UNet cross-attention."""
+        key = ("joint", image_tokens, text_tokens, text_first, str(device))
+        if key not in self._layouts:
+            image = self.memberships_at(image_tokens).to(device)  # (B, N, R)
+            rows, R = image.shape[0], self.num_regions
+            allow = None if self.allow is None else self.allow.to(device).expand(rows, R, R)
+            if self.text_regions is None:
+                image = torch.nn.functional.pad(image, (0, 1))
+                text = torch.zeros(rows, text_tokens, R + 1, device=device)
+                text[..., R] = 1
+                if allow is not None:
+                    allow = torch.nn.functional.pad(allow, (0, 1, 0, 1), value=True)
+            else:
+                labels = self.text_regions.to(device).long().expand(rows, text_tokens)
+                text = torch.nn.functional.one_hot(labels, R).to(image.dtype)
+            memberships = torch.cat([text, image] if text_first else [image, text], 1)
+            self._layouts[key] = prepare_regions(memberships, None, allow, sort=self.sort_tokens,
+                                                 read_info=not torch.compiler.is_compiling())
+        return self._layouts[key]
+
+    def joint_bias_for(self, heads: int, modulation: "SMAModulation | None" = None) -> torch.Tensor:
+        """(B, H, R', R') bias tables of joint attention: :meth:`bias_for`'s, with a zero row and
+        column for the text region when text tokens have no regions of their own (R' = R + 1)."""
+        table = self.bias_for(heads, modulation)
+        if self.text_regions is not None:
+            return table
+        key = ("joint", heads, None if modulation is None or self.bias is not None else id(modulation))
+        if key not in self._biases:
+            padded = torch.nn.functional.pad(table, (0, 1, 0, 1))
+            if padded.requires_grad:
+                return padded
+            self._biases[key] = padded
+        return self._biases[key]
 
     def bias_for(self, heads: int, modulation: "SMAModulation | None" = None) -> torch.Tensor:
         """(B, H, R, R) bias tables: the context's tables, or its default modulation scaled by
@@ -315,24 +374,47 @@ def keep_region_order(unet) -> None:
             module.sma_region_order = RegionOrder(module.transformer_blocks)
 
 
-def enable_sma(unet) -> None:
-    """Install SMAAttnProcessor on every attention module of a diffusers UNet, an SMAModulation
-    (gains 1: the default modulation) on every self-attention that lacks one, and RegionOrder
-    on its transformers (region-sorted tokens across their blocks, with no copy per attention).
+def enable_sma(model) -> None:
+    """Install SMA processors on every attention module of a diffusers UNet or diffusion
+    transformer, and an SMAModulation (gains 1: the default modulation) on every
+    self-attention that lacks one.
 
-    A model with any other attention (a diffusion transformer's joint attention: FLUX's
-    FluxAttnProcessor, SD3's JointAttnProcessor2_0) is refused with a ValueError and left as it was."""
-    # SMAAttnProcessor serves diffusers' Attention over one token sequence, with the text as
-    # cross-attention's keys: not joint text-image attention (added K/V projections) or other classes.
-    foreign = {type(module.processor).__name__ for module in unet.modules() if hasattr(module, "processor")
-               and (not isinstance(module, Attention) or getattr(module, "added_kv_proj_dim", None) is not None)}
-    if not hasattr(unet, "set_attn_processor") or foreign:
-        kinds = sorted(foreign) or ["no attention processors"]
-        raise ValueError(f"enable_sma: {type(unet).__name__} has attention SMA cannot serve ({', '.join(kinds)}); "
-                         f"it supports UNet2DConditionModel self- and cross-attention (SD 1.5, SD 2, SDXL "
-                         f"inpainting). The model is unchanged.")
-    unet.set_attn_processor(SMAAttnProcessor())
-    for module in unet.modules():
-        if isinstance(module, Attention) and not module.is_cross_attention and not hasattr(module, "sma_modulation"):
+    - UNet2DConditionModel (SD 1.5, SD 2, SDXL inpainting): SMAAttnProcessor on self- and
+      cross-attention, and RegionOrder on its transformers (region-sorted tokens across
+      their blocks, with no copy per attention).
+    - FluxTransformer2DModel (FLUX.1, FLUX.1 Fill): SMAFluxAttnProcessor on every
+      FluxAttention, dual- and single-stream.
+    - SD3Transformer2DModel (SD3, SD3.5): SMAJointAttnProcessor on every attention.
+
+    A model with attention that none of these serves is refused with a ValueError and left
+    as it was."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    from .transformer_processors import SMAFluxAttnProcessor, SMAJointAttnProcessor
+
+    attentions = {name: module for name, module in model.named_modules() if hasattr(module, "processor")}
+    # A transformer's SMA processor is its diffusers default plus regions: any other processor
+    # there (IP-Adapter, fused projections) would be silently dropped, so it is refused.
+    if isinstance(model, FluxTransformer2DModel):
+        processor = SMAFluxAttnProcessor()
+        served = (lambda m: isinstance(m, FluxAttention)
+                  and type(m.processor) in (type(processor.default), SMAFluxAttnProcessor))
+    elif isinstance(model, SD3Transformer2DModel):
+        processor = SMAJointAttnProcessor()
+        served = (lambda m: isinstance(m, Attention)
+                  and type(m.processor) in (type(processor.default), SMAJointAttnProcessor))
+    else:  # a UNet: one token sequence per attention, the text as cross-attention's keys
+        served = (lambda m: isinstance(m, Attention) and getattr(m, "added_kv_proj_dim", None) is None)
+        processor = SMAAttnProcessor()
+    foreign = sorted({type(m.processor).__name__ for m in attentions.values() if not served(m)})
+    if not hasattr(model, "set_attn_processor") or not attentions or foreign:
+        kinds = foreign or ["no attention processors"]
+        raise ValueError(f"enable_sma: {type(model).__name__} has attention SMA cannot serve ({', '.join(kinds)}); it "
+                         f"supports UNet2DConditionModel (SD 1.5, SD 2, SDXL inpainting), FluxTransformer2DModel and "
+                         f"SD3Transformer2DModel. The model is unchanged.")
+    model.set_attn_processor(processor)
+    for module in attentions.values():
+        if not getattr(module, "is_cross_attention", False) and not hasattr(module, "sma_modulation"):
             module.sma_modulation = SMAModulation(module.heads, device=module.to_q.weight.device)
-    keep_region_order(unet)
+    keep_region_order(model)

@@ -196,13 +196,15 @@ def test_from_pretrained_row(tmp_path):
 
 def test_enable_sma_row():
     from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
     from mild import enable_sma
 
-    expected = table_rows()[("enable_sma", "a FLUX transformer")]
+    expected = table_rows()[("enable_sma", "a FLUX transformer with an IP-Adapter processor")]
     model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                    axes_dims_rope=(4, 6, 6))
+    model.transformer_blocks[0].attn.set_processor(FluxIPAdapterAttnProcessor(32, 32))
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
         enable_sma(model)
 
@@ -277,5 +279,5 @@ def test_every_row_has_a_case():
     rows = set(table_rows())
     cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(CLI_CASES) | {
         ("mild erase", "--device cuda without CUDA"), ("MILDPipeline.from_pretrained", "a missing folder"),
-        ("enable_sma", "a FLUX transformer")}
+        ("enable_sma", "a FLUX transformer with an IP-Adapter processor")}
     assert rows == cases, f"rows without a case: {sorted(rows - cases)}; cases without a row: {sorted(cases - rows)}"

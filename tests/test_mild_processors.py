@@ -318,18 +318,48 @@ def transformer_output(name, model):
                      pooled_projections=torch.randn(1, 32, generator=gen), timestep=torch.tensor([500])).sample
 
 
+class ForeignJointProcessor:
+    """A processor enable_sma does not know (an IP-Adapter's, a user's): it must not be replaced."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if image_rotary_emb is None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
 @pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_enable_sma_refuses_a_diffusion_transformer_and_leaves_it_unchanged(name):
-    """FLUX's and SD3's joint attention is not a UNet's: enable_sma once replaced it with the UNet
-    processor, and the next forward raised (FLUX: no spatial_norm) or mis-shaped (SD3)."""
+def test_enable_sma_refuses_a_transformer_with_a_foreign_processor_and_leaves_it_unchanged(name):
+    """SMA's transformer processors are diffusers' defaults plus regions: serving a model whose
+    attention runs another processor would drop it silently."""
     model = tiny_transformers()[name]
+    first = next(m for m in model.modules() if hasattr(m, "processor"))
+    first.set_processor(ForeignJointProcessor(first.processor))
     before = dict(model.attn_processors)
     expected = transformer_output(name, model)
-    with pytest.raises(ValueError, match=r"^enable_sma: .*(FluxAttnProcessor|JointAttnProcessor2_0).*unchanged"):
+    with pytest.raises(ValueError, match=r"^enable_sma: .*ForeignJointProcessor.*unchanged"):
         enable_sma(model)
     assert all(model.attn_processors[k] is v for k, v in before.items())
     assert not any(hasattr(m, "sma_modulation") for m in model.modules())
     assert torch.equal(transformer_output(name, model), expected)
+
+
+def test_enable_sma_refuses_a_unet_with_added_kv_attention():
+    """A UNet attention with added K/V projections (SimpleCrossAttn blocks) is joint attention
+    that SMAAttnProcessor does not compute."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32,),
+                                layers_per_block=1, down_block_types=("SimpleCrossAttnDownBlock2D",),
+                                up_block_types=("SimpleCrossAttnUpBlock2D",),
+                                mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=16,
+                                attention_head_dim=16, norm_num_groups=8)
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match=r"^enable_sma: UNet2DConditionModel .*AttnAddedKVProcessor.*unchanged"):
+        enable_sma(unet)
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
 
 
 def test_enable_sma_takes_a_unet_whatever_processor_it_had():

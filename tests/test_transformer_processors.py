@@ -1,0 +1,244 @@
+"""SMA in diffusion transformers' joint attention (FLUX.1, SD3, SD3.5), on tiny random models.
+
+The reference is diffusers' own processors run in float64, with PyTorch's
+scaled_dot_product_attention replaced by SPEC section 2 materialised on the joint sequence:
+regions derived here from the masks (area averages, argmax labels), not by the code under test.
+"""
+
+import pytest
+import torch
+
+from mild import RegionContext, enable_sma
+
+GRID = (6, 5)  # image tokens 30: no tile divides it
+CELL = 4  # pixels per token side of the region masks
+TEXT = 7
+
+
+def tiny_model(kind):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    if kind == "flux":
+        model = FluxTransformer2DModel(patch_size=1, in_channels=8, out_channels=4, num_layers=2, num_single_layers=2,
+                                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                       pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    else:  # sd3; sd35 adds the image-only second attention and qk norms of SD3.5
+        model = SD3Transformer2DModel(sample_size=12, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                      num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+                                      pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16,
+                                      **({"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if kind == "sd35"
+                                         else {}))
+    for parameter in model.parameters():  # random weights of a trained model's scale, not the zero-init gates
+        parameter.data.normal_(0, 0.3)
+    return model.eval()
+
+
+def model_inputs(kind, dtype=torch.float32, batch=2):
+    """The same random inputs in any dtype (drawn in float32, then cast)."""
+    gen = torch.Generator().manual_seed(1)
+    h, w = GRID
+    inputs = dict(encoder_hidden_states=torch.randn(batch, TEXT, 32, generator=gen),
+                  pooled_projections=torch.randn(batch, 32, generator=gen))
+    if kind == "flux":
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(),
+                                         indexing="ij"), -1)
+        inputs.update(hidden_states=torch.randn(batch, h * w, 8, generator=gen), timestep=torch.full((batch,), 0.5),
+                      img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(TEXT, 3))
+    else:
+        inputs.update(hidden_states=torch.randn(batch, 4, 2 * h, 2 * w, generator=gen),
+                      timestep=torch.full((batch,), 500.0))
+    return {name: value.to(dtype) for name, value in inputs.items()}
+
+
+def run(model, inputs, context=None):
+    kwargs = None if context is None else {"region_context": context}
+    with torch.no_grad():
+        return model(**inputs, joint_attention_kwargs=kwargs).sample
+
+
+def person_masks(persons=2):
+    """(1, P, H, W) disjoint binary blobs that cut through token cells (soft memberships)."""
+    gen = torch.Generator().manual_seed(2)
+    height, width = GRID[0] * CELL, GRID[1] * CELL
+    labels = torch.zeros(height, width, dtype=torch.long)
+    for person in range(1, persons + 1):
+        top, left = (int(torch.randint(0, n - 9, (1,), generator=gen)) for n in (height, width))
+        labels[top:top + 9 + person, left:left + 7 + 2 * person] = person
+    return torch.stack([(labels == p).float() for p in range(1, persons + 1)])[None]
+
+
+def region_context(masks, *, heads=2, text_regions=None, backend="torch", seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    rows, R = 2, masks.shape[1] + 1
+    allow = torch.rand(rows, R, R, generator=gen) < 0.6
+    allow |= torch.eye(R, dtype=torch.bool)
+    return RegionContext(instance_masks=masks, latent_size=GRID, row_image=torch.zeros(rows, dtype=torch.long),
+                         bias=2 * torch.randn(rows, heads, R, R, generator=gen), allow=allow,
+                         text_regions=text_regions, backend=backend)
+
+
+class DenseSPEC2:
+    """F.scaled_dot_product_attention replaced by SPEC section 2 on the joint sequence, float64."""
+
+    def __init__(self, kind, context):
+        self.text_first = kind == "flux"
+        masks = context.instance_masks[0].double()
+        P = masks.shape[0]
+        cells = masks.reshape(P, GRID[0], CELL, GRID[1], CELL).mean((2, 4)).reshape(P, -1).T  # (N, P) area averages
+        self.image = torch.cat([1 - cells.sum(1, keepdim=True), cells], 1)  # (N, R)
+        self.context = context
+
+    def memberships(self, tokens):
+        R, N = self.image.shape[1], self.image.shape[0]
+        text = tokens - N
+        if self.context.text_regions is None:  # text: a region of its own, unmodulated
+            image = torch.nn.functional.pad(self.image, (0, 1))
+            text_rows = torch.zeros(text, R + 1, dtype=torch.float64)
+            text_rows[:, R] = 1
+        else:
+            image = self.image
+            text_rows = torch.nn.functional.one_hot(self.context.text_regions.long().reshape(-1), R).double()
+        return torch.cat([text_rows, image] if self.text_first else [image, text_rows])
+
+    def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        assert attn_mask is None and not is_causal
+        members = self.memberships(query.shape[2])  # (S, R')
+        R = self.image.shape[1]
+        extra = members.shape[1] - R
+        bias = torch.nn.functional.pad(self.context.bias.double(), (0, extra, 0, extra))  # (B, H, R', R')
+        allow = torch.nn.functional.pad(self.context.allow, (0, extra, 0, extra), value=True)  # (B, R', R')
+        labels = members.argmax(1)  # ties to the lowest region
+        scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        scores = scores + members @ bias @ members.T
+        blocked = ~allow[:, labels][:, :, labels]  # (B, S, S)
+        scores = scores.masked_fill(blocked[:, None], float("-inf"))
+        return scores.softmax(-1) @ value
+
+
+def dense_reference(kind, context, monkeypatch):
+    model = tiny_model(kind).double()
+    reference = DenseSPEC2(kind, context)
+    outputs = capture_attention_outputs(model)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", reference)
+        sample = run(model, model_inputs(kind, torch.float64))
+    return sample, outputs
+
+
+def capture_attention_outputs(model):
+    outputs = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            outputs[name] = output if isinstance(output, tuple) else (output,)
+        return hook
+
+    for name, module in model.named_modules():
+        if hasattr(module, "processor"):
+            module.register_forward_hook(keep(name))
+    return outputs
+
+
+def relative_error(out, ref):
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+KINDS = ["flux", "sd3", "sd35"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_enable_sma_serves_the_transformer_and_changes_nothing_without_regions(kind):
+    from mild.transformer_processors import SMAFluxAttnProcessor, SMAJointAttnProcessor
+
+    model = tiny_model(kind)
+    inputs = model_inputs(kind)
+    expected = run(model, inputs)
+    enable_sma(model)
+    expected_type = SMAFluxAttnProcessor if kind == "flux" else SMAJointAttnProcessor
+    assert model.attn_processors and all(isinstance(p, expected_type) for p in model.attn_processors.values())
+    attentions = [m for m in model.modules() if hasattr(m, "processor")]
+    assert all(m.sma_modulation.alpha.numel() == m.heads for m in attentions)
+    assert torch.equal(run(model, inputs), expected)  # bitwise: diffusers' own processor runs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_neutral_context_leaves_every_output_as_diffusers_computes_it(kind):
+    """Zero bias and every pair allowed: SMA is plain joint attention."""
+    model = tiny_model(kind)
+    inputs = model_inputs(kind)
+    expected = run(model, inputs)
+    enable_sma(model)
+    context = RegionContext(instance_masks=person_masks(), latent_size=GRID, row_image=torch.zeros(2, dtype=torch.long),
+                            alpha=0.0, beta=0.0)
+    out = run(model, inputs, context)
+    assert relative_error(out, expected.double()) < 1e-5
+
+
+@pytest.mark.parametrize("kind,text,backend", [("flux", "none", "torch"), ("flux", "labels", "triton"),
+                                               ("sd3", "none", "triton"), ("sd3", "labels", "torch"),
+                                               ("sd35", "none", "torch")])
+def test_every_joint_attention_matches_a_float64_materialised_spec(kind, text, backend, monkeypatch):
+    masks = person_masks()
+    text_regions = None if text == "none" else torch.tensor([[0, 1, 2, 0, 1, 2, 2]])  # (1, T): shared by the rows
+    context = region_context(masks, text_regions=text_regions, backend=backend)
+    ref_sample, ref_attention = dense_reference(kind, context, monkeypatch)
+
+    model = tiny_model(kind)
+    enable_sma(model)
+    outputs = capture_attention_outputs(model)
+    sample = run(model, model_inputs(kind), context)
+    assert set(outputs) == set(ref_attention) and len(outputs) >= 2
+    for name, parts in outputs.items():
+        for part, ref in zip(parts, ref_attention[name]):
+            assert relative_error(part, ref) < 1e-4, name
+    assert relative_error(sample, ref_sample) < 1e-4
+    # the regions matter: without them the output is far from the reference
+    assert relative_error(run(model, model_inputs(kind)), ref_sample) > 1e-2
+
+
+def test_flux_single_stream_blocks_find_the_text_from_the_token_grid():
+    """FLUX's single-stream attention gets [text, image] as one sequence: the text length is
+    what the token grid leaves; a sequence shorter than the grid is refused."""
+    from mild.transformer_processors import SMAFluxAttnProcessor
+
+    model = tiny_model("flux")
+    attn = model.single_transformer_blocks[0].attn
+    short = torch.randn(2, GRID[0] * GRID[1] - 1, attn.query_dim)
+    with pytest.raises(ValueError, match=r"latent_size \(6, 5\) has more tokens than this attention's 29"):
+        SMAFluxAttnProcessor()(attn, short, region_context=region_context(person_masks()))
+
+
+def test_joint_attention_refuses_a_mask_with_regions():
+    from mild.transformer_processors import SMAJointAttnProcessor
+
+    model = tiny_model("sd3")
+    enable_sma(model)
+    attn = model.transformer_blocks[0].attn
+    hidden, text = torch.randn(2, 30, attn.query_dim), torch.randn(2, TEXT, attn.query_dim)
+    with pytest.raises(ValueError, match="attention_mask"):
+        SMAJointAttnProcessor()(attn, hidden, text, attention_mask=torch.zeros(2, 1, 37),
+                                region_context=region_context(person_masks()))
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_joint_attention_records_cag_of_image_queries(kind):
+    model = tiny_model(kind)
+    enable_sma(model)
+    context = region_context(person_masks())
+    context.domains = [[0], [1]]
+    context.prepare(model, text_tokens=TEXT)
+    run(model, model_inputs(kind), context)
+    gaps = context.cag()
+    assert set(gaps) == {(0, GRID), (1, GRID)}
+    assert all(-1 <= g <= 1 for g in gaps.values())
+
+
+def test_prepare_builds_every_joint_layout_before_the_call():
+    """After prepare(), a transformer call fills no cache: nothing is built inside a step."""
+    model = tiny_model("sd35")
+    enable_sma(model)
+    context = region_context(person_masks()).prepare(model, text_tokens=TEXT)
+    layouts, biases = dict(context._layouts), dict(context._biases)
+    run(model, model_inputs("sd35"), context)
+    assert context._layouts.keys() == layouts.keys() and context._biases.keys() == biases.keys()
