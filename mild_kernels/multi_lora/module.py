@@ -2,6 +2,7 @@
 
     unet = UNet2DConditionModel(...)
     apply_multi_lora(unet, num_adapters=2, rank=8)   # to_q, to_k, to_v, to_out[0] of every attention
+    apply_multi_lora(flux, 2, 8, mlp=True)           # a transformer: joint attention and feed-forward too
     set_adapter_ids(unet, [0, 1, 0, 1])              # one id per row of the next UNet batch
     unet(latents, t, text)                           # each row runs through its own adapter
 """
@@ -19,7 +20,9 @@ from .interface import multi_lora_linear
 from .op import remember_id_range
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v")  # and to_out[0]
-
+JOINT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # text side of joint attention
+FEED_FORWARDS = ("ff", "ff_context")  # diffusers FeedForward modules: every Linear inside
+SINGLE_BLOCK_MLP = ("proj_mlp", "proj_out")  # FLUX's single-stream blocks (the modules with a proj_mlp)
 
 class MultiLoRALinear(nn.Module):
     """An nn.Linear plus ``num_adapters`` LoRA adapters, one chosen per batch row.
@@ -91,25 +94,51 @@ class MultiLoRALinear(nn.Module):
 
 
 def apply_multi_lora(model: nn.Module, num_adapters: int, rank: int, scaling: Union[float, Sequence[float]] = 1.0,
-                     backend: str = "auto") -> list[str]:
-    """Wrap the attention projections (to_q, to_k, to_v, to_out[0]) of ``model`` in MultiLoRALinear.
+                     backend: str = "auto", mlp: bool = False) -> list[str]:
+    """Wrap the linear layers of ``model``'s attention (and, with ``mlp``, its feed-forward
+    networks) in MultiLoRALinear.
 
-    Works on a diffusers UNet2DConditionModel, or any module whose attention blocks carry
-    those attributes, as diffusers' ``Attention`` does. Returns the wrapped layers' names.
+    - Attention: to_q, to_k, to_v and to_out[0] of every module that has them (diffusers'
+      ``Attention``, FLUX's ``FluxAttention``), and the text side of joint attention where
+      present (add_q_proj, add_k_proj, add_v_proj, to_add_out: FLUX's and SD3's blocks).
+    - ``mlp=True``: every Linear of the ``ff`` / ``ff_context`` feed-forward modules, and
+      proj_mlp / proj_out of FLUX's single-stream blocks.
+
+    Works on diffusers UNets and diffusion transformers (FLUX.1, SD3). Returns the wrapped
+    layers' names; layers already wrapped are left as they are.
     """
     wrapped = []
+
+    def wrap(parent: nn.Module, attr: str, name: str) -> None:
+        layer = getattr(parent, attr, None)
+        if isinstance(layer, nn.Linear):
+            setattr(parent, attr, MultiLoRALinear(layer, num_adapters, rank, scaling, backend))
+            wrapped.append(name)
+
     for name, module in list(model.named_modules()):
-        if not all(hasattr(module, attr) for attr in ATTENTION_PROJECTIONS + ("to_out",)):
-            continue
         prefix = f"{name}." if name else ""
-        for attr in ATTENTION_PROJECTIONS:
-            layer = getattr(module, attr)
-            if isinstance(layer, nn.Linear):
-                setattr(module, attr, MultiLoRALinear(layer, num_adapters, rank, scaling, backend))
-                wrapped.append(prefix + attr)
-        if isinstance(module.to_out, nn.ModuleList) and isinstance(module.to_out[0], nn.Linear):
-            module.to_out[0] = MultiLoRALinear(module.to_out[0], num_adapters, rank, scaling, backend)
-            wrapped.append(prefix + "to_out.0")
+        if isinstance(module, MultiLoRALinear):
+            continue
+        if all(hasattr(module, attr) for attr in ATTENTION_PROJECTIONS):  # FLUX's single-stream ones lack to_out
+            for attr in ATTENTION_PROJECTIONS + JOINT_PROJECTIONS:
+                wrap(module, attr, prefix + attr)
+            if isinstance(getattr(module, "to_out", None), nn.ModuleList) and len(module.to_out):
+                wrap(module.to_out, "0", prefix + "to_out.0")
+        if not mlp:
+            continue
+        if hasattr(module, "proj_mlp"):
+            for attr in SINGLE_BLOCK_MLP:
+                wrap(module, attr, prefix + attr)
+        for attr in FEED_FORWARDS:
+            network = getattr(module, attr, None)
+            if not isinstance(network, nn.Module):
+                continue
+            for inner, parent in list(network.named_modules()):
+                if isinstance(parent, MultiLoRALinear):
+                    continue
+                for child, layer in list(parent.named_children()):
+                    if isinstance(layer, nn.Linear):
+                        wrap(parent, child, ".".join(filter(None, (prefix + attr, inner, child))))
     require(bool(wrapped), f"model: found no unwrapped attention projections ({', '.join(ATTENTION_PROJECTIONS)}, "
                            "to_out[0]) in this model")
     return wrapped

@@ -1,8 +1,10 @@
-"""SMA in diffusion transformers' joint attention (FLUX.1, SD3, SD3.5), on tiny random models.
+"""MILD on diffusion transformers (FLUX.1, SD3, SD3.5), on tiny random models: SMA in their joint
+attention, multi-adapter LoRA on their linears.
 
-The reference is diffusers' own processors run in float64, with PyTorch's
+SMA's reference is diffusers' own processors run in float64, with PyTorch's
 scaled_dot_product_attention replaced by SPEC section 2 materialised on the joint sequence:
 regions derived here from the masks (area averages, argmax labels), not by the code under test.
+LoRA's reference is a copy of the model with each row's adapter merged into its weights.
 """
 
 import pytest
@@ -242,3 +244,59 @@ def test_prepare_builds_every_joint_layout_before_the_call():
     layouts, biases = dict(context._layouts), dict(context._biases)
     run(model, model_inputs("sd35"), context)
     assert context._layouts.keys() == layouts.keys() and context._biases.keys() == biases.keys()
+
+
+TRANSFORMER_LINEARS = {
+    "flux": {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.to_out.0",
+             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2",
+             "transformer_blocks.0.ff_context.net.2", "single_transformer_blocks.1.attn.to_v",
+             "single_transformer_blocks.1.proj_mlp", "single_transformer_blocks.1.proj_out"},
+    "sd3": {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_add_out",
+            "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2", "transformer_blocks.1.ff.net.2"},
+}
+
+
+def merged_copy(model, adapter):
+    """A plain copy of a LoRA-wrapped model with adapter ``adapter`` merged into every base weight."""
+    import copy
+
+    from mild_kernels import MultiLoRALinear
+
+    plain = copy.deepcopy(model)
+    for name, layer in list(plain.named_modules()):
+        if isinstance(layer, MultiLoRALinear):
+            base = layer.base
+            scale = layer.scaling[adapter] if isinstance(layer.scaling, torch.Tensor) else layer.scaling
+            base.weight.data += scale * layer.lora_b[adapter].double().mm(
+                layer.lora_a[adapter].double()).to(base.weight.dtype)
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent), attr, base)
+    return plain
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_multi_lora_on_transformer_attention_and_mlp_linears_one_adapter_per_row(kind):
+    from mild_kernels import MultiLoRALinear, apply_multi_lora, set_adapter_ids
+
+    model = tiny_model(kind).double()
+    inputs = model_inputs(kind, torch.float64)
+    plain = run(model, inputs)
+    attention_only = len(apply_multi_lora(tiny_model(kind), 2, 4))
+    names = apply_multi_lora(model, 2, 4, scaling=[0.5, 2.0], backend="torch", mlp=True)
+    assert TRANSFORMER_LINEARS[kind] <= set(names) and len(names) > attention_only
+    assert len(names) == len({n for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)})
+    assert not [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and not n.endswith(".base")
+                and any(part in n for part in ("attn.", ".ff.", "ff_context", "proj_mlp"))]
+    set_adapter_ids(model, [-1, -1])
+    assert relative_error(run(model, inputs), plain) < 1e-12
+    for layer in model.modules():
+        if isinstance(layer, MultiLoRALinear):
+            torch.nn.init.normal_(layer.lora_b, std=0.3)
+    set_adapter_ids(model, [1, 0])
+    together = run(model, inputs)
+    for row, adapter in enumerate([1, 0]):
+        reference = run(merged_copy(model, adapter), inputs)
+        assert relative_error(together[row], reference[row]) < 1e-10
+        assert relative_error(reference[row], plain[row]) > 1e-2  # the adapter matters
+    with pytest.raises(ValueError, match="^model: found no unwrapped"):
+        apply_multi_lora(model, 2, 4, mlp=True)
