@@ -17,6 +17,7 @@ over each peer; writes benchmarks/results/<device>/attention.json and a plot.
 
     python -m benchmarks.bench_attention            # CPU: the CPU target shapes; GPU: SD shapes
     python -m benchmarks.bench_attention --quick    # tiny shapes, a smoke test of the harness
+    python -m benchmarks.bench_attention --shapes flux   # FLUX.1's joint attention (sd3: SD3's)
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class Shape:
     name: str
     batch: int
     heads: int
-    tokens: int
+    tokens: int  # the whole sequence: a joint one counts its text tokens too
     head_dim: int
+    text: int = 0  # a diffusion transformer's joint sequence: this many text tokens, first, of no region
 
 
 GPU_SHAPES = [
@@ -61,7 +63,20 @@ CPU_SHAPES = [
     Shape("sd15-512/32x32", 1, 8, 1024, 80),
     Shape("sd15-512/16x16", 1, 8, 256, 160),
 ]
+# Diffusion transformers at 1024 x 1024, one joint text-image attention per block:
+# FLUX.1 (Fill): 4096 image + 512 text tokens, 24 heads of 128; SD3: 4096 + 333 (77 CLIP + 256 T5), 24 heads of 64.
+TRANSFORMER_SHAPES = {
+    "flux": [Shape("flux-1024/joint", 1, 24, 4096 + 512, 128, text=512)],
+    "sd3": [Shape("sd3-1024/joint", 1, 24, 4096 + 333, 64, text=333)],
+}
+SHAPE_SETS = ("sd", *TRANSFORMER_SHAPES)
 QUICK_SHAPES = [Shape("quick", 1, 2, 256, 40)]
+QUICK_JOINT = Shape("quick-joint", 1, 2, 192 + 37, 64, text=37)
+
+
+def on_cpu(shape: Shape) -> Shape:
+    """A transformer shape the CPU can time: 2 heads instead of 24 (the sequence kept)."""
+    return dataclasses.replace(shape, name=shape.name + "/h2", heads=2)
 
 
 @dataclasses.dataclass
@@ -91,16 +106,22 @@ def block_region_pairs(regions: int, fraction: float, generator) -> torch.Tensor
 
 
 def make_problem(shape: Shape, regions: int, blocked: float, order: str, dtype, device) -> Problem:
+    """Random q, k, v and ``regions`` regions; a joint shape's text tokens come first and form
+    region ``regions`` (zero bias, every pair allowed: text of no region, docs/semantics.md)."""
     gen = torch.Generator().manual_seed(0)
     B, H, N, D = shape.batch, shape.heads, shape.tokens, shape.head_dim
-    # The background takes about half the tokens; persons share the rest.
+    # The background takes about half the image tokens; persons share the rest.
     weights = torch.tensor([float(regions - 1)] + [1.0] * (regions - 1))
-    labels = torch.multinomial(weights / weights.sum(), N, replacement=True, generator=gen)
+    labels = torch.multinomial(weights / weights.sum(), N - shape.text, replacement=True, generator=gen)
+    bias = 0.5 * torch.randn(H, regions, regions, generator=gen)
+    allow = block_region_pairs(regions, blocked, gen)
+    if shape.text:
+        labels = torch.cat([torch.full((shape.text,), regions), labels])
+        bias = F.pad(bias, (0, 1, 0, 1))
+        allow = F.pad(allow, (0, 1, 0, 1), value=True)
     if order == "sorted":
         labels = labels[region_sort(labels).perm]
     q, k, v = (torch.randn(B, H, N, D, generator=gen).to(dtype).to(device) for _ in range(3))
-    bias = 0.5 * torch.randn(H, regions, regions, generator=gen)
-    allow = block_region_pairs(regions, blocked, gen)
     return Problem(q, k, v, labels.to(device), bias.to(device), allow.to(device))
 
 
@@ -254,8 +275,16 @@ def peak_extra_memory_mb(provider_name, shape, regions, blocked, order, dtype_na
 
 
 def configurations(args, gpu):
+    """(shape, regions, blocked fraction, order) cases: ``args.quick`` tiny ones (a joint
+    sequence among them), else ``args.shapes``'s set: "sd" (UNet resolutions), "flux", "sd3"."""
     if args.quick:
-        return [(s, r, b, "sorted") for s in QUICK_SHAPES for r in (3,) for b in (0.0, 0.5)]
+        return [(s, r, b, "sorted") for s in QUICK_SHAPES for r in (3,) for b in (0.0, 0.5)] + [
+            (QUICK_JOINT, 3, 0.5, "sorted")]
+    shape_set = getattr(args, "shapes", "sd")
+    if shape_set in TRANSFORMER_SHAPES:
+        shapes = [s if gpu else on_cpu(s) for s in TRANSFORMER_SHAPES[shape_set]]
+        return [(s, 4, blocked, "sorted") for s in shapes for blocked in (0.0, 0.5, 0.8)] + [
+            (shapes[0], 4, 0.5, "raster")]
     shapes = GPU_SHAPES if gpu else CPU_SHAPES
     configs = []
     for shape in shapes:
@@ -270,6 +299,9 @@ def configurations(args, gpu):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, claims nothing")
+    parser.add_argument("--shapes", choices=SHAPE_SETS, default="sd",
+                        help="sd: UNet resolutions of SD 1.5/SDXL; flux / sd3: their joint attention at 1024 x 1024 "
+                             "(2 heads on the CPU)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--providers", nargs="*", help="only these providers")
     parser.add_argument("--repeats", type=int, default=5, help="CPU repeats per timing")
@@ -283,7 +315,8 @@ def main(argv=None):
     device = "cuda" if gpu else "cpu"
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
     backward = args.mode == "fwd+bwd"
-    results = Results("attention" if not backward else "attention_fwd_bwd")
+    results = Results(("attention" if not backward else "attention_fwd_bwd")
+                      + ("" if args.quick or args.shapes == "sd" else f"_{args.shapes}"))
     # FlashAttention's count: the backward does 2.5x the forward's matmul work.
     flops_factor = 3.5 if backward else 1.0
     configs = configurations(args, gpu)
@@ -316,7 +349,7 @@ def main(argv=None):
         line = "  ".join(f"{n}={t[1]:.2f}ms" for n, t in times.items())
         tqdm.write(f"{x}: {line}")
 
-    if not gpu and not args.quick and not backward:
+    if not gpu and not args.quick and not backward and args.shapes == "sd":
         shape = CPU_SHAPES[0]
         mask_mb = shape.batch * shape.heads * shape.tokens ** 2 * DTYPES[dtype_name].itemsize / 2**20
         for name in (mild_name, "sdpa-mask"):

@@ -44,6 +44,8 @@ GPU_STAGES = [
     ("lora", [sys.executable, "-m", "benchmarks.bench_lora", "--out", "{out}"], 30),
     ("e2e-sd15", [sys.executable, "benchmarks/profile_e2e.py", "--arch", "sd15", "--layers", "1", "2", "4", "8",
                   "--steps", "20", "--out", "{out}/e2e-sd15"], 90),
+    ("attention-flux", [sys.executable, "-m", "benchmarks.bench_attention", "--shapes", "flux", "--out", "{out}"], 40),
+    ("attention-sd3", [sys.executable, "-m", "benchmarks.bench_attention", "--shapes", "sd3", "--out", "{out}"], 40),
 ]
 CPU_STAGES = [
     ("attention", [sys.executable, "-m", "benchmarks.bench_attention", "--quick", "--out", "{out}"], 300),

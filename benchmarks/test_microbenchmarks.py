@@ -20,7 +20,7 @@ DEVICE = "cuda" if GPU else "cpu"
 
 def _full(config) -> bool:
     shapes = config.getoption("--bench-shapes")
-    return shapes == "full" if shapes else GPU
+    return shapes != "quick" if shapes else GPU
 
 
 def _rounds(config) -> int:
@@ -29,7 +29,9 @@ def _rounds(config) -> int:
 
 def pytest_generate_tests(metafunc):
     full = _full(metafunc.config)
-    args = types.SimpleNamespace(quick=not full, scheduler="dpm++2m")
+    shapes = metafunc.config.getoption("--bench-shapes")
+    args = types.SimpleNamespace(quick=not full, scheduler="dpm++2m",
+                                 shapes=shapes if shapes in bench_attention.TRANSFORMER_SHAPES else "sd")
     if "attention_case" in metafunc.fixturenames:
         cases = [(mode, *config) for mode in ("fwd", "fwd+bwd") for config in bench_attention.configurations(args, GPU)]
         metafunc.parametrize("attention_case", cases, ids=lambda c: f"{c[0]}-{c[1].name}-R{c[2]}-blk{c[3]}-{c[4]}")
