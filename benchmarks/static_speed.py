@@ -76,12 +76,13 @@ def tile_pairs(launch: RecordedLaunch) -> int:
     return launch.kwargs["BLOCK_M"] * launch.kwargs["BLOCK_N"]
 
 
-def _headline_tensors(count: int, head_dim: int = HEADLINE["head_dim"]) -> list[torch.Tensor]:
+def _headline_tensors(count: int, head_dim: int = HEADLINE["head_dim"], tokens: int = HEADLINE["tokens"],
+                      heads: int = HEADLINE["heads"]) -> list[torch.Tensor]:
     """(B, H, N, D) views of (B, N, H * D) tensors, as a UNet's attention makes them: the token
     stride is H * D, which the JIT's divisibility hint covers for SD's 40 too."""
     # Launches are recorded, not run: uninitialised CPU memory is all a launch needs.
-    B, H, N = HEADLINE["batch"], HEADLINE["heads"], HEADLINE["tokens"]
-    return [torch.empty(B, N, H, head_dim, dtype=HEADLINE["dtype"]).transpose(1, 2) for _ in range(count)]
+    B = HEADLINE["batch"]
+    return [torch.empty(B, tokens, heads, head_dim, dtype=HEADLINE["dtype"]).transpose(1, 2) for _ in range(count)]
 
 
 def _only(launches: list[RecordedLaunch], kernel_name: str) -> list[RecordedLaunch]:
@@ -120,21 +121,28 @@ def record_plain_backward(kernel_name: str, head_dim: int = HEADLINE["head_dim"]
 # "aligned": every region owns whole tiles (1024 tokens each), so every tile pair is pure;
 # "boundary": regions of 1000, 1100, 900 and 1096 tokens, so key tiles at the three
 # boundaries (and their pairs) take the mixed path.
+# "flux" / "sd3": a diffusion transformer's joint attention at 1024 x 1024: the boundary image
+# regions and one more region of text (512 tokens in FLUX.1, 333 in SD3: 4429 in all, a token
+# count no tile divides), region-sorted, as SMAFluxAttnProcessor / SMAJointAttnProcessor run it.
 HEADLINE_REGIONS = 4
-REGION_SIZES = {"aligned": (1024, 1024, 1024, 1024), "boundary": (1000, 1100, 900, 1096)}
+REGION_SIZES = {"aligned": (1024, 1024, 1024, 1024), "boundary": (1000, 1100, 900, 1096),
+                "flux": (1000, 1100, 900, 1096, 512), "sd3": (1000, 1100, 900, 1096, 333)}
+TRANSFORMER_ATTENTION = {"flux": dict(heads=24, head_dim=128), "sd3": dict(heads=24, head_dim=64)}
 
 
 def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False, mass: bool = False,
-                      head_dim: int = HEADLINE["head_dim"]):
-    """Run sma_attention at the headline inside record_launches(); the recorded launches."""
+                      head_dim: int = HEADLINE["head_dim"], heads: int = HEADLINE["heads"]):
+    """Run sma_attention at the headline (or a transformer's joint shape) inside
+    record_launches(); the recorded launches."""
     from mild_kernels import prepare_regions, sma_attention
 
-    R = HEADLINE_REGIONS
-    labels = torch.arange(R).repeat_interleave(torch.tensor(REGION_SIZES[sizes]))
+    counts = torch.tensor(REGION_SIZES[sizes])
+    R = len(counts)
+    labels = torch.arange(R).repeat_interleave(counts)
     regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
     layout = prepare_regions(regions)
-    q, k, v = (t.requires_grad_(backward) for t in _headline_tensors(3, head_dim))
-    bias = torch.randn(HEADLINE["heads"], R, R).requires_grad_(backward)
+    q, k, v = (t.requires_grad_(backward) for t in _headline_tensors(3, head_dim, int(counts.sum()), heads))
+    bias = torch.randn(heads, R, R).requires_grad_(backward)
     with record_launches() as forward:
         result = sma_attention(q, k, v, bias=bias, layout=layout, return_lse=True, return_region_mass=mass,
                                backend="triton")
@@ -147,9 +155,9 @@ def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False
 
 
 def record_sma(kernel_name: str, soft: bool, sizes: str = "aligned", backward: bool = False,
-               head_dim: int = HEADLINE["head_dim"]):
+               head_dim: int = HEADLINE["head_dim"], heads: int = HEADLINE["heads"]):
     def record():
-        return _only(sma_headline_call(soft, sizes, backward, head_dim=head_dim), kernel_name)
+        return _only(sma_headline_call(soft, sizes, backward, head_dim=head_dim, heads=heads), kernel_name)
 
     return record
 
@@ -179,6 +187,15 @@ def _sma_entries():
                     tile_pairs, f"plain_bwd_dkdv_d{head_dim}" if plain else "sma_dkdv_hard", 4 * head_dim)
         yield Entry(f"sma_dq_d{head_dim}", record_sma("_sma_bwd_dq_kernel", True, backward=True, head_dim=head_dim),
                     tile_pairs, f"plain_bwd_dq_d{head_dim}" if plain else "sma_dq_hard", 3 * head_dim)
+    for model, shape in TRANSFORMER_ATTENTION.items():
+        # Soft image regions and a text region, against the plain kernel of the model's head dim.
+        head_dim, suffix = shape["head_dim"], "" if shape["head_dim"] == d else f"_d{shape['head_dim']}"
+        for kernel, role, macs, backward in (("_sma_fwd_kernel", "fwd", 2, False),
+                                             ("_sma_bwd_dkdv_kernel", "dkdv", 4, True),
+                                             ("_sma_bwd_dq_kernel", "dq", 3, True)):
+            baseline = f"plain_fwd{suffix}" if role == "fwd" else f"plain_bwd_{role}{suffix}"
+            yield Entry(f"sma_{role}_{model}", record_sma(kernel, True, model, backward, **shape), tile_pairs,
+                        baseline, macs * head_dim)
 
 
 SD_HEAD_DIMS = (40, 80, 128, 160)  # beside the headline's 64: every head dim SD 1.5/2/XL and FLUX use

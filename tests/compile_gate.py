@@ -53,6 +53,8 @@ SMA_VARIANT_CASES = {
     # other end of the pure launch's variants (no gradient, nothing blocked, no mixed tiles):
     # under a register cap, ptxas may spill the lighter variant and not the heavier one.
     "plain": [(True, False, 4, "both"), (True, False, 4, "inference")],
+    # many: 4 < R <= 16 without the mass (configs.config_variant), compiled at R = 16.
+    "many": [(True, False, 16, "widest")],
     "mass": [(True, True, 16, "widest")],
     "wide": [(True, True, 64, "widest")],
 }
@@ -113,6 +115,8 @@ def _config_cases(table, prefix, backward):
                 flags = ("soft" if soft else "hard") + (",mass" if mass else "") + (",inference" if inference else "")
                 name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},D{head_dim},R{R},{flags}]"
                 yield name, sma_launch(head_dim, soft, mass, R, dtype, backward, inference)
+        if variant == "many":
+            yield from _joint_cases(block_d, dtype, prefix, backward)
 
 
 def sma_forward_cases(configs=None):
@@ -127,6 +131,42 @@ def sma_backward_cases(configs=None):
     from mild_kernels.sma.configs import BACKWARD_CONFIGS
 
     yield from _config_cases(configs or BACKWARD_CONFIGS, "sma_bwd", backward=True)
+
+
+# Diffusion transformers' joint attention (SMAFluxAttnProcessor, SMAJointAttnProcessor): soft
+# image regions plus a text region (R = 5: the "many" configs), region-sorted into contiguous
+# (B, H, N, D) tensors, with FLUX.1's 512 text tokens and SD3's 333 (a token count the JIT gives
+# no divisibility hint). Compiled with the "many" variant of their head-dim class.
+JOINT_TEXT_TOKENS = {"flux": (128, 512), "sd3": (64, 333)}  # model: (head dim, text tokens)
+
+
+def joint_launch(head_dim, text, dtype, backward):
+    from mild_kernels import prepare_regions, sma_attention
+    from mild_kernels._runtime import record_launches
+
+    def run():
+        R = 4
+        labels = torch.cat([_region_labels(R, GATE_TOKENS), torch.full((text,), R)])
+        layout = prepare_regions(torch.nn.functional.one_hot(labels, R + 1).float())
+        q = torch.randn(1, 2, len(labels), head_dim).to(dtype).requires_grad_(backward)
+        bias = torch.nn.functional.pad(torch.randn(2, R, R), (0, 1, 0, 1)).requires_grad_(backward)
+        if not backward:
+            sma_attention(q, q, q, bias=bias, layout=layout, backend="triton")
+            return
+        with record_launches():  # the forward's launches belong to the forward cases
+            out = sma_attention(q, q, q, bias=bias, layout=layout, backend="triton")
+        out.sum().backward()
+
+    return run
+
+
+def _joint_cases(block_d, dtype, prefix, backward):
+    from mild_kernels.sma.configs import head_dim_class
+
+    for model, (head_dim, text) in JOINT_TEXT_TOKENS.items():
+        if dtype != torch.float32 and head_dim_class(head_dim) == block_d:
+            yield (f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},many,D{head_dim},R5,soft,joint-{model}]",
+                   joint_launch(head_dim, text, dtype, backward))
 
 
 # Multi-adapter LoRA: K = N landing in each output-width class, rows aligned to 16 elements as

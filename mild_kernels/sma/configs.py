@@ -68,18 +68,22 @@ def _backward(dkdv, dq, dq_mixed):
     return BackwardConfig(KernelConfig(*dkdv), KernelConfig(*dq), KernelConfig(*dq_mixed))
 
 
-VARIANTS = ("plain", "mass", "wide")
+VARIANTS = ("plain", "many", "mass", "wide")
 
 
 def config_variant(mass: bool, num_regions: int) -> str:
-    """wide: R > 16; else mass (the region mass asked for) or plain.
+    """wide: R > 16; else mass (the region mass asked for); else many: 4 < R <= 16; else plain.
 
-    Hard labels and soft memberships share configs: they differ only in the mixed tiles'
-    launch, which never sets the pure launch's registers.
+    More than 4 regions widen the mixed tiles' bias operands (16 to 32 or 64 columns), and
+    configs tuned at R = 4 spill there in the backward (sm_80 D=128 dK/dV 200 B): "many" is
+    tuned and gated at R = 16. Hard labels and soft memberships share configs: they differ
+    only in the mixed tiles' launch, which never sets the pure launch's registers.
     """
     if num_regions > 16:
         return "wide"
-    return "mass" if mass else "plain"
+    if mass:
+        return "mass"
+    return "many" if num_regions > 4 else "plain"
 
 
 HEAD_DIM_CLASSES = (48, 64, 80, 96, 128, 160, 256)  # 16-bit inputs; SD 1.5's 40, 80, 160 and SD2/XL's 64 apart
@@ -103,33 +107,43 @@ def config_key(head_dim: int, dtype: torch.dtype, mass: bool, num_regions: int) 
 # tests/test_compile_gate.py holds every entry to that.
 FORWARD_CONFIGS = {
     (48, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (64, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
+    (64, False, "many"): _forward((128, 64, 8, 2, 128), (128, 64, 8, 3)),
     (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (64, True, "plain"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "many"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _forward((64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3')),
     (80, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (80, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (96, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (96, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (128, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "wide"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, True, "plain"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
+    (128, True, "many"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
     (128, True, "mass"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 16, 4, 2)),
     (128, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (160, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (160, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (160, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (160, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
+    (256, False, "many"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (256, False, "mass"): _forward((32, 32, 4, 2), (64, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
+    (256, True, "many"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
     (256, True, "mass"): _forward((16, 16, 8, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _forward((16, 16, 4, 2), (16, 16, 4, 2)),
 }
@@ -138,33 +152,43 @@ FORWARD_CONFIGS = {
 # sm_80 (Ampere): mma.sync needs more registers than wgmma for the same tiles; its own table.
 FORWARD_CONFIGS_SM80 = {
     (48, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "wide"): _forward((128, 64, 8, 3), (128, 64, 8, 2)),
     (64, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (64, True, "plain"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
+    (64, True, "many"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "mass"): _forward((32, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (64, True, "wide"): _forward((32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (80, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (80, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (96, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (96, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (80, False, "mass"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "wide"): _forward((64, 64, 4, 3), (128, 64, 8, 2)),
     (96, False, "wide"): _forward((32, 32, 4, 2), (128, 64, 8, 2)),
     (128, False, "plain"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
+    (128, False, "many"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
     (128, False, "mass"): _forward((128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "wide"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "plain"): _forward((16, 16, 4, 2), (32, 32, 4, 2)),
+    (128, True, "many"): _forward((16, 16, 4, 2), (32, 32, 4, 2)),
     (128, True, "mass"): _forward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2)),
     (128, True, "wide"): _forward((16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2)),
     (160, False, "plain"): _forward((32, 32, 4, 2), (128, 64, 8, 3)),
+    (160, False, "many"): _forward((32, 32, 4, 2), (128, 64, 8, 3)),
     (160, False, "mass"): _forward((64, 64, 4, 3), (128, 64, 8, 3)),
     (160, False, "wide"): _forward((16, 32, 4, 2), (64, 32, 4, 2)),
     (256, False, "plain"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
+    (256, False, "many"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "mass"): _forward((32, 32, 4, 2), (32, 32, 4, 2)),
     (256, False, "wide"): _forward((16, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _forward((32, 32, 8, 2), (32, 32, 8, 2)),
+    (256, True, "many"): _forward((32, 32, 8, 2), (32, 32, 8, 2)),
     (256, True, "mass"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _forward((16, 16, 4, 2), (16, 32, 4, 2)),
 }
@@ -174,33 +198,43 @@ FORWARD_CONFIGS_SM80 = {
 # most (the layout's key tile), so it runs one warpgroup: two would compute the same 64-row products.
 BACKWARD_CONFIGS = {
     (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "many"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "many"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "mass"): _backward((64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, True, "plain"): _backward((32, 32, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "many"): _backward((32, 32, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _backward((16, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3'), (64, 32, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _backward((16, 16, 8, 2), (64, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
     (80, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "many"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (96, False, "many"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "many"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, True, "plain"): _backward((32, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2)),
+    (128, True, "many"): _backward((32, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
     (128, True, "mass"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (64, 32, 8, 2)),
     (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 16, 8, 2)),
     (160, False, "plain"): _backward((32, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (160, False, "many"): _backward((16, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (160, False, "mass"): _backward((16, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (160, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    (256, False, "many"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 8, 2)),
     (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    (256, True, "many"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
     (256, True, "mass"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
     (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)),
 }
@@ -209,33 +243,43 @@ BACKWARD_CONFIGS = {
 # sm_80 (Ampere), as FORWARD_CONFIGS_SM80.
 BACKWARD_CONFIGS_SM80 = {
     (48, False, "plain"): _backward((64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (48, False, "many"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (48, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (64, False, "many"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3)),
     (64, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 2)),
     (64, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, True, "plain"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
+    (64, True, "many"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
     (64, True, "mass"): _backward((64, 32, 8, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
     (64, True, "wide"): _backward((32, 16, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (80, False, "plain"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
+    (80, False, "many"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
+    (96, False, "many"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3)),
     (80, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)),
     (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+    (128, False, "many"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, True, "plain"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
+    (128, True, "many"): _backward((16, 16, 4, 1), (32, 32, 8, 2), (16, 32, 4, 2)),
     (128, True, "mass"): _backward((32, 32, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (32, 32, 8, 2)),
     (128, True, "wide"): _backward((16, 16, 8, 2), (16, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2)),
     (160, False, "plain"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
+    (160, False, "many"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 16, 4, 2)),
     (160, False, "mass"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
     (160, False, "wide"): _backward((16, 16, 4, 1), (32, 16, 4, 2), (32, 32, 4, 2)),
     (256, False, "plain"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
+    (256, False, "many"): _backward((16, 32, 4, 2), (32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "mass"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 16, 4, 2)),
     (256, False, "wide"): _backward((16, 16, 4, 1), (32, 32, 4, 2), (32, 32, 4, 2)),
     (256, True, "plain"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
+    (256, True, "many"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
     (256, True, "mass"): _backward((16, 16, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2)),
     (256, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
 }
