@@ -18,11 +18,8 @@ One call erases people from one image:
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -31,127 +28,18 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, composite_layers, set_adapter_ids
 
 from .alpha import LayerAlpha
+from .erasing import (DEFAULT_PROMPTS, NUM_ADAPTERS, LayerInputs, MILDOutput, check_call_numbers,  # noqa: F401
+                      composite_output, conditional_cag, layer_alphas, layer_inputs, to_image_tensor, to_masks,
+                      to_output)
 from .hmg import HumanMorphologyGuidance, guidance_image
-from .layers import LayerPlan, default_dilation, plan_layers
-from .processors import RegionContext, enable_sma
+from .layers import default_dilation, plan_layers
+from .processors import enable_sma
 from .tiny import TINY_SINGLE_WEIGHTS, TINY_WEIGHTS, PixelPatchAutoencoder, load_tiny_weights, tiny_components
-
-NUM_ADAPTERS = 2  # 0: background LoRA, 1: foreground LoRA
-DEFAULT_PROMPTS = {"background": "empty background scene, nothing in front", "person": "a person, complete body"}
-
-
-@dataclasses.dataclass
-class MILDOutput:
-    image: object  # PIL.Image when the input was one, else a (3, H, W) float tensor in [0, 1]
-    layers: torch.Tensor  # (L, 3, H, W) decoded layers in [0, 1], back to front
-    alphas: torch.Tensor  # (L, 1, H, W) each layer's alpha as composited (the background's is 1)
-    cag: dict  # {layer: {"HxW": CAG}} for the conditional rows, per attention resolution
-    plan: LayerPlan
-
-
-def to_image_tensor(image) -> tuple[torch.Tensor, bool]:
-    """(3, H, W) float32 in [0, 1], and whether the input was a PIL image."""
-    try:
-        from PIL import Image
-    except ImportError:
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255, True
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image: expected an (H, W, 3) array, got shape {image.shape}")
-        if not np.isfinite(image).all():
-            raise ValueError("image: contains NaN or inf; pixels must lie in [0, 1]")
-        return torch.from_numpy(image.astype(np.float32) / (255 if image.dtype == np.uint8 else 1)).permute(2, 0, 1), False
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-        image = image.float()
-        if not bool(torch.isfinite(image).all()):
-            raise ValueError("image: contains NaN or inf; pixels must lie in [0, 1]")
-        return image, False
-    raise ValueError(f"image: expected a PIL image, an (H, W, 3) array or a (3, H, W) tensor, got {type(image).__name__}")
-
-
-def check_call_numbers(steps, guidance_scale, eta, alpha, beta, dilation) -> None:
-    """The pipeline call's numeric arguments, before any work (each a ValueError naming it)."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"num_inference_steps: must be an integer >= 1, got {steps!r}")
-    for name, value, low in (("guidance_scale", guidance_scale, None), ("eta", eta, 0.0), ("alpha", alpha, None),
-                             ("beta", beta, None)):
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and (low is None or value >= low)):
-            raise ValueError(f"{name}: must be a finite number{'' if low is None else f' >= {low:g}'}, got {value!r}")
-    if dilation is not None and (isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral)
-                                 or dilation < 0):
-        raise ValueError(f"dilation: must be an integer >= 0 (pixels) or None, got {dilation!r}")
-
-
-def to_masks(instance_masks, size) -> torch.Tensor:
-    """(P, H, W) float32 person masks from a tensor, an array or a list of images/arrays."""
-    if isinstance(instance_masks, (list, tuple)):
-        planes = []
-        for mask in instance_masks:
-            array = np.asarray(mask.convert("L") if hasattr(mask, "convert") else mask, dtype=np.float32)
-            planes.append(torch.from_numpy(array / (255 if array.max() > 1 else 1)))
-        masks = torch.stack(planes) if planes else torch.zeros(0, *size)
-    else:
-        masks = torch.as_tensor(instance_masks, dtype=torch.float32)
-    if masks.dim() != 3 or tuple(masks.shape[1:]) != tuple(size):
-        raise ValueError(f"instance_masks: need (P, H, W) masks of the image's size {tuple(size)}, "
-                         f"got {tuple(masks.shape)}")
-    return masks
-
 
 def is_inpainting_unet(unet) -> bool:
     """An inpainting UNet takes the noisy latents, the mask and the masked image's latents
     (SD's 4 + 1 + 4 = 9 channels); otherwise it takes the latents alone."""
     return unet.config.in_channels == 2 * unet.config.out_channels + 1
-
-
-@dataclasses.dataclass
-class LayerInputs:
-    """One image's layers as UNet rows (one row per layer; CFG doubles them)."""
-    plan: LayerPlan
-    pad: tuple[int, int]  # (bottom, right) replicate padding to the VAE's multiple
-    latent_size: tuple[int, int]
-    padded: torch.Tensor  # (3, H', W') the padded photo
-    inpaint: torch.Tensor  # (L, 1, H', W') where each layer generates
-    inpaint_latent: torch.Tensor  # (L, 1, h, w) the same at latent resolution (nearest)
-    region_masks: torch.Tensor  # (L, P, H', W') person masks as each layer's SMA sees them
-    allow: torch.Tensor  # (L, R, R)
-    adapter_ids: list  # per layer: 0 background LoRA, 1 foreground LoRA
-    kinds: list  # per layer: "background" or "person" (its prompt)
-    guide: torch.Tensor | None  # (L, C, H', W') HMG images, or None without HMG inputs
-    guide_weights: torch.Tensor | None  # (L,) HMG on/off per layer
-
-    def visible(self) -> torch.Tensor:
-        """(L, 1, H', W') each layer's person as the photo shows it (0 for the background layer)."""
-        kept = self.plan.layers[0].region_masks  # the kept people's visible masks (erased ones zeroed)
-        planes = [torch.zeros_like(kept[0]) if layer.person == 0 else kept[layer.person - 1]
-                  for layer in self.plan.layers]
-        return F.pad(torch.stack(planes)[:, None], (0, self.pad[1], 0, self.pad[0]))
-
-    def background_only(self) -> "LayerInputs":
-        """The background layer alone: one pass over the dilated erased union (single-layer inpainting)."""
-        plan = dataclasses.replace(self.plan, layers=self.plan.layers[:1])
-        return dataclasses.replace(
-            self, plan=plan, inpaint=self.inpaint[:1], inpaint_latent=self.inpaint_latent[:1],
-            region_masks=self.region_masks[:1], allow=self.allow[:1], adapter_ids=self.adapter_ids[:1],
-            kinds=self.kinds[:1], guide=None if self.guide is None else self.guide[:1],
-            guide_weights=None if self.guide_weights is None else self.guide_weights[:1])
-
-    def masked_pixels(self) -> torch.Tensor:
-        """(L, 3, H', W') the photo with each layer's region blanked to mid-grey (0 once the VAE
-        maps [0, 1] to [-1, 1]), as SD inpainting models were trained: the UNet's condition."""
-        return self.padded[None] * (1 - self.inpaint) + 0.5 * self.inpaint
-
-    def context(self, halves: int, alpha, beta, backend: str, device) -> RegionContext:
-        """The region context of ``halves`` copies of the rows (2 for classifier-free guidance)."""
-        L = len(self.adapter_ids)
-        return RegionContext(instance_masks=self.region_masks.to(device), latent_size=self.latent_size,
-                             row_image=torch.arange(L).repeat(halves), alpha=alpha, beta=beta,
-                             allow=self.allow.repeat(halves, 1, 1).to(device),
-                             domains=[layer.domain for layer in self.plan.layers] * halves, backend=backend)
 
 
 class MILDPipeline(DiffusionPipeline):
@@ -196,7 +84,8 @@ class MILDPipeline(DiffusionPipeline):
     def from_pretrained(cls, path, *, torch_dtype=None, hmg_weights=None, lora_weights=None, alpha_weights=None,
                         lora_rank: int = 4,
                         backend: str = "auto", compile: bool | str = False, **kwargs) -> "MILDPipeline":
-        """Load real weights from a local diffusers inpainting folder; never downloads.
+        """Load real weights from a local diffusers inpainting folder; never downloads. A FLUX.1
+        Fill or SD3 inpainting folder gives a ``MILDTransformerPipeline`` (same call).
 
         ``hmg_weights`` / ``lora_weights``: optional safetensors files for the HMG adapter
         and for the LoRA adapters (keys as in the UNet's state dict, ``...lora_a`` / ``...lora_b``);
@@ -206,6 +95,13 @@ class MILDPipeline(DiffusionPipeline):
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"path: {path} is not a local model folder (nothing is downloaded)")
+        from .transformer_pipeline import MILDTransformerPipeline, transformer_kind
+
+        if transformer_kind(path) is not None:  # FLUX.1 Fill or SD3: the transformer pipeline
+            if hmg_weights is not None or alpha_weights is not None or compile:
+                raise ValueError("hmg_weights, alpha_weights, compile: not offered for diffusion transformers yet")
+            return MILDTransformerPipeline.from_pretrained(path, torch_dtype=torch_dtype, lora_weights=lora_weights,
+                                                           lora_rank=lora_rank, backend=backend)
         load = dict(local_files_only=True, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
         vae_class = AutoencoderKL
         if '"PixelPatchAutoencoder"' in (path / "vae" / "config.json").read_text():
@@ -294,28 +190,8 @@ class MILDPipeline(DiffusionPipeline):
                        occlusion_order=None, dilation: int | None = None) -> "LayerInputs":
         """Plan the layers of one image and build their per-row UNet inputs (before CFG doubles
         the rows): shared by inference (``__call__``) and training (mild.train)."""
-        H, W = pixels.shape[1:]
-        plan = plan_layers(masks, erase, occlusion_order,
-                           dilation=default_dilation(H, W) if dilation is None else dilation)
-        factor = self.vae_scale_factor
-        pad = ((-H) % factor, (-W) % factor)  # the VAE needs multiples of its factor
-        latent_size = ((H + pad[0]) // factor, (W + pad[1]) // factor)
-
-        def pad_mask(m):
-            return F.pad(m, (0, pad[1], 0, pad[0]))
-
-        inpaint = torch.stack([pad_mask(layer.inpaint) for layer in plan.layers])[:, None]  # (L, 1, H, W)
-        guidance = self._guidance(plan, (H, W), keypoints, parsing, occlusion_order)
-        return LayerInputs(
-            plan=plan, pad=pad, latent_size=latent_size,
-            padded=F.pad(pixels[None], (0, pad[1], 0, pad[0]), mode="replicate")[0], inpaint=inpaint,
-            inpaint_latent=F.interpolate(inpaint, size=latent_size, mode="nearest"),
-            region_masks=torch.stack([pad_mask(layer.region_masks) for layer in plan.layers]),
-            allow=torch.stack([layer.allow for layer in plan.layers]),
-            adapter_ids=[layer.adapter_id for layer in plan.layers],
-            kinds=["background" if layer.person == 0 else "person" for layer in plan.layers],
-            guide=None if guidance is None else F.pad(guidance[0], (0, pad[1], 0, pad[0])),
-            guide_weights=None if guidance is None else guidance[1])
+        return layer_inputs(pixels, masks, self.vae_scale_factor, erase, occlusion_order, dilation,
+                            lambda plan, size: self._guidance(plan, size, keypoints, parsing, occlusion_order))
 
     # ------------------------------------------------------------ call
     @torch.no_grad()
@@ -418,20 +294,8 @@ class MILDPipeline(DiffusionPipeline):
         with torch.profiler.record_function("mild::layer_alpha"):
             # the head reads the layers as decoded, as it saw them in training
             alphas = self.layer_alphas(rows, decoded)[..., :H, :W]
-        # Outside its inpaint region a layer is the photo: those pixels are known, and the
-        # person layers' visible parts are composited with alpha 1.
-        decoded = torch.where(rows.inpaint.to(decoded.device) > 0, decoded, rows.padded[None].to(decoded.device))
-        layers = decoded[..., :H, :W]
-        with torch.profiler.record_function("mild::composite"):
-            result = composite_layers(layers[:, None], alphas[:, None], pixels[None].to(layers.device),
-                                      plan.paste_region[None, None].float().to(layers.device),
-                                      backend=self.backend)[0].cpu()
-        layers = layers.cpu()
-        cag = {}
-        for (row, (h, w)), value in context.cag().items():
-            if row >= L:  # the conditional half
-                cag.setdefault(row - L, {})[f"{h}x{w}"] = value
-        return MILDOutput(self._to_output(result, was_pil), layers, alphas.cpu(), cag, plan)
+        result, layers = composite_output(rows, decoded, pixels, alphas, self.backend)
+        return MILDOutput(self._to_output(result, was_pil), layers, alphas.cpu(), conditional_cag(context, L), plan)
 
     def _at_working_size(self, pixels, masks, erase, keypoints, parsing, occlusion_order, dilation, as_pil,
                          **call) -> MILDOutput:
@@ -475,19 +339,8 @@ class MILDPipeline(DiffusionPipeline):
         return self
 
     def layer_alphas(self, rows: LayerInputs, decoded: torch.Tensor) -> torch.Tensor:
-        """(L, 1, H', W') each layer's alpha: 1 for the background; for a person layer, its
-        silhouette predicted by the ``alpha`` head from the decoded layers (or, without a
-        head, the plan's fixed feathered band over its inpaint region)."""
-        device = decoded.device
-        fixed = torch.stack([F.pad(layer.alpha, (0, rows.pad[1], 0, rows.pad[0])) for layer in rows.plan.layers])
-        alphas = fixed[:, None].float().to(device)
-        if self.alpha is None or len(rows.plan.layers) == 1:
-            return alphas
-        people = slice(1, None)  # layer 0 is the background; the others are people
-        head = next(self.alpha.parameters()).device
-        predicted = self.alpha(decoded[people].to(head), decoded[:1].expand_as(decoded[people]).to(head),
-                               rows.visible()[people].to(head), rows.inpaint[people].to(head)).to(device)
-        return torch.cat([alphas[:1], predicted])
+        """(L, 1, H', W') each layer's alpha (see :func:`layer_alphas`)."""
+        return layer_alphas(self.alpha, rows, decoded)
 
     def _denoising_unet(self):
         """The UNet as the denoising loop calls it: compiled once per ``compile`` setting."""
@@ -501,8 +354,4 @@ class MILDPipeline(DiffusionPipeline):
 
     @staticmethod
     def _to_output(result: torch.Tensor, as_pil: bool):
-        if not as_pil:
-            return result
-        from PIL import Image
-
-        return Image.fromarray((result.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+        return to_output(result, as_pil)

@@ -199,3 +199,52 @@ def load_tiny_weights(pipe, path) -> None:
         pipe.default_guidance_scale = float(metadata["guidance_scale"])
     if metadata.get("working_size", "None") != "None":  # the size it was trained at: larger photos run scaled
         pipe.working_size = int(metadata["working_size"])
+
+
+def _tiny_clip(tokenizer, projection: bool = False):
+    from transformers import CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_attention_heads=2,
+                            num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length,
+                            projection_dim=TEXT_DIM, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def tiny_transformer_pipeline(kind: str, seed: int = 0):
+    """diffusers' FluxFillPipeline ("flux") or StableDiffusion3InpaintPipeline ("sd3") at toy
+    sizes, random weights: the real classes (transformer, AutoencoderKL with FLUX's 16 latent
+    channels and shift, CLIP and T5 text encoders, flow-matching scheduler), for tests and the
+    CPU profile. FLUX's T5 reads the tiny character tokenizer too; SD3 has no third encoder."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3InpaintPipeline)
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    latent = 16
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=(8, 8, 16, 16),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, scaling_factor=0.3611,
+                        shift_factor=0.1159, use_quant_conv=kind != "flux", use_post_quant_conv=kind != "flux").eval()
+    tokenizer = tiny_tokenizer()
+    if kind == "flux":
+        text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_ff=64, d_kv=8,
+                                                 num_layers=1, num_heads=4)).eval()
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4 * latent + 4 * latent + 4 * 64, out_channels=4 * latent, num_layers=1,
+            num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT_DIM,
+            pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        return FluxFillPipeline(scheduler=scheduler, vae=vae, text_encoder=_tiny_clip(tokenizer), tokenizer=tokenizer,
+                                text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(), transformer=transformer)
+    if kind != "sd3":
+        raise ValueError(f"kind: expected 'flux' or 'sd3', got {kind!r}")
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=latent, out_channels=latent, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=2 * TEXT_DIM, caption_projection_dim=2 * 16,
+        pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=32).eval()
+    return StableDiffusion3InpaintPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=_tiny_clip(tokenizer, True), tokenizer=tokenizer, text_encoder_2=_tiny_clip(tokenizer, True),
+        tokenizer_2=tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None)

@@ -300,3 +300,58 @@ def test_multi_lora_on_transformer_attention_and_mlp_linears_one_adapter_per_row
         assert relative_error(reference[row], plain[row]) > 1e-2  # the adapter matters
     with pytest.raises(ValueError, match="^model: found no unwrapped"):
         apply_multi_lora(model, 2, 4, mlp=True)
+
+
+def erase_scene():
+    """A 48 x 40 photo (padded to the transformers' 16-pixel multiple inside) with two people,
+    the second (erased) overlapping the first."""
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 48, 40, generator=gen)
+    masks = torch.zeros(2, 48, 40)
+    masks[0, 8:34, 4:20] = 1
+    masks[1, 14:44, 14:34] = 1
+    masks[0][masks[1] > 0] = 0
+    return image, masks
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_pipeline_from_a_local_folder_runs_every_layer_in_one_transformer_call_per_step(kind, tmp_path):
+    from mild import MILDPipeline
+    from mild.tiny import tiny_transformer_pipeline
+    from mild.transformer_pipeline import MILDTransformerPipeline
+    from mild_kernels import MultiLoRALinear
+
+    tiny_transformer_pipeline(kind).save_pretrained(tmp_path)
+    pipe = MILDPipeline.from_pretrained(tmp_path, backend="torch")
+    assert isinstance(pipe, MILDTransformerPipeline) and pipe.kind == kind
+    calls = []
+    probe = next(m for m in pipe.transformer.modules() if isinstance(m, MultiLoRALinear))
+
+    def record(module, args, kwargs):
+        context = kwargs["joint_attention_kwargs"]["region_context"]
+        calls.append((kwargs["hidden_states"].shape[0], probe.adapter_ids.tolist(), len(context.row_image),
+                      context.latent_size))
+
+    pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    image, masks = erase_scene()
+    out = pipe(image, masks, erase=[2], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    layers = len(out.plan.layers)
+    halves = 1 if kind == "flux" else 2  # FLUX Fill: guidance-distilled, one row per layer
+    assert layers == 2 and len(calls) == 3
+    assert all(call == (layers * halves, [0, 1] * halves, layers * halves, (3, 3)) for call in calls), calls
+    assert out.image.shape == image.shape and bool(torch.isfinite(out.image).all())
+    outside = out.plan.paste_region == 0
+    assert torch.equal(out.image[:, outside], image[:, outside])  # outside the erased region: the photo
+    assert not torch.allclose(out.image, image)
+    assert out.layers.shape == (layers, 3, 48, 40) and set(out.cag) == {0, 1}
+    assert probe.adapter_ids is None  # the ids are cleared after the call
+
+
+def test_transformer_pipeline_refuses_hmg_inputs():
+    from mild.tiny import tiny_transformer_pipeline
+    from mild.transformer_pipeline import MILDTransformerPipeline
+
+    pipe = MILDTransformerPipeline(tiny_transformer_pipeline("flux"), backend="torch")
+    image, masks = erase_scene()
+    with pytest.raises(ValueError, match="keypoints.*Human Morphology Guidance needs a UNet"):
+        pipe(image, masks, keypoints=[torch.zeros(17, 3)] * 2, num_inference_steps=1)
