@@ -35,6 +35,7 @@ read a latent cache), peak memory and the speedup, into e2e_train.json.
     python benchmarks/profile_e2e.py --arch sd15 sdxl     # GPU
     python benchmarks/profile_e2e.py --train --cpu-smoke  # the training harness, tiny model, CPU
     python benchmarks/profile_e2e.py --train --arch sdxl  # GPU: the 2x samples/s target at 1024²
+    python benchmarks/profile_e2e.py --model-kind flux    # FLUX.1 Fill (sd3: SD3), benchmarks/profile_transformer.py
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ ARCHS = {
     "sdxl": dict(resolution=1024, unet=SDXL_INPAINT_UNET, vae=SD_VAE, text=(77, 2048), pooled=1280),
 }
 INFERENCE_PROVIDERS = ("mild", "mild-plain-attn", "baseline")
-STAGES = {"unet": "mild::unet", "attention": "mild_kernels::sma_forward", "lora": "mild_kernels::multi_lora_forward",
+STAGES = {"unet": ("mild::unet", "mild::transformer"),  # the denoiser: a UNet or a diffusion transformer
+          "attention": "mild_kernels::sma_forward", "lora": "mild_kernels::multi_lora_forward",
           "step": "mild::step", "vae": ("mild::vae_encode", "mild::vae_decode"), "composite": "mild::composite"}
 
 
@@ -610,6 +612,10 @@ def main(argv=None):
     parser.add_argument("--train-weights", nargs="+", choices=tuple(TRAIN_WEIGHTS), default=None,
                         help="--train: weight dtypes, one case each (default fp32, as mild train; bf16 when fp32 "
                              "runs out of memory)")
+    parser.add_argument("--model-kind", nargs="+", choices=("flux", "sd3", "sd15", "sdxl"), default=None,
+                        help="the model family to profile at its real shapes on a GPU (random weights): flux (FLUX.1 "
+                             "Fill) and sd3 through MILDTransformerPipeline (benchmarks/profile_transformer.py), sd15 "
+                             "and sdxl as --arch; on the CPU their toy versions")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny model on the CPU, a harness check (inference: 2 steps, L = 1 and 2; --train: L = 2)")
     parser.add_argument("--out", type=Path, default=None)
@@ -625,6 +631,21 @@ def main(argv=None):
     device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
     out_dir = args.out or (RESULTS / ("quick" if args.cpu_smoke else device_slug()))
     out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = args.model_kind or []
+    transformer_kinds = [k for k in kinds if k in ("flux", "sd3")]
+    if transformer_kinds:
+        if len(transformer_kinds) != len(kinds) or args.train or args.step or args.arch:
+            parser.error("--model-kind flux/sd3: inference only, and not mixed with UNet kinds or --arch")
+        from benchmarks.profile_transformer import PROVIDERS as TRANSFORMER_PROVIDERS, transformer_main
+
+        if args.providers and not set(args.providers) <= set(TRANSFORMER_PROVIDERS):
+            parser.error(f"--providers: choose from {', '.join(TRANSFORMER_PROVIDERS)} for a transformer")
+        return transformer_main(transformer_kinds, args.layers or ([1, 2, 4] if gpu else [1, 2]),
+                                args.providers or TRANSFORMER_PROVIDERS, args.backend,
+                                args.steps or (28 if gpu else 2), gpu, device,
+                                torch.bfloat16 if gpu else torch.float32, out_dir)
+    if kinds:  # UNet families: the --arch names, or the tiny model on the CPU
+        args.arch = (args.arch or []) + (kinds if gpu else ["tiny"])
     if args.train:
         return train_main(args, gpu, device, out_dir)
     if args.step:

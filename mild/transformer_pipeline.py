@@ -145,8 +145,12 @@ class MILDTransformerPipeline:
     def __call__(self, image, instance_masks, erase=None, occlusion_order=None, num_inference_steps: int = 28,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", alpha: float = 1.0, beta: float = 1.0,
-                 dilation: int | None = None, **hmg) -> MILDOutput:
+                 dilation: int | None = None, prompt_embeds: dict | None = None,
+                 negative_prompt_embeds: tuple | None = None, **hmg) -> MILDOutput:
         """Erase people from one image (the arguments as in ``MILDPipeline.__call__``).
+
+        ``prompt_embeds``: instead of prompts, {"background": (text (T, C), pooled (C2,)),
+        "person": ...}, and for SD3's guidance ``negative_prompt_embeds`` = (text, pooled).
 
         Human Morphology Guidance (keypoints, parsing) feeds a UNet's down blocks and has no
         transformer counterpart yet: passing it is a ValueError.
@@ -169,10 +173,18 @@ class MILDTransformerPipeline:
         halves = 2 if guided else 1
 
         with torch.profiler.record_function("mild::encode"):
-            prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
-            text, pooled, text_ids = self._encode_prompts([prompts[kind] for kind in rows.kinds], negative_prompt,
-                                                          guided, device)
-            text, pooled = text.to(dtype), pooled.to(dtype)
+            if prompt_embeds is None:
+                prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
+                text, pooled, text_ids = self._encode_prompts([prompts[kind] for kind in rows.kinds], negative_prompt,
+                                                              guided, device)
+            else:
+                text, pooled = (torch.stack([prompt_embeds[kind][part] for kind in rows.kinds]) for part in (0, 1))
+                if guided:
+                    text = torch.cat([negative_prompt_embeds[0][None].expand_as(text), text])
+                    pooled = torch.cat([negative_prompt_embeds[1][None].expand_as(pooled), pooled])
+                text_ids = torch.zeros(text.shape[1], 3)
+            text, pooled = text.to(device, dtype), pooled.to(device, dtype)
+            text_ids = None if text_ids is None else text_ids.to(device, dtype)
         channels = self.base.vae.config.latent_channels
         noise = torch.randn((L, channels, latent_h, latent_w), generator=generator).to(device, dtype)
         inpaint_latent = F.interpolate(rows.inpaint, size=(latent_h, latent_w), mode="nearest").to(device, dtype)

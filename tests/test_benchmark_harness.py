@@ -86,6 +86,24 @@ def test_mild_profile_writes_under_the_working_directory_and_names_it(tmp_path):
     assert not (ROOT / "mild_profile").exists()
 
 
+@pytest.mark.slow  # a subprocess of ~15 s: CI's `pytest -m slow` runs it
+def test_mild_profile_model_kind_profiles_flux_and_sd3(tmp_path):
+    """`mild profile --model-kind flux sd3`: MILDTransformerPipeline (toy sizes on the CPU), SMA
+    against diffusers' own processors, the denoiser's time read from its stage."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", "mild", "profile", "--model-kind", "flux", "sd3", "--layers", "2",
+                           "--steps", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "mild_profile" / "e2e.json").read_text())
+    cases = {(r["x"], r["provider"]) for r in rows if r["metric"] == "images_per_s"}
+    assert cases == {(f"{k}-tiny L2", p) for k in ("flux", "sd3") for p in ("mild", "mild-plain-attn")}
+    assert all(r["q50"] > 0 for r in rows if r["metric"] in ("images_per_s", "stage_ms:unet"))
+    attention = {r["provider"]: r["q50"] for r in rows if r["metric"] == "stage_ms:attention" and "flux" in r["x"]}
+    assert attention["mild"] > 0 and attention["mild-plain-attn"] == 0  # SMA ran only where it should
+
+
 @pytest.mark.slow  # a subprocess of ~10 s: CI's `pytest -m slow` runs it
 def test_microbenchmarks_run_under_pytest_benchmark_with_the_shared_schema(tmp_path):
     """`pytest benchmarks --benchmark-only`: the CLI benchmarks' cases, each row tagged with the schema's fields."""
