@@ -18,6 +18,9 @@ CHECKPOINT_FORMAT = "mild-checkpoint/1"
 ADAPTER_KEYS = ("lora_a", "lora_b", "sma_modulation.alpha", "sma_modulation.beta")
 ARCHITECTURE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
                      "attention_head_dim", "down_block_types", "up_block_types", "transformer_layers_per_block")
+TRANSFORMER_ARCHITECTURE_KEYS = ("in_channels", "out_channels", "patch_size", "num_layers", "num_single_layers",
+                                 "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                                 "dual_attention_layers")
 
 
 class CheckpointError(ValueError):
@@ -25,13 +28,18 @@ class CheckpointError(ValueError):
 
 
 def architecture(pipe) -> dict:
-    """What a checkpoint's tensors depend on: the UNet's shape, the LoRA rank and the HMG adapter."""
-    config = pipe.unet.config
-    unet = {key: list(value) if isinstance(value, (tuple, list)) else value
-            for key in ARCHITECTURE_KEYS if (value := config.get(key)) is not None}
-    rank = next(m.rank for m in pipe.unet.modules() if hasattr(m, "lora_a"))
+    """What a checkpoint's tensors depend on: the denoiser's shape (a UNet's, or a diffusion
+    transformer's with its class), the LoRA rank and the HMG adapter."""
+    denoiser = pipe.denoiser
+    config = denoiser.config
+    unet = hasattr(pipe, "unet")
+    shape = {key: list(value) if isinstance(value, (tuple, list)) else value
+             for key in (ARCHITECTURE_KEYS if unet else TRANSFORMER_ARCHITECTURE_KEYS)
+             if (value := config.get(key)) is not None}
+    rank = next(m.rank for m in denoiser.modules() if hasattr(m, "lora_a"))
     hmg = None if pipe.hmg is None else pipe.hmg.parsing_classes
-    return {"unet": unet, "lora_rank": rank, "hmg_parsing_classes": hmg}
+    model = {"unet": shape} if unet else {"transformer": {"class": type(denoiser).__name__, **shape}}
+    return {**model, "lora_rank": rank, "hmg_parsing_classes": hmg}
 
 
 def adapter_state(unet, include_base: bool) -> dict:
@@ -66,13 +74,13 @@ def load_checkpoint(pipe, path) -> dict:
         differ = sorted(k for k in set(mine) | set(meta["architecture"]) if mine.get(k) != meta["architecture"].get(k))
         raise CheckpointError(f"{folder} was trained for another architecture (differs in {', '.join(differ)}); "
                          "load it into the model it was trained on")
-    load_unet_tensors(pipe.unet, load_file(str(folder / "lora.safetensors")), folder / "lora.safetensors")
+    load_unet_tensors(pipe.denoiser, load_file(str(folder / "lora.safetensors")), folder / "lora.safetensors")
     if pipe.hmg is not None and (folder / "hmg.safetensors").is_file():
         pipe.hmg.load(folder / "hmg.safetensors")
     if (folder / "alpha.safetensors").is_file():  # a layered checkpoint brings its alpha head
         from .alpha import LayerAlpha
 
-        pipe.alpha = (pipe.alpha or LayerAlpha().to(pipe.unet.device)).load(folder / "alpha.safetensors")
+        pipe.alpha = (pipe.alpha or LayerAlpha().to(pipe.denoiser.device)).load(folder / "alpha.safetensors")
     return meta
 
 
@@ -97,7 +105,7 @@ def save_checkpoint(out: Path, step: int, pipe, optimizer, meta: dict, include_b
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(adapter_state(pipe.unet, include_base), str(tmp / "lora.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+    save_file(adapter_state(pipe.denoiser, include_base), str(tmp / "lora.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
     if pipe.hmg is not None:
         pipe.hmg.save(tmp / "hmg.safetensors")
     if pipe.alpha is not None:

@@ -205,3 +205,33 @@ def to_output(result: torch.Tensor, as_pil: bool):
     from PIL import Image
 
     return Image.fromarray((result.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def layer_targets(sample, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What each layer row reconstructs on its own (SPEC 6), padded as ``rows.padded``:
+
+    - (L, 3, H', W') images: the background row's is the plate inside its inpaint region (the
+      target elsewhere); person i's row's is person i's amodal RGBA over the target;
+    - (L, 1, H', W') the rows' amodal silhouettes (the background's is 1), or None.
+
+    A sample without plate or people falls back to the target for those rows.
+    """
+    target = sample.target.float()
+    H, W = target.shape[1:]
+    images, silhouettes = [], []
+    for index, layer in enumerate(rows.plan.layers):
+        if layer.person == 0:
+            region = rows.inpaint[index, 0, :H, :W]
+            plate = target if sample.plate is None else sample.plate.float()
+            images.append(region * plate + (1 - region) * target)
+            silhouettes.append(torch.ones(1, H, W))
+        elif sample.people is None:
+            images.append(target)
+            silhouettes.append(torch.full((1, H, W), math.nan))
+        else:
+            person = sample.people[layer.person - 1].float()
+            images.append(person[3:] * person[:3] + (1 - person[3:]) * target)
+            silhouettes.append(person[3:])
+    pad = (0, rows.pad[1], 0, rows.pad[0])
+    amodal = None if sample.people is None else F.pad(torch.stack(silhouettes), pad)
+    return F.pad(torch.stack(images), pad, mode="replicate"), amodal

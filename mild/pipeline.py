@@ -338,6 +338,11 @@ class MILDPipeline(DiffusionPipeline):
             self.alpha.to(self.unet.device)
         return self
 
+    @property
+    def denoiser(self):
+        """The model that denoises: this pipeline's UNet (MILDTransformerPipeline's is a transformer)."""
+        return self.unet
+
     def layer_alphas(self, rows: LayerInputs, decoded: torch.Tensor) -> torch.Tensor:
         """(L, 1, H', W') each layer's alpha (see :func:`layer_alphas`)."""
         return layer_alphas(self.alpha, rows, decoded)

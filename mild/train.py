@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from mild_kernels import set_adapter_ids
 
 from .checkpoints import ADAPTER_KEYS, architecture, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .erasing import layer_targets  # noqa: F401  (tests and users import it from here)
 
 LOG_FIELDS = ("step", "loss", "val_loss", "lr", "seconds")
 
@@ -77,44 +78,26 @@ class TrainingModel(torch.nn.Module):
         return prediction, self.alpha.logits(images, images[:1].expand_as(images), visible, region)
 
 
+def is_transformer_pipeline(pipe) -> bool:
+    from .transformer_pipeline import MILDTransformerPipeline
+
+    return isinstance(pipe, MILDTransformerPipeline)
+
+
 def text_embeddings(pipe) -> dict:
-    """The frozen prompt embeddings of the two pathway kinds and of the empty prompt."""
+    """The frozen prompt embeddings of the two pathway kinds and of the empty prompt (for a
+    diffusion transformer, (text, pooled) pairs: ``transformer_train.prompt_embeddings``)."""
     from .pipeline import DEFAULT_PROMPTS
+
+    if is_transformer_pipeline(pipe):
+        from .transformer_train import prompt_embeddings
+
+        return prompt_embeddings(pipe)
 
     with torch.no_grad():
         kinds = list(DEFAULT_PROMPTS)
         embeds = pipe._embed([DEFAULT_PROMPTS[k] for k in kinds] + [""])
     return {**{k: embeds[i] for i, k in enumerate(kinds)}, "": embeds[-1]}
-
-
-def layer_targets(sample, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What each layer row reconstructs on its own (SPEC 6), padded as ``rows.padded``:
-
-    - (L, 3, H', W') images: the background row's is the plate inside its inpaint region (the
-      target elsewhere); person i's row's is person i's amodal RGBA over the target;
-    - (L, 1, H', W') the rows' amodal silhouettes (the background's is 1), or None.
-
-    A sample without plate or people falls back to the target for those rows.
-    """
-    target = sample.target.float()
-    H, W = target.shape[1:]
-    images, silhouettes = [], []
-    for index, layer in enumerate(rows.plan.layers):
-        if layer.person == 0:
-            region = rows.inpaint[index, 0, :H, :W]
-            plate = target if sample.plate is None else sample.plate.float()
-            images.append(region * plate + (1 - region) * target)
-            silhouettes.append(torch.ones(1, H, W))
-        elif sample.people is None:
-            images.append(target)
-            silhouettes.append(torch.full((1, H, W), math.nan))
-        else:
-            person = sample.people[layer.person - 1].float()
-            images.append(person[3:] * person[:3] + (1 - person[3:]) * target)
-            silhouettes.append(person[3:])
-    pad = (0, rows.pad[1], 0, rows.pad[0])
-    amodal = None if sample.people is None else F.pad(torch.stack(silhouettes), pad)
-    return F.pad(torch.stack(images), pad, mode="replicate"), amodal
 
 
 def estimated_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -148,7 +131,15 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     single-layer baseline runs it.
     ``single_layer``: train as one plain inpainter (the equal-budget baseline of `mild eval`):
     the background row alone, over the dilated erased union, against the composite target,
-    with every row plain and no HMG."""
+    with every row plain and no HMG.
+
+    A diffusion transformer's pipeline (FLUX.1 Fill, SD3) takes the flow-matching loss of
+    ``transformer_train.transformer_sample_loss`` instead, with the same rows and weights."""
+    if is_transformer_pipeline(pipe):
+        from .transformer_train import transformer_sample_loss
+
+        return transformer_sample_loss(model, pipe, sample, embeds, generator, outside_weight, uncond_prob,
+                                       latent_cache, alpha_weight=alpha_weight)
     device, dtype = pipe.unet.device, pipe.unet.dtype
     rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, sample.keypoints, sample.parsing,
                                sample.occlusion_order)
@@ -358,16 +349,18 @@ def run_train(args) -> int:
 
     pipe = build_training_pipeline(args).to(device)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-    for name, param in pipe.unet.named_parameters():
+    denoiser = pipe.denoiser  # the UNet, or a diffusion transformer
+    for module in pipe.components.values():  # the VAE, the text encoders and the denoiser: frozen
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    for name, param in denoiser.named_parameters():
         param.requires_grad_(args.train_base or name.endswith(ADAPTER_KEYS))
     for module in (pipe.hmg, pipe.alpha):
         if module is not None:
             module.requires_grad_(True)
     if args.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    pipe.unet.train()
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
 
     meta = {"architecture": architecture(pipe), "args": {k: v for k, v in vars(args).items() if k != "command"}}
     start = 0
@@ -377,7 +370,12 @@ def run_train(args) -> int:
         state = torch.load(folder / "training_state.pt", weights_only=False)
         start = state["step"]
         torch.set_rng_state(state["torch_rng"])
-    model = plain_model = TrainingModel(pipe.unet, pipe.hmg, pipe.alpha)
+    if is_transformer_pipeline(pipe):
+        from .transformer_train import TransformerTrainingModel
+
+        model = plain_model = TransformerTrainingModel(denoiser, pipe.alpha)
+    else:
+        model = plain_model = TrainingModel(pipe.unet, pipe.hmg, pipe.alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if start:
@@ -454,7 +452,7 @@ def run_train(args) -> int:
                 save_checkpoint(out, done, pipe, optimizer, meta, include_base=args.train_base)
         bar.update(1)
     bar.close()
-    set_adapter_ids(pipe.unet, None)
+    set_adapter_ids(denoiser, None)
     if world > 1:
         import torch.distributed as dist
 

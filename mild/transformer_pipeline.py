@@ -92,9 +92,23 @@ class MILDTransformerPipeline:
             load_unet_tensors(pipe.transformer, load_file(str(lora_weights)), f"lora_weights {lora_weights}")
         return pipe
 
+    hmg = None  # Human Morphology Guidance feeds a UNet's down blocks: none here yet
+
     @property
     def vae_scale_factor(self) -> int:
         return self.base.vae_scale_factor
+
+    @property
+    def denoiser(self):
+        """The model that denoises (what ``mild train`` adapts and checkpoints)."""
+        return self.transformer
+
+    @property
+    def components(self) -> dict:
+        return self.base.components
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self.base.set_progress_bar_config(**kwargs)
 
     def to(self, *args, **kwargs) -> "MILDTransformerPipeline":
         self.base.to(*args, **kwargs)
@@ -108,7 +122,9 @@ class MILDTransformerPipeline:
         unconditional rows then the conditional ones (SD3, classifier-free guidance)."""
         base = self.base
         if self.kind == "flux":
-            return base.encode_prompt(prompt=texts, prompt_2=texts, device=device)
+            # T5's length: FLUX's 512, or fewer where its tokenizer stops earlier (the toy model's)
+            return base.encode_prompt(prompt=texts, prompt_2=texts, device=device,
+                                      max_sequence_length=min(512, base.tokenizer_2.model_max_length))
         text, negative_text, pooled, negative_pooled = base.encode_prompt(
             prompt=texts, prompt_2=texts, prompt_3=texts, device=device, do_classifier_free_guidance=guided,
             negative_prompt=[negative] * len(texts), negative_prompt_2=[negative] * len(texts),
