@@ -392,3 +392,59 @@ def test_mild_train_on_a_local_transformer_folder(kind, tmp_path):
     tiny_transformer_pipeline("sd3" if kind == "flux" else "flux").save_pretrained(other)
     with pytest.raises(CheckpointError, match="another architecture"):
         load_checkpoint(MILDPipeline.from_pretrained(other, backend="torch"), out)
+
+
+def adapted_model_with_regions(kind, backend):
+    """A tiny SMA-enabled transformer with both LoRA adapters (random B) on its attention and
+    feed-forward linears, and a region context with CAG domains, prepared."""
+    from mild_kernels import MultiLoRALinear, apply_multi_lora, set_adapter_ids
+
+    model = tiny_model(kind)
+    enable_sma(model)
+    apply_multi_lora(model, 2, 4, backend=backend, mlp=True)
+    for layer in model.modules():
+        if isinstance(layer, MultiLoRALinear):
+            torch.nn.init.normal_(layer.lora_b, std=0.1)
+    set_adapter_ids(model, [0, 1])
+    context = region_context(person_masks(), backend=backend)
+    context.domains = [[0], [1]]
+    return model, context.prepare(model, text_tokens=TEXT)
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+@pytest.mark.parametrize("backend", ["triton", "torch-as-on-a-gpu"])
+def test_a_prepared_transformer_call_reads_no_tensor_value(kind, backend, monkeypatch):
+    """After RegionContext.prepare, a transformer call with SMA, multi-adapter LoRA and CAG reads
+    no tensor value on the host: no GPU sync in a denoising step."""
+    from helpers import count_host_reads
+    from mild_kernels._runtime import record_launches
+
+    if backend == "torch-as-on-a-gpu":
+        from mild_kernels import _runtime
+
+        monkeypatch.setattr(_runtime, "host_reads_are_free", lambda device: False)
+        backend = "torch"
+    model, context = adapted_model_with_regions(kind, backend)
+    inputs = model_inputs(kind)
+    with record_launches(), count_host_reads() as reads:
+        run(model, inputs, context)
+    assert reads == [], f"host reads in a prepared transformer call: {reads}"
+    assert set(context.cag()) == {(0, GRID), (1, GRID)}
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_the_transformer_traces_as_one_graph_with_regions_lora_and_cag(kind):
+    """torch.compile(fullgraph=True) material: with a prepared context a transformer call is one
+    graph with no break, and the compiled call matches eager."""
+    import dataclasses
+
+    torch._dynamo.reset()
+    model, context = adapted_model_with_regions(kind, "torch")
+    inputs = model_inputs(kind)
+    kwargs = {"region_context": context}
+    explained = torch._dynamo.explain(model)(**inputs, joint_attention_kwargs=kwargs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    expected = run(model, inputs, dataclasses.replace(context).prepare(model, text_tokens=TEXT))
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, joint_attention_kwargs=kwargs).sample
+    assert relative_error(got, expected.double()) < 1e-6
