@@ -4,8 +4,8 @@ One call erases people from one image:
 
 1. ``plan_layers`` builds the background pathway and one pathway per kept person that
    the erased people touch.
-2. Every denoising step runs all layers and both classifier-free-guidance halves in
-   one batched UNet call: rows differ in LoRA adapter (background / foreground, through
+2. Every denoising step runs all layers and both classifier-free-guidance halves (one
+   at guidance scale 1) in one batched UNet call: rows differ in LoRA adapter (background / foreground, through
    mild_kernels' multi-adapter LoRA), SMA region tables (mild_kernels.sma_attention in
    the attention processors) and prompt embedding; optional HMG residuals join them.
 3. ``FusedStep`` updates every layer's latents in one kernel launch.
@@ -241,16 +241,20 @@ class MILDPipeline(DiffusionPipeline):
         plan, L, latent_size = rows.plan, len(rows.plan.layers), rows.latent_size
         device, dtype = self.unet.device, self.unet.dtype
 
+        # Guidance at scale 1 is the conditional prediction alone: the unconditional half is not run.
+        halves = 1 if guidance_scale == 1 else 2
         with torch.profiler.record_function("mild::encode"):
             if prompt_embeds is not None:
                 cond = torch.stack([prompt_embeds[kind] for kind in rows.kinds])
-                uncond = negative_prompt_embeds[None].expand_as(cond)
+                uncond = None if halves == 1 else negative_prompt_embeds[None].expand_as(cond)
             else:
                 prompts = {**DEFAULT_PROMPTS, **(prompts or {})}
-                cond, uncond = self._embed([prompts[kind] for kind in rows.kinds]), self._embed([negative_prompt] * L)
-            text = torch.cat([uncond, cond]).to(device, dtype)
+                cond = self._embed([prompts[kind] for kind in rows.kinds])
+                uncond = None if halves == 1 else self._embed([negative_prompt] * L)
+            text = (cond if halves == 1 else torch.cat([uncond, cond])).to(device, dtype)
             added = None if added_cond_kwargs is None else {
-                name: value.to(device, dtype)[None].expand(2 * L, *value.shape) for name, value in added_cond_kwargs.items()}
+                name: value.to(device, dtype)[None].expand(halves * L, *value.shape)
+                for name, value in added_cond_kwargs.items()}
 
         inpaint_latent = rows.inpaint_latent.to(device, dtype)
         channels = self.unet.config.out_channels
@@ -262,27 +266,29 @@ class MILDPipeline(DiffusionPipeline):
                 known = KnownRegion(self._encode_image(rows.padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
                                     torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype))
 
-        context = rows.context(halves=2, alpha=alpha, beta=beta, backend=self.backend, device=device)
+        context = rows.context(halves=halves, alpha=alpha, beta=beta, backend=self.backend, device=device)
         context.prepare(self.unet, text.shape[1], device)  # every host read of the loop's UNet calls, here
         unet = self._denoising_unet()
-        set_adapter_ids(self.unet, rows.adapter_ids * 2)
+        set_adapter_ids(self.unet, rows.adapter_ids * halves)
         residuals = None
         if rows.guide is not None:
-            residuals = self.hmg(rows.guide.to(device, dtype).repeat(2, 1, 1, 1), rows.guide_weights.repeat(2).to(device))
+            residuals = self.hmg(rows.guide.to(device, dtype).repeat(halves, 1, 1, 1),
+                                 rows.guide_weights.repeat(halves).to(device))
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         fused = FusedStep(self.scheduler, eta=eta, backend=self.backend)
         latents = torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype)
         latents = latents * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            model_in = self.scheduler.scale_model_input(torch.cat([latents] * halves), t)
             if inpainting_unet:
-                model_in = torch.cat([model_in, inpaint_latent.repeat(2, 1, 1, 1), masked_latents.repeat(2, 1, 1, 1)], 1)
+                model_in = torch.cat([model_in, inpaint_latent.repeat(halves, 1, 1, 1),
+                                      masked_latents.repeat(halves, 1, 1, 1)], 1)
             with torch.profiler.record_function("mild::unet"):
                 noise_pred = unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
                                        added_cond_kwargs=added, down_intrablock_additional_residuals=None
                                        if residuals is None else [r.clone() for r in residuals]).sample
-            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_uncond, noise_cond = noise_pred.chunk(2) if halves == 2 else (noise_pred, noise_pred)
             step_noise = torch.randn(latents.shape, generator=generator).to(device, dtype) if eta > 0 else None
             with torch.profiler.record_function("mild::step"):
                 latents = fused.step(noise_uncond, noise_cond, t, latents, guidance_scale, noise=step_noise,

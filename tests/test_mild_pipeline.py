@@ -55,6 +55,27 @@ def test_tiny_pipeline_erases_and_keeps_outside_pixels(tiny_pipe):
         assert all(-1 <= v <= 1 for v in per_resolution.values())
 
 
+def test_guidance_scale_one_runs_the_conditional_rows_alone(tiny_pipe, monkeypatch):
+    """Classifier-free guidance at scale 1 is the conditional prediction: the UNet runs the
+    L conditional rows only (half the work), and the result is what both halves would give."""
+    image, masks = scene()
+    rows = []
+    forward = type(tiny_pipe.unet).forward
+    monkeypatch.setattr(type(tiny_pipe.unet), "forward",
+                        lambda self, x, *a, **k: rows.append(x.shape[0]) or forward(self, x, *a, **k))
+    outs = {}
+    for scale in (1.0, 1.0 + 1e-6):  # the second runs both halves, guidance a hair above 1
+        rows.clear()
+        outs[scale] = tiny_pipe(image, masks, erase=[2], num_inference_steps=3, guidance_scale=scale,
+                                generator=torch.Generator().manual_seed(1))
+        layers = len(outs[scale].plan.layers)
+        assert rows == [layers * (1 if scale == 1 else 2)] * 3
+    one, both = outs.values()
+    assert (one.image - both.image).abs().max() < 1e-4 and (one.layers - both.layers).abs().max() < 1e-4
+    assert set(one.cag) == set(both.cag) == {0, 1}
+    assert all(abs(one.cag[layer][key] - both.cag[layer][key]) < 1e-4 for layer in one.cag for key in one.cag[layer])
+
+
 def test_pil_in_pil_out_and_odd_sizes(tiny_pipe):
     image, masks = scene(size=50)
     pil = Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
