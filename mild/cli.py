@@ -73,10 +73,13 @@ def build_pipeline(args):
     else:
         if not args.model:
             raise CLIError("give --model DIR (a local diffusers inpainting folder) or --tiny")
+        from .transformer_pipeline import transformer_kind
+
         model = Path(args.model)
-        if not model.is_dir() or not (model / "unet").is_dir():
+        if not model.is_dir() or not ((model / "unet").is_dir() or transformer_kind(model)):
             raise CLIError(f"--model {model} is not a diffusers model folder (it needs unet/, vae/, text_encoder/, "
-                           "tokenizer/ and scheduler/; nothing is downloaded)")
+                           "tokenizer/ and scheduler/, or a FLUX.1 Fill / SD3 pipeline's model_index.json and "
+                           "folders; nothing is downloaded)")
         try:
             pipe = MILDPipeline.from_pretrained(model, backend=args.backend, lora_weights=args.lora,
                                                 hmg_weights=args.hmg)
@@ -89,8 +92,8 @@ def build_pipeline(args):
             raise CLIError(str(error)) from None
     pipe.compile = True if args.compile == "default" else args.compile
     pipe.to(device)
-    if device == "cuda" and not args.tiny:
-        pipe.to(torch.float16)
+    if device == "cuda" and not args.tiny:  # FLUX and SD3 overflow fp16: they run in bf16
+        pipe.to(torch.bfloat16 if hasattr(pipe, "transformer") else torch.float16)
     return pipe
 
 

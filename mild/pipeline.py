@@ -98,10 +98,14 @@ class MILDPipeline(DiffusionPipeline):
         from .transformer_pipeline import MILDTransformerPipeline, transformer_kind
 
         if transformer_kind(path) is not None:  # FLUX.1 Fill or SD3: the transformer pipeline
-            if hmg_weights is not None or alpha_weights is not None or compile:
-                raise ValueError("hmg_weights, alpha_weights, compile: not offered for diffusion transformers yet")
-            return MILDTransformerPipeline.from_pretrained(path, torch_dtype=torch_dtype, lora_weights=lora_weights,
-                                                           lora_rank=lora_rank, backend=backend)
+            if hmg_weights is not None:
+                raise ValueError("hmg_weights: Human Morphology Guidance needs a UNet; this folder holds a "
+                                 "diffusion transformer")
+            pipe = MILDTransformerPipeline.from_pretrained(path, torch_dtype=torch_dtype, lora_weights=lora_weights,
+                                                           lora_rank=lora_rank, backend=backend, compile=compile)
+            if alpha_weights is not None:
+                pipe.alpha = LayerAlpha().load(alpha_weights)
+            return pipe
         load = dict(local_files_only=True, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
         vae_class = AutoencoderKL
         if '"PixelPatchAutoencoder"' in (path / "vae" / "config.json").read_text():

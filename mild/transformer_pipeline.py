@@ -52,12 +52,16 @@ class MILDTransformerPipeline:
         lora_rank: rank of the background and foreground adapters on the transformer's
             attention and feed-forward linears (B starts at zero: no effect until trained).
         backend: kernel backend for every mild_kernels call.
+        compile: run the loop's transformer calls through ``torch.compile(fullgraph=True)`` (True,
+            or a mode name), as ``MILDPipeline(compile=...)`` does its UNet's.
     """
 
-    def __init__(self, base, alpha=None, lora_rank: int = 4, backend: str = "auto"):
+    def __init__(self, base, alpha=None, lora_rank: int = 4, backend: str = "auto", compile: bool | str = False):
         from diffusers import FluxFillPipeline
 
         self.base, self.alpha, self.backend = base, alpha, backend
+        self.compile = compile
+        self._compiled = None  # (mode, compiled transformer)
         self.kind = "flux" if isinstance(base, FluxFillPipeline) else "sd3"
         self.transformer = base.transformer
         self.patch = 2 if self.kind == "flux" else self.transformer.config.patch_size  # FLUX packs 2 x 2 latents
@@ -68,7 +72,7 @@ class MILDTransformerPipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, torch_dtype=None, lora_weights=None, lora_rank: int = 4, backend: str = "auto",
-                        **kwargs) -> "MILDTransformerPipeline":
+                        compile: bool | str = False) -> "MILDTransformerPipeline":
         """Load a local FLUX.1 Fill or SD3 inpainting folder (a diffusers ``save_pretrained``
         layout); never downloads. ``lora_weights``: the adapters, keys as in the transformer's
         state dict (``...lora_a`` / ``...lora_b``)."""
@@ -83,7 +87,8 @@ class MILDTransformerPipeline:
         stored = json.loads((Path(path) / "model_index.json").read_text())
         absent = {name: None for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
                   if kind == "sd3" and stored.get(name, [None])[0] is None}
-        pipe = cls(base_class.from_pretrained(path, **absent, **load), lora_rank=lora_rank, backend=backend)
+        pipe = cls(base_class.from_pretrained(path, **absent, **load), lora_rank=lora_rank, backend=backend,
+                   compile=compile)
         if lora_weights is not None:
             from safetensors.torch import load_file
 
@@ -115,6 +120,16 @@ class MILDTransformerPipeline:
         if self.alpha is not None:
             self.alpha.to(self.transformer.device)
         return self
+
+    def _denoising_transformer(self):
+        """The transformer as the denoising loop calls it: compiled once per ``compile`` setting
+        (the region context is prepared before the loop, so it traces as one graph)."""
+        if not self.compile:
+            return self.transformer
+        mode = None if self.compile is True else self.compile
+        if self._compiled is None or self._compiled[0] != mode:
+            self._compiled = (mode, torch.compile(self.transformer, fullgraph=True, dynamic=False, mode=mode))
+        return self._compiled[1]
 
     # ------------------------------------------------------------ helpers
     def _encode_prompts(self, texts: list[str], negative: str, guided: bool, device):
@@ -228,6 +243,7 @@ class MILDTransformerPipeline:
         context.prepare(transformer, text.shape[1], device)
         set_adapter_ids(transformer, rows.adapter_ids * halves)
         timesteps = self._timesteps(num_inference_steps, grid[0] * grid[1], device)
+        denoise = self._denoising_transformer()
         fused = FusedStep(self.base.scheduler, backend=self.backend)
         for t in self.base.progress_bar(timesteps):
             model_in = torch.cat([latents] * halves)
@@ -240,7 +256,7 @@ class MILDTransformerPipeline:
                             guidance=torch.full((L,), float(guidance_scale), device=device, dtype=dtype)
                             if transformer.config.guidance_embeds else None)
             with torch.profiler.record_function("mild::transformer"):
-                prediction = transformer(**call).sample
+                prediction = denoise(**call).sample
             uncond, cond = prediction.chunk(2) if guided else (prediction, prediction)
             with torch.profiler.record_function("mild::step"):
                 latents = fused.step(uncond, cond, t, latents, guidance_scale if guided else 1.0, known_region=known)

@@ -448,3 +448,43 @@ def test_the_transformer_traces_as_one_graph_with_regions_lora_and_cag(kind):
     with torch.no_grad():
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, joint_attention_kwargs=kwargs).sample
     assert relative_error(got, expected.double()) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_cli_erase_with_a_transformer_folder_compiled_and_eager(kind, tmp_path, monkeypatch):
+    """`mild erase --model DIR` takes a FLUX Fill / SD3 folder; with `--compile` the transformer
+    runs through torch.compile(fullgraph=True) (aot_eager here, for the CPU's time) and the
+    written image is the eager one."""
+    import numpy as np
+    from PIL import Image
+
+    from mild.cli import main as cli_main
+    from mild.tiny import tiny_transformer_pipeline
+
+    compile_ = torch.compile
+    compiled = []
+
+    def recording_compile(model, **options):
+        compiled.append((type(model).__name__, options.get("fullgraph")))
+        return compile_(model, backend="aot_eager", **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    model = tmp_path / "model"
+    tiny_transformer_pipeline(kind).save_pretrained(model)
+    image, masks = erase_scene()
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(tmp_path / "image.png")
+    mask_paths = []
+    for i, mask in enumerate(masks, start=1):
+        mask_paths.append(str(tmp_path / f"mask_{i}.png"))
+        Image.fromarray((mask.numpy() * 255).astype(np.uint8)).save(mask_paths[-1])
+    written = []
+    for flags in ([], ["--compile"]):
+        written.append(tmp_path / f"out{len(flags)}.png")
+        assert cli_main(["erase", str(tmp_path / "image.png"), "--masks", *mask_paths, "--erase", "2", "-o",
+                         str(written[-1]), "--model", str(model), "--steps", "2", "--backend", "torch",
+                         "--device", "cpu", *flags]) == 0
+    model_class = "FluxTransformer2DModel" if kind == "flux" else "SD3Transformer2DModel"
+    assert compiled == [(model_class, True)]
+    eager, fused = (np.asarray(Image.open(path)).astype(int) for path in written)
+    assert eager.shape == (48, 40, 3) and np.abs(eager - fused).max() <= 1
