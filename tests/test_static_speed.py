@@ -82,13 +82,14 @@ def test_sma_steady_state_within_budget_of_plain_flash(sm90_rows):
 # SMA's own D=64 rows (the plain kernel takes powers of two only). The D=128 forward's budget
 # is issue 19's target; the others are today's figures (benchmarks/NOTES.md) plus ~5%, so that a
 # change that makes one slower fails here. The dK/dV figures at 128 and 160 are above the
-# 1.3x of the plain kernel that issue 19 asks for: their 32 x 64 tiles are what compiles
-# without spills today (D=80, a class of its own since 2026-12-03, runs 64 x 64).
+# 1.3x of the plain kernel that issue 19 asks for: D=128's 32 x 64 tiles are what compiles
+# without spills today (D=80, a class of its own since 2026-12-03, runs 64 x 64), and D=160's
+# 16 x 64 on one warpgroup (1 stage; 8 warps at 32 x 64 repeated a third of the products).
 HEAD_DIM_BUDGETS = {
     "sma_fwd_d40": 1.12, "sma_dkdv_d40": 1.12, "sma_dq_d40": 1.13,
     "sma_fwd_d80": 0.99, "sma_dkdv_d80": 1.20, "sma_dq_d80": 1.22,
     "sma_fwd_d128": 1.05, "sma_dkdv_d128": 1.58, "sma_dq_d128": 1.18,
-    "sma_fwd_d160": 1.48, "sma_dkdv_d160": 5.40, "sma_dq_d160": 1.45,
+    "sma_fwd_d160": 1.48, "sma_dkdv_d160": 2.83, "sma_dq_d160": 1.45,
 }
 
 
@@ -96,6 +97,8 @@ def test_every_head_dim_within_its_budget(sm90_rows):
     for name, budget in HEAD_DIM_BUDGETS.items():
         for row in _rows(sm90_rows, name):
             assert row["ratio"] <= budget, f"{name}: {row['ratio']:.2f}x its baseline {row['baseline']} per pair"
+    for row in _rows(sm90_rows, "sma_dkdv_d160"):  # no product repeated across warpgroups
+        assert row["tensor_efficiency"] == 1.0 and row["spill"] == 0, row
     (row,) = _rows(sm90_rows, "sma_fwd_d128")
     assert row["baseline"] == "plain_fwd_d128" and (row["block_m"], row["block_n"]) == (128, 128), row
     assert row["spill"] == 0 and row["tensor_efficiency"] == 1.0, row
