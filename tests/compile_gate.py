@@ -52,14 +52,15 @@ SMA_VARIANT_CASES = {
     # soft: its mixed tiles' bias operands are the widest at R <= 4. "inference" compiles the
     # other end of the pure launch's variants (no gradient, nothing blocked, no mixed tiles):
     # under a register cap, ptxas may spill the lighter variant and not the heavier one.
-    "plain": [(True, False, 4, "both"), (True, False, 4, "inference")],
+    # hard: labels instead of memberships (their own mixed-tile code and dW kernel).
+    "plain": [(True, False, 4, "both"), (True, False, 4, "inference"), (False, False, 4, "widest")],
     # many: 4 < R <= 16 without the mass (configs.config_variant), compiled at R = 16.
-    "many": [(True, False, 16, "widest")],
+    "many": [(True, False, 16, "widest"), (False, False, 16, "widest")],
     "mass": [(True, True, 16, "widest")],
     "wide": [(True, True, 64, "widest")],
 }
 # Kernels whose code no config sets: compiled once per distinct variant of these constexprs.
-CONFIG_FREE = {"_sma_bwd_preprocess": ("MASS_GRAD", "LSE_GRAD"), "_sma_bwd_dbias_kernel": ("SOFT",)}
+CONFIG_FREE = {"_sma_bwd_preprocess": ("MASS_GRAD", "LSE_GRAD"), "_sma_bwd_dbias_kernel": ("SOFT", "RP")}
 
 
 def _region_labels(R: int, tokens: int) -> torch.Tensor:
@@ -350,7 +351,10 @@ def collect_jobs(selected=None, archs=None, quick=False):
 # of tests/tune_configs.py got spill-free; every key not listed must not spill at all, and
 # no head-dim class up to 128 may be listed but for R > 16 regions (tests/test_compile_gate.py).
 KNOWN_SPILLS: dict = {
-    ("sm_90", ("sma_bwd", 256, "fp16", "plain")): 16,  # dQ's mixed launch at D=192..256
+    # dQ's mixed launch at D=192..256: 16 B with soft regions, 160 B with hard labels (gated since
+    # 2026-12-03; no candidate compiles without spills)
+    ("sm_90", ("sma_bwd", 256, "fp16", "plain")): 160,
+    ("sm_90", ("sma_bwd", 256, "fp16", "many")): 136,  # the same launch with 16 hard-label regions
     ("sm_80", ("sma_bwd", 256, "fp32", "mass")): 8,  # dK/dV: one pointer, outside the loop
     # dK/dV at D=80 with R > 16 regions: every candidate spills. Found when D=80 got a class of its
     # own; class 96 compiled its wide variant at D=96 only, so this spill was never gated before.

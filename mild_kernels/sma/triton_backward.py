@@ -573,9 +573,10 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
            PRECISION=kernel_precision(q.dtype, pure), **dq_args)
     if bias_grad:
         dbias = empty((B, H, R, R), dtype=torch.float32, device=device)
+        # Query blocks of 32 past 32 regions: at 64, sm_80's tf32x3 operands spilled 32 B.
         launch(_sma_bwd_dbias_kernel, (B * H,), num_warps=4, num_stages=2, Sums=region_sums, QLabels=qr.labels,
                QMem=q_mem, DW=dbias, stride_qlab_b=batch_stride(qr.labels), stride_qmem_b=batch_stride(q_mem), H=H,
-               Nq=Nq, R=R, BLOCK_M=64, RP=rp, RM=max(64, rp), SOFT=soft)
+               Nq=Nq, R=R, BLOCK_M=64 if rp <= 32 else 32, RP=rp, RM=max(64, rp), SOFT=soft)
     else:
         dbias = torch.zeros(B, H, R, R, device=device)
     return dq[..., :D], dk[..., :D], dv[..., :D], dbias
