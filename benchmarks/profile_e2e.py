@@ -173,6 +173,23 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def profiled_run(run, steps: int, device, trace: Path):
+    """``run(steps)`` once warm (a short run first: compilation, caches, autotuning), under
+    torch.profiler, its chrome trace written to ``trace``: (seconds, profile)."""
+    run(min(steps, 2))
+    sync(device)
+    reset_peak(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                         if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        run(steps)
+        sync(device)
+        seconds = time.perf_counter() - start
+    prof.export_chrome_trace(str(trace))
+    return seconds, prof
+
+
 def stage_times_ms(prof, device) -> dict:
     events = {e.key: e for e in prof.key_averages()}
 
@@ -681,17 +698,8 @@ def main(argv=None):
             def run(steps):
                 pipe(image, masks, erase=[1], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                      **inputs)
-        run(min(steps, 2))  # warm-up: compilation, caches, autotuning
-        sync(device)
-        reset_peak(device)
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
         trace = out_dir / f"trace_{arch}_L{L}_{provider}.json"
-        with torch.profiler.profile(activities=activities) as prof:
-            start = time.perf_counter()
-            run(steps)
-            sync(device)
-            seconds = time.perf_counter() - start
-        prof.export_chrome_trace(str(trace))
+        seconds, prof = profiled_run(run, steps, device, trace)
         traces.append(trace)
         x = f"{arch} L{L}"
         params = dict(arch=arch, layers=L, steps=steps, dtype=str(dtype).split(".")[-1], trace=trace.name)

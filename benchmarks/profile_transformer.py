@@ -21,7 +21,6 @@ Rows (images/s, peak memory, time per stage) join e2e.json; torch.profiler trace
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import Results  # noqa: E402
-from benchmarks.profile_e2e import peak_memory_mb, reset_peak, scene, stage_times_ms, summarize, sync  # noqa: E402
+from benchmarks.profile_e2e import peak_memory_mb, profiled_run, scene, stage_times_ms, summarize  # noqa: E402
 
 PROVIDERS = ("mild", "mild-plain-attn")
 
@@ -106,17 +105,8 @@ def transformer_main(kinds, layer_counts, providers, backend, steps, gpu, device
                 pipe(image, masks, erase=[1], num_inference_steps=count, generator=torch.Generator().manual_seed(0),
                      **inputs)
 
-            run(min(steps, 2))  # warm-up: Triton compiles, caches
-            sync(device)
-            reset_peak(device)
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
             trace = out_dir / f"trace_{kind}_L{L}_{provider}.json"
-            with torch.profiler.profile(activities=activities) as prof:
-                start = time.perf_counter()
-                run(steps)
-                sync(device)
-                seconds = time.perf_counter() - start
-            prof.export_chrome_trace(str(trace))
+            seconds, prof = profiled_run(run, steps, device, trace)
             traces.append(trace)
             x = f"{kind}{'' if gpu else '-tiny'} L{L}"
             params = dict(arch=kind, layers=L, steps=steps, dtype=str(dtype).split(".")[-1], trace=trace.name,

@@ -63,3 +63,29 @@ def alpha_loss(logits: torch.Tensor, amodal: torch.Tensor, region: torch.Tensor)
     row's inpaint region (where the alpha is predicted), averaged per row then over rows."""
     per_pixel = F.binary_cross_entropy_with_logits(logits, amodal.float(), reduction="none")
     return ((per_pixel * region).sum((1, 2, 3)) / region.sum((1, 2, 3)).clamp(min=1)).mean()
+
+
+def logits_of_prediction(head: "LayerAlpha | None", prediction: torch.Tensor, alpha_inputs) -> torch.Tensor | None:
+    """The head's logits for every layer row of a denoiser's ``prediction``, or None without a
+    head or inputs. ``alpha_inputs`` = (to_images, visible, region): ``to_images`` decodes the
+    x0 estimate the prediction implies (read without gradient into the denoiser); row 0, the
+    background, is every row's background (its own loss weight is 0)."""
+    if alpha_inputs is None or head is None:
+        return None
+    to_images, visible, region = alpha_inputs
+    with torch.no_grad():
+        images = to_images(prediction.detach())
+    return head.logits(images, images[:1].expand_as(images), visible, region)
+
+
+def silhouette_term(logits: torch.Tensor | None, amodal: torch.Tensor | None, people: torch.Tensor,
+                    region: torch.Tensor, weight: float) -> torch.Tensor | float:
+    """``weight`` times the person rows' silhouette loss; 0 (kept in the graph, so that DDP sees
+    the head used) when the sample has no person layers or no amodal silhouettes."""
+    if logits is None:
+        return 0.0
+    if amodal is None or not people.any():
+        return 0 * logits.sum()
+    people = people.to(logits.device)
+    return weight * alpha_loss(logits[people], amodal.to(logits.device)[people], region.to(logits.device)[people])
+

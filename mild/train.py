@@ -67,15 +67,12 @@ class TrainingModel(torch.nn.Module):
         """The UNet's prediction and, given ``alpha_inputs`` = (to_images, visible, region), the
         alpha head's logits for every row (row 0, the background, reads itself: its loss weight is 0)."""
         residuals = None if self.hmg is None else self.hmg(guide, guide_weights)
+        from .alpha import logits_of_prediction
+
         prediction = self.unet(model_in, timesteps, text, cross_attention_kwargs={"region_context": context},
                                down_intrablock_additional_residuals=residuals,
                                added_cond_kwargs=added_cond_kwargs).sample
-        if alpha_inputs is None or self.alpha is None:
-            return prediction, None
-        to_images, visible, region = alpha_inputs
-        with torch.no_grad():
-            images = to_images(prediction.detach())
-        return prediction, self.alpha.logits(images, images[:1].expand_as(images), visible, region)
+        return prediction, logits_of_prediction(self.alpha, prediction, alpha_inputs)
 
 
 def is_transformer_pipeline(pipe) -> bool:
@@ -203,17 +200,9 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").to(device)
     weight = region + outside_weight * (1 - region)
     per_row = (weight * (prediction - goal.float()) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * goal.shape[1])
-    loss = per_row.mean()
-    if alpha_logits is not None and amodal is not None and people.any():
-        from .alpha import alpha_loss
+    from .alpha import silhouette_term
 
-        rows_with_people = people.to(device)
-        silhouette = alpha_loss(alpha_logits[rows_with_people], amodal.to(device)[rows_with_people],
-                                rows.inpaint.to(device)[rows_with_people])
-        loss = loss + alpha_weight * silhouette
-    elif alpha_logits is not None:
-        loss = loss + 0 * alpha_logits.sum()
-    return loss
+    return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)
 
 
 def learning_rate(args, step: int) -> float:

@@ -29,13 +29,10 @@ class TransformerTrainingModel(torch.nn.Module):
     def forward(self, call: dict, alpha_inputs=None):
         """The transformer's prediction for ``call`` (its keyword arguments) and, given
         ``alpha_inputs`` = (to_images, visible, region), the alpha head's logits per row."""
+        from .alpha import logits_of_prediction
+
         prediction = self.transformer(**call).sample
-        if alpha_inputs is None or self.alpha is None:
-            return prediction, None
-        to_images, visible, region = alpha_inputs
-        with torch.no_grad():
-            images = to_images(prediction.detach())
-        return prediction, self.alpha.logits(images, images[:1].expand_as(images), visible, region)
+        return prediction, logits_of_prediction(self.alpha, prediction, alpha_inputs)
 
 
 def prompt_embeddings(pipe) -> dict:
@@ -117,13 +114,6 @@ def transformer_sample_loss(model, pipe, sample, embeds: dict, generator: torch.
     region = F.interpolate(rows.inpaint, size=(latent_h, latent_w), mode="area").to(device)
     weight = region + outside_weight * (1 - region)
     per_row = (weight * (prediction - goal) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * channels)
-    loss = per_row.mean()
-    if alpha_logits is not None and amodal is not None and people.any():
-        from .alpha import alpha_loss
+    from .alpha import silhouette_term
 
-        with_people = people.to(device)
-        loss = loss + alpha_weight * alpha_loss(alpha_logits[with_people], amodal.to(device)[with_people],
-                                                rows.inpaint.to(device)[with_people])
-    elif alpha_logits is not None:
-        loss = loss + 0 * alpha_logits.sum()
-    return loss
+    return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)
