@@ -480,3 +480,35 @@ def test_cli_erase_with_a_transformer_folder_compiled_and_eager(kind, tmp_path, 
     assert compiled == [(model_class, True)]
     eager, fused = (np.asarray(Image.open(path)).astype(int) for path in written)
     assert eager.shape == (48, 40, 3) and np.abs(eager - fused).max() <= 1
+
+
+def test_sd3_inpainting_transformer_takes_the_mask_and_masked_latents_as_channels(tmp_path):
+    """An SD3 transformer with 2 x 16 + 1 input channels (SD3 inpainting checkpoints) gets
+    [noisy latents, mask, masked-image latents], as diffusers' StableDiffusion3InpaintPipeline
+    feeds it, in inference and in training."""
+    from diffusers import SD3Transformer2DModel
+
+    from mild.data import PairedSample
+    from mild.tiny import tiny_transformer_pipeline
+    from mild.transformer_pipeline import MILDTransformerPipeline
+    from mild.transformer_train import TransformerTrainingModel, prompt_embeddings, transformer_sample_loss
+
+    base = tiny_transformer_pipeline("sd3")
+    config = dict(base.transformer.config)
+    base.transformer = SD3Transformer2DModel.from_config({**config, "in_channels": 33}).eval()
+    pipe = MILDTransformerPipeline(base, backend="torch")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"]), with_kwargs=True)
+    image, masks = erase_scene()
+    out = pipe(image, masks, erase=[2], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(out.image).all()) and len(seen) == 2
+    x = seen[0]  # (2 L, 33, h, w): both CFG halves
+    layers = len(out.plan.layers)
+    assert x.shape[:2] == (2 * layers, 33)
+    mask = x[:, 16:17]
+    assert set(mask.unique().tolist()) <= {0.0, 1.0} and 0 < mask.mean() < 1  # the inpaint region, nearest
+    sample = PairedSample(name="s", image=image, masks=masks, erase=[2], target=image.clone())
+    seen.clear()
+    loss = transformer_sample_loss(TransformerTrainingModel(pipe.transformer), pipe, sample, prompt_embeddings(pipe),
+                                   torch.Generator().manual_seed(0), 0.1, 0.0)
+    assert bool(torch.isfinite(loss)) and seen[0].shape[1] == 33
