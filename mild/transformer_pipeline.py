@@ -177,7 +177,7 @@ class MILDTransformerPipeline:
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", alpha: float = 1.0, beta: float = 1.0,
                  dilation: int | None = None, prompt_embeds: dict | None = None,
-                 negative_prompt_embeds: tuple | None = None, **hmg) -> MILDOutput:
+                 negative_prompt_embeds: tuple | None = None, keypoints=None, parsing=None) -> MILDOutput:
         """Erase people from one image (the arguments as in ``MILDPipeline.__call__``).
 
         ``prompt_embeds``: instead of prompts, {"background": (text (T, C), pooled (C2,)),
@@ -186,8 +186,9 @@ class MILDTransformerPipeline:
         Human Morphology Guidance (keypoints, parsing) feeds a UNet's down blocks and has no
         transformer counterpart yet: passing it is a ValueError.
         """
-        if any(value is not None for value in hmg.values()):
-            raise ValueError(f"{', '.join(sorted(hmg))}: Human Morphology Guidance needs a UNet; "
+        given = [name for name, value in (("keypoints", keypoints), ("parsing", parsing)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: Human Morphology Guidance needs a UNet; "
                              f"{type(self.transformer).__name__} takes masks, erase ids and an occlusion order")
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         check_call_numbers(num_inference_steps, guidance_scale, 0.0, alpha, beta, dilation)

@@ -275,9 +275,26 @@ def test_cli_row(case, files, capsys):
     assert sorted(p.name for p in files.rglob("*")) == before, "a refused command left a file behind"
 
 
+def test_transformer_pipeline_rows():
+    from mild.tiny import tiny_transformer_pipeline
+    from mild.transformer_pipeline import MILDTransformerPipeline
+
+    pipe = MILDTransformerPipeline(tiny_transformer_pipeline("flux"), backend="torch")
+    for case, call in TRANSFORMER_CASES.items():
+        with pytest.raises(ValueError) as error:
+            pipe(**{**dict(image=_IMAGE, instance_masks=_MASKS, num_inference_steps=1), **call})
+        assert str(error.value).startswith(table_rows()[case]), f"{case}: {error.value!s:.200}"
+
+
+TRANSFORMER_CASES = {  # keyword arguments of one MILDTransformerPipeline call (a FLUX Fill one)
+    ("MILDTransformerPipeline.__call__", "keypoints"): dict(keypoints=[torch.zeros(17, 3)] * 2),
+    ("MILDTransformerPipeline.__call__", "num_inference_steps 0"): dict(num_inference_steps=0),
+}
+
+
 def test_every_row_has_a_case():
     rows = set(table_rows())
-    cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(CLI_CASES) | {
+    cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(CLI_CASES) | set(TRANSFORMER_CASES) | {
         ("mild erase", "--device cuda without CUDA"), ("MILDPipeline.from_pretrained", "a missing folder"),
         ("enable_sma", "a FLUX transformer with an IP-Adapter processor")}
     assert rows == cases, f"rows without a case: {sorted(rows - cases)}; cases without a row: {sorted(cases - rows)}"
