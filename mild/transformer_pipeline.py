@@ -148,6 +148,20 @@ class MILDTransformerPipeline:
             text, pooled = torch.cat([negative_text, text]), torch.cat([negative_pooled, pooled])
         return text, pooled, None
 
+    def pack(self, latents: torch.Tensor) -> torch.Tensor:
+        """(L, C, h, w) latents -> FLUX's (L, h/2 * w/2, 4C) tokens of 2 x 2 patches."""
+        L, C, h, w = latents.shape
+        return self.base._pack_latents(latents, L, C, h, w)
+
+    def flux_condition(self, masked: torch.Tensor, inpaint: torch.Tensor) -> torch.Tensor:
+        """FLUX Fill's condition tokens: the masked photo's latents (L, C, h, w) and the pixel
+        inpaint mask (L, 1, H, W) as its 8 x 8 cells (64 channels at latent resolution), both
+        packed, side by side: what FluxFillPipeline.prepare_mask_latents makes."""
+        L, _, h, w = masked.shape
+        f = self.vae_scale_factor
+        cells = inpaint[:, 0].view(L, h, f, w, f).permute(0, 2, 4, 1, 3).reshape(L, f * f, h, w)
+        return torch.cat([self.pack(masked), self.pack(cells.to(masked.dtype))], -1)
+
     def _latents_of(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) in [0, 1] -> the transformer's latents (mean of the posterior)."""
         vae = self.base.vae
@@ -224,13 +238,8 @@ class MILDTransformerPipeline:
             masked = self._latents_of(rows.masked_pixels()).to(dtype)  # (L, C, h, w)
         known, extra = None, None
         if self.kind == "flux":
-            pack = self.base._pack_latents
-            mask = rows.inpaint.to(device, dtype)[:, 0].view(L, latent_h, self.vae_scale_factor, latent_w,
-                                                             self.vae_scale_factor)
-            mask = mask.permute(0, 2, 4, 1, 3).reshape(L, self.vae_scale_factor ** 2, latent_h, latent_w)
-            extra = torch.cat([pack(masked, L, channels, latent_h, latent_w),
-                               pack(mask, L, self.vae_scale_factor ** 2, latent_h, latent_w)], -1)
-            latents = pack(noise, L, channels, latent_h, latent_w)
+            extra = self.flux_condition(masked, rows.inpaint.to(device, dtype))
+            latents = self.pack(noise)
             image_ids = self.base._prepare_latent_image_ids(L, latent_h // 2, latent_w // 2, device, dtype)
         else:
             latents = noise

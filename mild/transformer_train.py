@@ -79,11 +79,7 @@ def transformer_sample_loss(model, pipe, sample, embeds: dict, generator: torch.
     set_adapter_ids(transformer, rows.adapter_ids)
     call = dict(encoder_hidden_states=text, pooled_projections=pooled, joint_attention_kwargs={"region_context": context})
     if pipe.kind == "flux":
-        pack, vsf = pipe.base._pack_latents, factor
-        mask = rows.inpaint.to(device, dtype)[:, 0].view(L, latent_h, vsf, latent_w, vsf)
-        mask = mask.permute(0, 2, 4, 1, 3).reshape(L, vsf * vsf, latent_h, latent_w)
-        model_in = torch.cat([pack(noisy, L, channels, latent_h, latent_w), pack(masked, L, channels, latent_h, latent_w),
-                              pack(mask, L, vsf * vsf, latent_h, latent_w)], -1)
+        model_in = torch.cat([pipe.pack(noisy), pipe.flux_condition(masked, rows.inpaint.to(device, dtype))], -1)
         call.update(hidden_states=model_in, timestep=sigma.to(dtype), txt_ids=torch.zeros(text.shape[1], 3).to(device, dtype),
                     img_ids=pipe.base._prepare_latent_image_ids(L, latent_h // 2, latent_w // 2, device, dtype),
                     guidance=torch.full((L,), pipe.default_guidance_scale, device=device, dtype=dtype)

@@ -512,3 +512,20 @@ def test_sd3_inpainting_transformer_takes_the_mask_and_masked_latents_as_channel
     loss = transformer_sample_loss(TransformerTrainingModel(pipe.transformer), pipe, sample, prompt_embeddings(pipe),
                                    torch.Generator().manual_seed(0), 0.1, 0.0)
     assert bool(torch.isfinite(loss)) and seen[0].shape[1] == 33
+
+
+def test_flux_condition_is_what_diffusers_fill_pipeline_packs():
+    """FLUX Fill's condition tokens (masked latents, then the 8 x 8 mask cells) as diffusers'
+    FluxFillPipeline.prepare_mask_latents builds them from the same latents and mask."""
+    from mild.tiny import tiny_transformer_pipeline
+    from mild.transformer_pipeline import MILDTransformerPipeline
+
+    pipe = MILDTransformerPipeline(tiny_transformer_pipeline("flux"), backend="torch")
+    gen = torch.Generator().manual_seed(3)
+    masked = torch.randn(2, 16, 6, 4, generator=gen)  # scaled latents of a 48 x 32 photo
+    inpaint = (torch.rand(2, 1, 48, 32, generator=gen) > 0.5).float()
+    vae = pipe.base.vae.config
+    raw = masked / vae.scaling_factor + vae.shift_factor  # diffusers shifts and scales what it is given
+    mask, latents = pipe.base.prepare_mask_latents(inpaint, raw, 2, 16, 1, 48, 32, torch.float32, "cpu", None)
+    expected = torch.cat([latents, mask], -1)
+    assert torch.allclose(pipe.flux_condition(masked, inpaint), expected, atol=1e-6)
