@@ -162,8 +162,12 @@ class RegionContext:
                 text[..., R] = 1
                 if allow is not None:
                     allow = torch.nn.functional.pad(allow, (0, 1, 0, 1), value=True)
-            else:
-                labels = self.text_regions.to(device).long().expand(rows, text_tokens)
+            else:  # SD3.5's image-only attention has no text tokens
+                labels = self.text_regions.to(device).long()
+                if text_tokens and labels.shape[-1] != text_tokens:
+                    raise ValueError(f"region_context: text_regions label {labels.shape[-1]} text tokens, but the "
+                                     f"joint attention has {text_tokens}")
+                labels = labels[..., :text_tokens].expand(rows, text_tokens)
                 text = torch.nn.functional.one_hot(labels, R).to(image.dtype)
             memberships = torch.cat([text, image] if text_first else [image, text], 1)
             self._layouts[key] = prepare_regions(memberships, None, allow, sort=self.sort_tokens,

@@ -100,7 +100,7 @@ class DenseSPEC2:
             text_rows[:, R] = 1
         else:
             image = self.image
-            text_rows = torch.nn.functional.one_hot(self.context.text_regions.long().reshape(-1), R).double()
+            text_rows = torch.nn.functional.one_hot(self.context.text_regions.long().reshape(-1)[:text], R).double()
         return torch.cat([text_rows, image] if self.text_first else [image, text_rows])
 
     def __call__(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
@@ -171,7 +171,7 @@ def test_enable_sma_serves_the_transformer_and_changes_nothing_without_regions(k
 
 @pytest.mark.parametrize("kind,text,backend", [("flux", "none", "torch"), ("flux", "labels", "triton"),
                                                ("sd3", "none", "triton"), ("sd3", "labels", "torch"),
-                                               ("sd35", "none", "torch")])
+                                               ("sd35", "none", "torch"), ("sd35", "labels", "torch")])
 def test_every_joint_attention_matches_a_float64_materialised_spec(kind, text, backend, monkeypatch):
     masks = person_masks()
     text_regions = None if text == "none" else torch.tensor([[0, 1, 2, 0, 1, 2, 2]])  # (1, T): shared by the rows
@@ -529,3 +529,12 @@ def test_flux_condition_is_what_diffusers_fill_pipeline_packs():
     mask, latents = pipe.base.prepare_mask_latents(inpaint, raw, 2, 16, 1, 48, 32, torch.float32, "cpu", None)
     expected = torch.cat([latents, mask], -1)
     assert torch.allclose(pipe.flux_condition(masked, inpaint), expected, atol=1e-6)
+
+
+def test_text_regions_must_label_every_text_token():
+    model = tiny_model("sd3")
+    enable_sma(model)
+    context = region_context(person_masks(), text_regions=torch.tensor([[0, 1, 2]]))  # 3 labels, 7 tokens
+    with pytest.raises(ValueError, match="text_regions label 3 text tokens, but the joint attention has 7"):
+        run(model, model_inputs("sd3"), context)
+
