@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from mild_kernels import set_adapter_ids
 
+from .alpha import logits_of_prediction, silhouette_term
 from .checkpoints import ADAPTER_KEYS, architecture, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .erasing import layer_targets  # noqa: F401  (tests and users import it from here)
 
@@ -67,8 +68,6 @@ class TrainingModel(torch.nn.Module):
         """The UNet's prediction and, given ``alpha_inputs`` = (to_images, visible, region), the
         alpha head's logits for every row (row 0, the background, reads itself: its loss weight is 0)."""
         residuals = None if self.hmg is None else self.hmg(guide, guide_weights)
-        from .alpha import logits_of_prediction
-
         prediction = self.unet(model_in, timesteps, text, cross_attention_kwargs={"region_context": context},
                                down_intrablock_additional_residuals=residuals,
                                added_cond_kwargs=added_cond_kwargs).sample
@@ -90,7 +89,6 @@ def text_embeddings(pipe) -> dict:
         from .transformer_train import prompt_embeddings
 
         return prompt_embeddings(pipe)
-
     with torch.no_grad():
         kinds = list(DEFAULT_PROMPTS)
         embeds = pipe._embed([DEFAULT_PROMPTS[k] for k in kinds] + [""])
@@ -200,8 +198,6 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").to(device)
     weight = region + outside_weight * (1 - region)
     per_row = (weight * (prediction - goal.float()) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * goal.shape[1])
-    from .alpha import silhouette_term
-
     return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from mild_kernels import set_adapter_ids
 
+from .alpha import logits_of_prediction, silhouette_term
+
 
 class TransformerTrainingModel(torch.nn.Module):
     """The trained modules under one forward, so that DDP sees every trainable parameter."""
@@ -29,8 +31,6 @@ class TransformerTrainingModel(torch.nn.Module):
     def forward(self, call: dict, alpha_inputs=None):
         """The transformer's prediction for ``call`` (its keyword arguments) and, given
         ``alpha_inputs`` = (to_images, visible, region), the alpha head's logits per row."""
-        from .alpha import logits_of_prediction
-
         prediction = self.transformer(**call).sample
         return prediction, logits_of_prediction(self.alpha, prediction, alpha_inputs)
 
@@ -110,6 +110,4 @@ def transformer_sample_loss(model, pipe, sample, embeds: dict, generator: torch.
     region = F.interpolate(rows.inpaint, size=(latent_h, latent_w), mode="area").to(device)
     weight = region + outside_weight * (1 - region)
     per_row = (weight * (prediction - goal) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * channels)
-    from .alpha import silhouette_term
-
     return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)
