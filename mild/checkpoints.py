@@ -105,7 +105,8 @@ def save_checkpoint(out: Path, step: int, pipe, optimizer, meta: dict, include_b
     tmp = out / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(adapter_state(pipe.denoiser, include_base), str(tmp / "lora.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+    save_file(adapter_state(pipe.denoiser, include_base), str(tmp / "lora.safetensors"),
+              metadata={"format": CHECKPOINT_FORMAT})
     if pipe.hmg is not None:
         pipe.hmg.save(tmp / "hmg.safetensors")
     if pipe.alpha is not None:

@@ -29,17 +29,17 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _g
 from mild_kernels import sma_attention
 
 
-def _refuse_mask(attention_mask, region_context) -> None:
+def _refuse_mask(attention_mask) -> None:
     if attention_mask is not None:
         raise ValueError("attention_mask: joint attention takes either an attention mask or a region_context, not both "
                          "(the region context's allow table is the mask)")
 
 
 def joint_sma(context, attn, query, key, value, text_tokens: int, text_first: bool) -> torch.Tensor:
-    """SMA over a joint sequence, with ``context`` a processors.RegionContext: q, k, v (B, H, S, D) in the model's token order, S = text +
-    image tokens; returns (B, H, S, D) in the same order. Records CAG of the image queries
-    (over the image regions: mass on text of no region counts in neither term) when the
-    context has domains."""
+    """SMA over a joint sequence (``context``: a processors.RegionContext): q, k, v
+    (B, H, S, D) in the model's token order, S = text + image tokens; returns (B, H, S, D) in
+    the same order. Records CAG of the image queries (over the image regions: mass on text of
+    no region counts in neither term) when the context has domains."""
     image_tokens = query.shape[2] - text_tokens
     layout = context.joint_layout_at(image_tokens, text_tokens, text_first, query.device)
     want_mass = context.domains is not None
@@ -68,7 +68,7 @@ class SMAFluxAttnProcessor:
                  region_context=None):
         if region_context is None:
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        _refuse_mask(attention_mask, region_context)
+        _refuse_mask(attention_mask)
         query, key, value, text_query, text_key, text_value = _get_qkv_projections(attn, hidden_states,
                                                                                    encoder_hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))  # (B, S, H, D)
@@ -113,7 +113,7 @@ class SMAJointAttnProcessor:
                  region_context=None, **kwargs):
         if region_context is None:
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        _refuse_mask(attention_mask, region_context)
+        _refuse_mask(attention_mask)
         batch, image_tokens = hidden_states.shape[:2]
 
         def heads(t):
