@@ -85,8 +85,10 @@ def _headline_tensors(count: int, head_dim: int = HEADLINE["head_dim"], tokens: 
     return [torch.empty(B, tokens, heads, head_dim, dtype=HEADLINE["dtype"]).transpose(1, 2) for _ in range(count)]
 
 
-def _only(launches: list[RecordedLaunch], kernel_name: str) -> list[RecordedLaunch]:
-    picked = [launch for launch in launches if launch.kernel.__name__ == kernel_name]
+def _only(launches: list[RecordedLaunch], kernel_name: str | tuple[str, ...]) -> list[RecordedLaunch]:
+    """The launches of the kernel (or kernels: an op's mixed and pure kernels) named, in launch order."""
+    names = (kernel_name,) if isinstance(kernel_name, str) else kernel_name
+    picked = [launch for launch in launches if launch.kernel.__name__ in names]
     assert picked, f"no {kernel_name} launch was recorded"
     return picked
 
@@ -154,7 +156,12 @@ def sma_headline_call(soft: bool, sizes: str = "aligned", backward: bool = False
     return launches
 
 
-def record_sma(kernel_name: str, soft: bool, sizes: str = "aligned", backward: bool = False,
+# An op's kernels whose loops the report reads together: the mixed launch's, then the pure launch's.
+SMA_FORWARD = ("_sma_fwd_mixed_kernel", "_sma_fwd_pure_kernel")
+SMA_DQ = ("_sma_bwd_dq_mixed_kernel", "_sma_bwd_dq_pure_kernel")
+
+
+def record_sma(kernel_name: str | tuple[str, ...], soft: bool, sizes: str = "aligned", backward: bool = False,
                head_dim: int = HEADLINE["head_dim"], heads: int = HEADLINE["heads"]):
     def record():
         return _only(sma_headline_call(soft, sizes, backward, head_dim=head_dim, heads=heads), kernel_name)
@@ -166,33 +173,33 @@ def _sma_entries():
     """The SMA kernels at the headline (hard and soft regions, aligned and with boundaries), then
     SD 1.5's head dims and 128, each against the plain kernel and its useful tensor work."""
     d = HEADLINE["head_dim"]
-    yield Entry("sma_fwd_hard", record_sma("_sma_fwd_kernel", False), tile_pairs, "plain_fwd", 2 * d)
-    yield Entry("sma_fwd_soft", record_sma("_sma_fwd_kernel", True), tile_pairs, "plain_fwd", 2 * d)
-    yield Entry("sma_fwd_bnd", record_sma("_sma_fwd_kernel", True, "boundary"), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_fwd_hard", record_sma(SMA_FORWARD, False), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_fwd_soft", record_sma(SMA_FORWARD, True), tile_pairs, "plain_fwd", 2 * d)
+    yield Entry("sma_fwd_bnd", record_sma(SMA_FORWARD, True, "boundary"), tile_pairs, "plain_fwd", 2 * d)
     yield Entry("sma_dkdv_hard", record_sma("_sma_bwd_dkdv_kernel", False, backward=True), tile_pairs,
                 "plain_bwd_dkdv", 4 * d)
-    yield Entry("sma_dq_hard", record_sma("_sma_bwd_dq_kernel", False, backward=True), tile_pairs, "plain_bwd_dq",
+    yield Entry("sma_dq_hard", record_sma(SMA_DQ, False, backward=True), tile_pairs, "plain_bwd_dq",
                 3 * d)
     yield Entry("sma_dkdv_bnd", record_sma("_sma_bwd_dkdv_kernel", True, "boundary", backward=True), tile_pairs,
                 "plain_bwd_dkdv", 4 * d)
-    yield Entry("sma_dq_bnd", record_sma("_sma_bwd_dq_kernel", True, "boundary", backward=True), tile_pairs,
+    yield Entry("sma_dq_bnd", record_sma(SMA_DQ, True, "boundary", backward=True), tile_pairs,
                 "plain_bwd_dq", 3 * d)
     for head_dim in SD_HEAD_DIMS:
         # Against the plain kernel of the same head dim where it has one (a power of two), else
         # against SMA's own D=64 rows: ratio_per_flop then says what the head dim costs per useful FLOP.
         plain = head_dim in PLAIN_HEAD_DIMS
-        yield Entry(f"sma_fwd_d{head_dim}", record_sma("_sma_fwd_kernel", True, head_dim=head_dim), tile_pairs,
+        yield Entry(f"sma_fwd_d{head_dim}", record_sma(SMA_FORWARD, True, head_dim=head_dim), tile_pairs,
                     f"plain_fwd_d{head_dim}" if plain else "sma_fwd_soft", 2 * head_dim)
         yield Entry(f"sma_dkdv_d{head_dim}", record_sma("_sma_bwd_dkdv_kernel", True, backward=True, head_dim=head_dim),
                     tile_pairs, f"plain_bwd_dkdv_d{head_dim}" if plain else "sma_dkdv_hard", 4 * head_dim)
-        yield Entry(f"sma_dq_d{head_dim}", record_sma("_sma_bwd_dq_kernel", True, backward=True, head_dim=head_dim),
+        yield Entry(f"sma_dq_d{head_dim}", record_sma(SMA_DQ, True, backward=True, head_dim=head_dim),
                     tile_pairs, f"plain_bwd_dq_d{head_dim}" if plain else "sma_dq_hard", 3 * head_dim)
     for model, shape in TRANSFORMER_ATTENTION.items():
         # Soft image regions and a text region, against the plain kernel of the model's head dim.
         head_dim, suffix = shape["head_dim"], "" if shape["head_dim"] == d else f"_d{shape['head_dim']}"
-        for kernel, role, macs, backward in (("_sma_fwd_kernel", "fwd", 2, False),
+        for kernel, role, macs, backward in ((SMA_FORWARD, "fwd", 2, False),
                                              ("_sma_bwd_dkdv_kernel", "dkdv", 4, True),
-                                             ("_sma_bwd_dq_kernel", "dq", 3, True)):
+                                             (SMA_DQ, "dq", 3, True)):
             baseline = f"plain_fwd{suffix}" if role == "fwd" else f"plain_bwd_{role}{suffix}"
             yield Entry(f"sma_{role}_{model}", record_sma(kernel, True, model, backward, **shape), tile_pairs,
                         baseline, macs * head_dim)

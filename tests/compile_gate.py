@@ -284,8 +284,7 @@ def compile_one(index):
 
     name, launch, arch = _JOBS[index]
     row = {"case": name, "kernel": launch.kernel.__name__, "arch": f"sm_{arch}", "num_warps": launch.num_warps,
-           "num_stages": launch.num_stages, "maxnreg": launch.options_for(arch).get("maxnreg"),
-           "mixed": launch.kwargs.get("MIXED")}
+           "num_stages": launch.num_stages, "maxnreg": launch.options_for(arch).get("maxnreg")}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice

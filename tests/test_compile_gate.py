@@ -29,7 +29,8 @@ def test_gate_covers_every_config_table_entry(compile_gate_run, request):
     for arch, tables in ((90, (FORWARD_CONFIGS, BACKWARD_CONFIGS)), (80, (FORWARD_CONFIGS_SM80, BACKWARD_CONFIGS_SM80))):
         compiled = {row["case"] for row in rows if row["arch"] == f"sm_{arch}"}
         kernels = {row["kernel"] for row in rows if row["arch"] == f"sm_{arch}"}
-        assert {"_sma_fwd_kernel", "_sma_bwd_dq_kernel", "_sma_bwd_dkdv_kernel", "_multi_lora_kernel",
+        assert {"_sma_fwd_mixed_kernel", "_sma_fwd_pure_kernel", "_sma_bwd_dq_mixed_kernel", "_sma_bwd_dq_pure_kernel",
+                "_sma_bwd_dkdv_kernel", "_multi_lora_kernel",
                 "_composite_kernel", "_ddim_step_kernel"} <= kernels
         for prefix, table in zip(("sma_fwd", "sma_bwd"), tables):
             selected = [entry for entry in table if full or compile_gate.quick_config(*entry)]

@@ -122,15 +122,14 @@ def test_a_prepared_call_reads_no_tensor_value_and_launches_only_its_kernels(sof
     assert "mild_kernels.sma_forward" in aten.ops
     assert set(aten.ops) <= {"mild_kernels.sma_forward", "aten.view", "aten._unsafe_view", "aten.expand",
                              "aten.detach", "aten.alias"}, aten.ops
-    assert [(launch.kernel.__name__, launch.kwargs["MIXED"]) for launch in launches] == [
-        ("_sma_fwd_kernel", True), ("_sma_fwd_kernel", False)]
+    assert [launch.kernel.__name__ for launch in launches] == ["_sma_fwd_mixed_kernel", "_sma_fwd_pure_kernel"]
 
     loss = result.out.sum() + result.lse.sum() + (result.region_mass.sum() if mass else 0)
     with count_host_reads() as reads, record_launches() as launches:
         loss.backward()
     assert reads == [], f"host reads during the backward pass: {reads}"
     assert [launch.kernel.__name__ for launch in launches] == [
-        "_sma_bwd_preprocess", "_sma_bwd_dkdv_kernel", "_sma_bwd_dq_kernel", "_sma_bwd_dq_kernel",
+        "_sma_bwd_preprocess", "_sma_bwd_dkdv_kernel", "_sma_bwd_dq_mixed_kernel", "_sma_bwd_dq_pure_kernel",
         "_sma_bwd_dbias_kernel"]
 
 

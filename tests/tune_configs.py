@@ -34,11 +34,10 @@ from mild_kernels._runtime import record_launches, target_arch  # noqa: E402
 from mild_kernels.sma import configs  # noqa: E402
 from mild_kernels.sma.configs import KernelConfig  # noqa: E402
 
-# role: (kernel name, its MIXED constexpr or None)
+# role: the kernel that runs it
 ROLES = {
-    "forward": {"pure": ("_sma_fwd_kernel", False), "mixed": ("_sma_fwd_kernel", True)},
-    "backward": {"dkdv": ("_sma_bwd_dkdv_kernel", None), "dq": ("_sma_bwd_dq_kernel", False),
-                 "dq_mixed": ("_sma_bwd_dq_kernel", True)},
+    "forward": {"pure": "_sma_fwd_pure_kernel", "mixed": "_sma_fwd_mixed_kernel"},
+    "backward": {"dkdv": "_sma_bwd_dkdv_kernel", "dq": "_sma_bwd_dq_pure_kernel", "dq_mixed": "_sma_bwd_dq_mixed_kernel"},
 }
 TABLES = {("forward", 90): configs.FORWARD_CONFIGS, ("forward", 80): configs.FORWARD_CONFIGS_SM80,
           ("backward", 90): configs.BACKWARD_CONFIGS, ("backward", 80): configs.BACKWARD_CONFIGS_SM80}
@@ -90,13 +89,13 @@ def with_role(config, role: str, kernel_config: KernelConfig):
 def jobs_for(op, arch, key, role, kernel_config):
     table = TABLES[(op, arch)]
     table[key] = with_role(table[key], role, kernel_config)
-    name, mixed_flag = ROLES[op][role]
+    name = ROLES[op][role]
     jobs = []
     for case, run in CASES[op]([key]):
         with target_arch(arch), record_launches() as launches:
             run()
         for launch in launches:
-            if launch.kernel.__name__ == name and (mixed_flag is None or launch.kwargs.get("MIXED") == mixed_flag):
+            if launch.kernel.__name__ == name:
                 jobs.append((case, launch, arch))
     return jobs
 
@@ -110,8 +109,7 @@ def failing_roles(op: str, arch: int, rows) -> dict:
         if row["arch"] != f"sm_{arch}" or not case_key or case_key[0] != prefix or not gate.failures(row, {}):
             continue
         key = (case_key[1], case_key[2] == "fp32", case_key[3])
-        role = next((r for r, (name, mixed) in ROLES[op].items()
-                     if name == row["kernel"] and (mixed is None or mixed == row.get("mixed"))), None)
+        role = next((r for r, name in ROLES[op].items() if name == row["kernel"]), None)
         if role is None:  # a kernel with a fixed config (the backward's preprocess)
             continue
         options = candidates(role, key[1], key[0])

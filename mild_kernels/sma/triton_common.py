@@ -38,6 +38,28 @@ def _load_block(base, rows, stride, limit, COL0: tl.constexpr, WIDTH: tl.constex
 
 
 @triton.jit
+def _query_block(H, Nq, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr):
+    """This program's query block: (batch row, head) as one index and apart, its row of the layout's
+    tile lists (SUB_M blocks a layout tile), its query rows and which of them are in range."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_bh, pid_bh // H, pid_bh % H, pid_m // SUB_M, offs_m, offs_m < Nq
+
+
+@triton.jit
+def _load_head_blocks(base, rows, stride, limit, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """Rows as dot operands in the two head-dim blocks [0, D0) and [D0, D0 + D1) (the second is the
+    first again when D1 == 0)."""
+    x0 = _as_operand(_load_block(base, rows, stride, limit, 0, D0, HEAD_DIM, True), UPCAST)
+    x1 = x0
+    if D1 > 0:
+        x1 = _as_operand(_load_block(base, rows, stride, limit, D0, D1, HEAD_DIM, True), UPCAST)
+    return x0, x1
+
+
+@triton.jit
 def _as_operand(x, UPCAST: tl.constexpr):
     """A dot operand: as loaded on a GPU; in fp32 under the interpreter, which computes 16-bit dots wrongly."""
     if UPCAST:
@@ -160,6 +182,19 @@ def _load_rows(ptrs, in_rows, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM:
     else:
         block = tl.load(ptrs, mask=in_rows[:, None], other=0.0)
     return block
+
+def kernel_args(kernel, pool: dict, *more: dict, **extra) -> dict:
+    """The arguments ``kernel`` declares, taken from ``pool`` updated by ``more`` and ``extra``: one
+    pool serves the launches of an op whose kernels read different parts of it."""
+    available = {**pool}
+    for part in more:
+        available.update(part)
+    available.update(extra)
+    missing = [name for name in kernel.arg_names if name not in available]
+    if missing:
+        raise TypeError(f"{kernel.__name__}: no value for {missing}")
+    return {name: available[name] for name in kernel.arg_names}
+
 
 def kernel_precision(dtype: torch.dtype, config: KernelConfig) -> str:
     """A launch's PRECISION: "split" for 16-bit inputs; the interpreter computes fp32 and ignores precision."""

@@ -1,7 +1,9 @@
-"""Triton forward kernel of spatially-modulated attention.
+"""Triton forward kernels of spatially-modulated attention.
 
 One program owns one query block of one (batch row, head) and walks the key tiles that
-its layout's lists name (layout.py): first the mixed tiles, then the pure ones. Scores
+its layout's lists name (layout.py): ``_sma_fwd_mixed_kernel`` the mixed tiles (launched only
+where the layout has some), then ``_sma_fwd_pure_kernel`` the pure runs, from the state the
+first left, and the results. Scores
 are kept in log2 units (``qk_scale = scale * log2(e)``, bias times log2(e)), so the
 softmax uses exp2.
 
@@ -16,8 +18,8 @@ softmax uses exp2.
   (16 at R <= 4); the key operand is split once, in the layout. Then the element-wise
   allow mask and the key tail.
 - Epilogue: out, lse (natural log) and region mass. The ``QW`` table stays for the backward
-  pass, whose preprocess makes the shift table from it and lse: the forward is one kernel for
-  inference and training, and keeps no shift state through its loop.
+  pass, whose preprocess makes the shift table from it and lse: the forward's kernels are the
+  same for inference and training, and keep no shift state through their loops.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import triton.language as tl
 from .._runtime import empty, empty_like, interpreting, launch, next_power_of_2, unit_last_stride
 from .configs import ForwardConfig
 from .layout import REGION_BITS, TILE_N
-from .triton_common import (LN2, LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_rows,
-                            _query_bias_columns, _qw_columns, _region_product, _resume_blocks, _split_operand,
-                            batch_stride, bias_dot_shape, fp32_memberships, head_dim_split, kernel_precision,
-                            pad_head_dim, stride_unit, unit_strides)
+from .triton_common import (LN2, LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_head_blocks,
+                            _load_rows, _query_bias_columns, _query_block, _qw_columns, _region_product,
+                            _resume_blocks, _split_operand, batch_stride, bias_dot_shape, fp32_memberships,
+                            head_dim_split, kernel_args, kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
 
 TILE_KEYS = tl.constexpr(TILE_N)  # keys per layout tile: a pure launch's key block may span two
@@ -216,28 +218,32 @@ def _fwd_pure_runs(acc0, acc1, m_i, l_i, mass_rows, R, q0, q1, q_bits, qw_base, 
 
 
 @triton.jit
-def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, StateMass,
-                    QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits,
-                    RunCount, Runs, MixedCount, MixedIndex,
-                    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                    stride_qlab_b, stride_qmem_b, stride_klab_b, stride_kmem_b, stride_kop_b, stride_kop_n,
-                    stride_bias_b, stride_bias_h, stride_bias_r,
-                    stride_allow_b, stride_count_b, stride_index_b, stride_runs_b,
-                    H, Nq, Nk, R, num_key_tiles, qk_scale,
-                    HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
-                    TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr, MASS_R: tl.constexpr,
-                    SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, HAS_MIXED: tl.constexpr,
-                    ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                    REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
-    """Launched twice when the layout has mixed tiles: MIXED=True walks them and leaves the
-    online-softmax state (acc, m, l, mass) of each row in the State buffers; MIXED=False starts
-    from that state, walks the pure runs and writes the results. Separate launches keep the
-    mixed path's registers out of the pure loop's allocation.
+def _store_query_bias(qw_base, lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, Nq, RP: tl.constexpr,
+                      SOFT: tl.constexpr):
+    """This query block's columns of the QW table: qw = Mq W in log2 units, read back by other threads."""
+    offs_r = tl.arange(0, RP)
+    qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
+    tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & (offs_r[None, :] < R))
+    tl.debug_barrier()
 
-    SUB_M, SUB_N: query and key blocks per layout tile; REGION_BITS: the run entries' format.
+
+@triton.jit
+def _sma_fwd_mixed_kernel(Q, K, V, QW, StateAcc, StateM, StateL, StateMass,
+                          QLabels, QMem, KLabels, KMem, KOperand, Bias, AllowBits, MixedCount, MixedIndex,
+                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                          stride_qlab_b, stride_qmem_b, stride_klab_b, stride_kmem_b, stride_kop_b, stride_kop_n,
+                          stride_bias_b, stride_bias_h, stride_bias_r, stride_allow_b, stride_count_b, stride_index_b,
+                          H, Nq, Nk, R, num_key_tiles, qk_scale,
+                          HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, KR: tl.constexpr,
+                          TERMS_Q: tl.constexpr, TERMS_K: tl.constexpr, MASS_R: tl.constexpr,
+                          SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, ANY_BLOCKED: tl.constexpr,
+                          RETURN_MASS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          SUB_M: tl.constexpr, SUB_N: tl.constexpr, STRIDE_UNIT: tl.constexpr):
+    """The first launch where the layout has mixed tiles: walks a query block's mixed key tiles
+    and leaves each row's online-softmax state (acc, m, l, mass) in the State buffers, from which
+    _sma_fwd_pure_kernel resumes. A kernel of its own keeps the mixed path's registers out of the
+    pure loop's allocation. SUB_M, SUB_N: query and key blocks per layout tile.
     """
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     OUT_TY: tl.constexpr = V.dtype.element_ty
@@ -245,111 +251,129 @@ def _sma_fwd_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, State
     stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
     stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
     stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
-    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    list_row = pid_m // SUB_M
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = offs_m < Nq
-    rows = pid_bh * Nq + offs_m
-    mixed_count = 0
-    if HAS_MIXED:
-        mixed_count = tl.load(MixedCount + b * stride_count_b + list_row)
-    if not MIXED or mixed_count > 0:
-        q_base = Q + b * stride_qb + h * stride_qh
-        q0 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, 0, D0, HEAD_DIM, True), UPCAST)
-        q1 = q0
-        if D1 > 0:
-            q1 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, D0, D1, HEAD_DIM, True), UPCAST)
+    pid_bh, b, h, list_row, offs_m, in_m = _query_block(H, Nq, BLOCK_M, SUB_M)
+    mixed_count = tl.load(MixedCount + b * stride_count_b + list_row)
+    if mixed_count > 0:
+        q0, q1 = _load_head_blocks(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, HEAD_DIM, D0, D1,
+                                   UPCAST)
         lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
         q_bits = lq
         if ANY_BLOCKED:
             q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
-        bias_base = Bias + b * stride_bias_b + h * stride_bias_h
-        qmem_base = QMem + b * stride_qmem_b
-        offs_r = tl.arange(0, RP)
-        in_r = offs_r < R
         qw_base = QW + pid_bh * R * Nq  # (R, Nq) per (batch row, head): region c's bias of every query
-        offs_mass = tl.arange(0, MASS_R)
+        acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        mass = tl.zeros((BLOCK_M, MASS_R), dtype=tl.float32)
+        if HAS_BIAS:  # this launch writes the QW table too (the pure launch writes the same values)
+            _store_query_bias(qw_base, lq, offs_m, in_m, QMem + b * stride_qmem_b,
+                              Bias + b * stride_bias_b + h * stride_bias_h, stride_bias_r, R, Nq, RP, SOFT)
+        acc0, acc1, m_i, l_i, mass = _fwd_mixed_tiles(
+            acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m, in_m, Nq, K + b * stride_kb + h * stride_kh,
+            V + b * stride_vb + h * stride_vh, KLabels + b * stride_klab_b, KMem + b * stride_kmem_b,
+            KOperand + b * stride_kop_b, MixedIndex + b * stride_index_b + list_row * num_key_tiles,
+            mixed_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, SUB_N,
+            KR, TERMS_Q, TERMS_K, MASS_R, SOFT, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, PRECISION,
+            DOT_PRECISION, OUT_TY)
+        rows = pid_bh * Nq + offs_m
         cols0 = tl.arange(0, D0)
-        cols1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
-        if MIXED:
-            acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
-            acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
-            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            mass = tl.zeros((BLOCK_M, MASS_R), dtype=tl.float32)
-            if HAS_BIAS:  # this launch writes the QW table too (the pure launch writes the same values)
-                qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
-                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & in_r[None, :])
-                tl.debug_barrier()
-            acc0, acc1, m_i, l_i, mass = _fwd_mixed_tiles(
-                acc0, acc1, m_i, l_i, mass, q0, q1, q_bits, qw_base, offs_m, in_m, Nq, K + b * stride_kb + h * stride_kh,
-                V + b * stride_vb + h * stride_vh, KLabels + b * stride_klab_b, KMem + b * stride_kmem_b,
-                KOperand + b * stride_kop_b, MixedIndex + b * stride_index_b + list_row * num_key_tiles,
-                mixed_count, stride_kn, stride_vn, stride_kop_n, Nk, R, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, SUB_N,
-                KR, TERMS_Q, TERMS_K, MASS_R, SOFT, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, PRECISION,
-                DOT_PRECISION, OUT_TY)
-            tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols0[None, :], acc0,
-                     mask=in_m[:, None] & (cols0[None, :] < HEAD_DIM))
-            if D1 > 0:
-                tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols1[None, :], acc1,
-                         mask=in_m[:, None] & (cols1[None, :] < HEAD_DIM))
-            tl.store(StateM + rows, m_i, mask=in_m)
-            tl.store(StateL + rows, l_i, mask=in_m)
-            if RETURN_MASS:
-                tl.store(StateMass + rows[:, None] * R + offs_mass[None, :], mass,
-                         mask=in_m[:, None] & (offs_mass[None, :] < R))
-        else:
-            # Start from the mixed launch's state where it left one, else from nothing.
-            if HAS_MIXED:
-                resume = in_m & (tl.zeros_like(lq) + mixed_count > 0)  # a block: the interpreter rejects 0-d masks
-            else:
-                resume = offs_m < 0
-            acc0, acc1 = _resume_blocks(StateAcc, rows, resume, cols0, cols1, HEAD_DIM, D1, BLOCK_M)
-            m_i = tl.load(StateM + rows, mask=resume, other=float("-inf"))
-            l_i = tl.load(StateL + rows, mask=resume, other=0.0)
-            if RETURN_MASS:  # the running mass lives in the Mass rows (see _fwd_pure_runs)
-                for c0 in tl.static_range(0, MASS_R, 16):
-                    cols = c0 + tl.arange(0, 16)
-                    mass = tl.load(StateMass + rows[:, None] * R + cols[None, :],
-                                   mask=resume[:, None] & (cols[None, :] < R), other=0.0)
-                    tl.store(Mass + rows[:, None] * R + cols[None, :], mass, mask=in_m[:, None] & (cols[None, :] < R))
-            if HAS_BIAS:  # the bias rows qw = Mq W (log2 units), gathered once per run below
-                qw = _query_bias_columns(lq, offs_m, in_m, qmem_base, bias_base, stride_bias_r, R, RP, 1, RP, SOFT)
-                tl.store(qw_base + offs_r[None, :] * Nq + offs_m[:, None], qw, mask=in_m[:, None] & in_r[None, :])
-                tl.debug_barrier()  # the runs gather rows this program's other threads wrote
-            acc0, acc1, m_i, l_i = _fwd_pure_runs(
-                acc0, acc1, m_i, l_i, Mass + rows * R, R, q0, q1, q_bits, qw_base, offs_m, in_m, K + b * stride_kb + h * stride_kh,
-                V + b * stride_vb + h * stride_vh, Runs + b * stride_runs_b + list_row * num_key_tiles * 2,
-                tl.load(RunCount + b * stride_count_b + list_row), stride_kn, stride_vn, Nq, qk_scale, HEAD_DIM, D0,
-                D1, BLOCK_N, MASS_R, HAS_BIAS, ANY_BLOCKED, RETURN_MASS, UPCAST, DOT_PRECISION, OUT_TY,
-                REGION_BITS)
+        tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols0[None, :], acc0,
+                 mask=in_m[:, None] & (cols0[None, :] < HEAD_DIM))
+        if D1 > 0:
+            cols1 = D0 + tl.arange(0, D1)
+            tl.store(StateAcc + rows[:, None] * HEAD_DIM + cols1[None, :], acc1,
+                     mask=in_m[:, None] & (cols1[None, :] < HEAD_DIM))
+        tl.store(StateM + rows, m_i, mask=in_m)
+        tl.store(StateL + rows, l_i, mask=in_m)
+        if RETURN_MASS:
+            offs_mass = tl.arange(0, MASS_R)
+            tl.store(StateMass + rows[:, None] * R + offs_mass[None, :], mass,
+                     mask=in_m[:, None] & (offs_mass[None, :] < R))
 
-            # Epilogue. Rows with every key blocked have l = 0: O = 0 and lse = -inf.
-            blocked = l_i == 0.0
-            inv_l = 1.0 / tl.where(blocked, 1.0, l_i)
-            out_base = Out + b * stride_ob + h * stride_oh
-            tl.store(out_base + offs_m[:, None] * stride_on + cols0[None, :],
-                     (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=in_m[:, None] & (cols0[None, :] < OUT_DIM))
-            if D1 > 0:
-                tl.store(out_base + offs_m[:, None] * stride_on + cols1[None, :],
-                         (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                         mask=in_m[:, None] & (cols1[None, :] < OUT_DIM))
-            lse_log2 = tl.where(blocked, float("-inf"), m_i + tl.math.log2(tl.where(blocked, 1.0, l_i)))
-            tl.store(Lse + rows, lse_log2 * LN2, mask=in_m)
-            if RETURN_MASS:
-                tl.debug_barrier()
-                for c0 in tl.static_range(0, MASS_R, 16):
-                    cols = c0 + tl.arange(0, 16)
-                    mass_ptrs = Mass + rows[:, None] * R + cols[None, :]
-                    mass_mask = in_m[:, None] & (cols[None, :] < R)
-                    tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
+
+@triton.jit
+def _sma_fwd_pure_kernel(Q, K, V, Out, Lse, Mass, QW, StateAcc, StateM, StateL, StateMass,
+                         QLabels, QMem, Bias, AllowBits, RunCount, Runs, MixedCount,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
+                         stride_qlab_b, stride_qmem_b, stride_bias_b, stride_bias_h, stride_bias_r,
+                         stride_allow_b, stride_count_b, stride_runs_b,
+                         H, Nq, R, num_key_tiles, qk_scale,
+                         HEAD_DIM: tl.constexpr, OUT_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, MASS_R: tl.constexpr,
+                         SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MIXED: tl.constexpr,
+                         ANY_BLOCKED: tl.constexpr, RETURN_MASS: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, SUB_M: tl.constexpr,
+                         REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
+    """Every query block's pure runs, then the results: starts from the state the mixed launch
+    left where it ran (HAS_MIXED), else from nothing. Its key block may span two layout tiles
+    (BLOCK_N = 128). REGION_BITS: the run entries' format.
+    """
+    DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
+    OUT_TY: tl.constexpr = V.dtype.element_ty
+    stride_qb, stride_qh, stride_qn = stride_qb * STRIDE_UNIT, stride_qh * STRIDE_UNIT, stride_qn * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_oh, stride_on = stride_ob * STRIDE_UNIT, stride_oh * STRIDE_UNIT, stride_on * STRIDE_UNIT
+    pid_bh, b, h, list_row, offs_m, in_m = _query_block(H, Nq, BLOCK_M, SUB_M)
+    rows = pid_bh * Nq + offs_m
+    q0, q1 = _load_head_blocks(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, HEAD_DIM, D0, D1, UPCAST)
+    lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
+    q_bits = lq
+    if ANY_BLOCKED:
+        q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
+    qw_base = QW + pid_bh * R * Nq
+    cols0 = tl.arange(0, D0)
+    cols1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    # Start from the mixed launch's state where it left one, else from nothing.
+    if HAS_MIXED:
+        mixed_count = tl.load(MixedCount + b * stride_count_b + list_row)
+        resume = in_m & (tl.zeros_like(lq) + mixed_count > 0)  # a block: the interpreter rejects 0-d masks
+    else:
+        resume = offs_m < 0
+    acc0, acc1 = _resume_blocks(StateAcc, rows, resume, cols0, cols1, HEAD_DIM, D1, BLOCK_M)
+    m_i = tl.load(StateM + rows, mask=resume, other=float("-inf"))
+    l_i = tl.load(StateL + rows, mask=resume, other=0.0)
+    if RETURN_MASS:  # the running mass lives in the Mass rows (see _fwd_pure_runs)
+        for c0 in tl.static_range(0, MASS_R, 16):
+            cols = c0 + tl.arange(0, 16)
+            mass = tl.load(StateMass + rows[:, None] * R + cols[None, :],
+                           mask=resume[:, None] & (cols[None, :] < R), other=0.0)
+            tl.store(Mass + rows[:, None] * R + cols[None, :], mass, mask=in_m[:, None] & (cols[None, :] < R))
+    if HAS_BIAS:  # the bias rows qw = Mq W (log2 units), gathered once per run below
+        _store_query_bias(qw_base, lq, offs_m, in_m, QMem + b * stride_qmem_b,
+                          Bias + b * stride_bias_b + h * stride_bias_h, stride_bias_r, R, Nq, RP, SOFT)
+    acc0, acc1, m_i, l_i = _fwd_pure_runs(
+        acc0, acc1, m_i, l_i, Mass + rows * R, R, q0, q1, q_bits, qw_base, offs_m, in_m,
+        K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+        Runs + b * stride_runs_b + list_row * num_key_tiles * 2, tl.load(RunCount + b * stride_count_b + list_row),
+        stride_kn, stride_vn, Nq, qk_scale, HEAD_DIM, D0, D1, BLOCK_N, MASS_R, HAS_BIAS, ANY_BLOCKED, RETURN_MASS,
+        UPCAST, DOT_PRECISION, OUT_TY, REGION_BITS)
+
+    # Epilogue. Rows with every key blocked have l = 0: O = 0 and lse = -inf.
+    blocked = l_i == 0.0
+    inv_l = 1.0 / tl.where(blocked, 1.0, l_i)
+    out_base = Out + b * stride_ob + h * stride_oh
+    tl.store(out_base + offs_m[:, None] * stride_on + cols0[None, :],
+             (acc0 * inv_l[:, None]).to(Out.dtype.element_ty), mask=in_m[:, None] & (cols0[None, :] < OUT_DIM))
+    if D1 > 0:
+        tl.store(out_base + offs_m[:, None] * stride_on + cols1[None, :],
+                 (acc1 * inv_l[:, None]).to(Out.dtype.element_ty), mask=in_m[:, None] & (cols1[None, :] < OUT_DIM))
+    lse_log2 = tl.where(blocked, float("-inf"), m_i + tl.math.log2(tl.where(blocked, 1.0, l_i)))
+    tl.store(Lse + rows, lse_log2 * LN2, mask=in_m)
+    if RETURN_MASS:
+        tl.debug_barrier()
+        for c0 in tl.static_range(0, MASS_R, 16):
+            cols = c0 + tl.arange(0, 16)
+            mass_ptrs = Mass + rows[:, None] * R + cols[None, :]
+            mass_mask = in_m[:, None] & (cols[None, :] < R)
+            tl.store(mass_ptrs, tl.load(mass_ptrs, mask=mass_mask, other=0.0) * inv_l[:, None], mask=mass_mask)
+
 
 def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, config: ForwardConfig):
-    """Launch the forward kernel (twice when the layout has mixed tiles). Inputs are checked.
+    """Launch the forward: _sma_fwd_mixed_kernel where the layout has mixed tiles, then
+    _sma_fwd_pure_kernel. Inputs are checked.
 
     Args:
         layout: the SMALayout (its tile lists built).
@@ -377,16 +401,15 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, config: Forwar
                  empty((B, H, Nq, R), dtype=torch.float32, device=device) if return_mass else lse)
     else:
         state = (lse, lse, lse, lse)  # never read
-    # The bias dot's operand layout is the same in both launches: "split" for 16-bit inputs, else 1 term.
+    # The bias dot's operand layout: "split" for 16-bit inputs, else 1 term.
     kr_width, terms_q, terms_k = bias_dot_shape(R, soft, "split" if q.dtype != torch.float32 else "ieee")
     q_mem = fp32_memberships(qr) if soft else qr.labels
     k_mem = fp32_memberships(kr) if soft else kr.labels
     k_op = layout.k_split if soft and terms_k == 2 else k_mem
     d0, d1 = head_dim_split(q.shape[-1])
     unit = stride_unit(q, k, v, out)
-    args = dict(
-        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=qw, StateAcc=state[0],
-        StateM=state[1], StateL=state[2],
+    pool = dict(  # what either kernel reads; each launch takes its parameters (kernel_args)
+        Q=q, K=k, V=v, Out=out, Lse=lse, Mass=mass, QW=qw, StateAcc=state[0], StateM=state[1], StateL=state[2],
         StateMass=state[3], QLabels=qr.labels, QMem=q_mem, KLabels=kr.labels, KMem=k_mem, KOperand=k_op,
         Bias=bias if bias is not None else lse, AllowBits=layout.allow_bits,
         RunCount=tiles.pure_run_count, Runs=tiles.pure_runs, MixedCount=tiles.mixed_count,
@@ -413,9 +436,10 @@ def sma_forward_triton(q, k, v, layout, bias, scale, return_mass, config: Forwar
     )
     if info.has_mixed:
         mixed = config.mixed
-        launch(_sma_fwd_kernel, (triton.cdiv(Nq, mixed.block_m), B * H), **mixed.launch_options(),
-               **mixed.tile_args(), MIXED=True, PRECISION=kernel_precision(q.dtype, mixed), **args)
+        launch(_sma_fwd_mixed_kernel, (triton.cdiv(Nq, mixed.block_m), B * H), **mixed.launch_options(),
+               **kernel_args(_sma_fwd_mixed_kernel, pool, mixed.tile_args(),
+                             PRECISION=kernel_precision(q.dtype, mixed)))
     pure = config.pure
-    launch(_sma_fwd_kernel, (triton.cdiv(Nq, pure.block_m), B * H), **pure.launch_options(), **pure.tile_args(),
-           MIXED=False, PRECISION=kernel_precision(q.dtype, pure), **args)
+    launch(_sma_fwd_pure_kernel, (triton.cdiv(Nq, pure.block_m), B * H), **pure.launch_options(),
+           **kernel_args(_sma_fwd_pure_kernel, pool, pure.tile_args(), PRECISION=kernel_precision(q.dtype, pure)))
     return out, lse, (mass if return_mass else None), qw
