@@ -76,6 +76,21 @@ def test_guidance_scale_one_runs_the_conditional_rows_alone(tiny_pipe, monkeypat
     assert all(abs(one.cag[layer][key] - both.cag[layer][key]) < 1e-4 for layer in one.cag for key in one.cag[layer])
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+def test_tiny_sampling_starts_from_the_last_trained_timestep(tiny_pipe, monkeypatch, steps):
+    """Sampling starts from pure noise, so the UNet's first call must be at the last trained
+    timestep (with "leading" spacing one step ran at t = 1, reading noise as a clean latent)."""
+    image, masks = scene()
+    timesteps = []
+    forward = type(tiny_pipe.unet).forward
+    monkeypatch.setattr(type(tiny_pipe.unet), "forward",
+                        lambda self, x, t, *a, **k: timesteps.append(int(t.flatten()[0])) or forward(self, x, t, *a, **k))
+    tiny_pipe(image, masks, erase=[2], num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
+    last = tiny_pipe.scheduler.config.num_train_timesteps - 1
+    assert len(timesteps) == steps and timesteps[0] == last
+    assert timesteps == sorted(timesteps, reverse=True) and timesteps[-1] == last // steps
+
+
 def test_pil_in_pil_out_and_odd_sizes(tiny_pipe):
     image, masks = scene(size=50)
     pil = Image.fromarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
