@@ -10,7 +10,7 @@ blocked region pairs):
 - ``xformers``: memory_efficient_attention with a tensor bias, where installed (GPU);
 - ``naive``: the materialised softmax(QK^T * scale + mask) V;
 - ``plain-flash``: the project's plain Triton flash attention with no bias and no regions
-  (benchmarks/plain_flash.py), the ceiling of this design in Triton (GPU, power-of-two D).
+  (benchmarks/plain_flash.py), the ceiling of this design in Triton (GPU, D a multiple of 8).
 
 Reports ms, TFLOP/s counted dense (4 B H Nq Nk D) and the speedup of sma_attention
 over each peer; writes benchmarks/results/<device>/attention.json and a plot.
@@ -212,7 +212,7 @@ def providers(p: Problem, gpu: bool, backward: bool = False) -> dict:
     chosen = {"mild-triton": lambda: mild_provider(p, "triton")} if gpu else {"mild-torch": lambda: mild_provider(p, "torch")}
     chosen.update({"sdpa-mask": lambda: sdpa_provider(p), "flex": lambda: flex_provider(p),
                    "naive": lambda: naive_provider(p)})
-    if gpu and p.q.shape[-1] in (16, 32, 64, 128, 256):
+    if gpu and p.q.shape[-1] % 8 == 0 and 16 <= p.q.shape[-1] <= 256:
         chosen["plain-flash"] = lambda: plain_flash_provider(p)
     if gpu:
         try:

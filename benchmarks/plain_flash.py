@@ -13,6 +13,10 @@ No bias, no regions, no masks but the sequence tails: softmax(q k^T * scale) v o
   per query tile, walking the key tiles). Each gradient is owned by one program: no
   atomics.
 
+Head dims are multiples of 8 up to 256, in the two blocks SMA uses (a power of two and a
+smaller one: 80 = 64 + 16, 160 = 128 + 32), so SD 1.5's 40, 80 and 160 have a baseline of
+the same shape.
+
 Every launch goes through ``mild_kernels._runtime.launch`` with keyword arguments
 only, so ``record_launches()`` sees them and benchmarks/static_speed.py can compile
 them ahead of time. On the CPU the kernels run in Triton's interpreter
@@ -28,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mild_kernels._runtime import empty, empty_like, interpreting, launch
+from mild_kernels._runtime import empty, empty_like, interpreting, launch, next_power_of_2
+from mild_kernels.sma.triton_common import head_dim_split
 
 LOG2E = 1.4426950408889634
 # The kernels' copies: a jitted function may read a module global only as a constexpr.
@@ -63,24 +68,78 @@ class BackwardConfig:
     preprocess_block_m: int = 128
 
 
+# Head dims other than 64 in the strongest tiles that pass the compile gate's rule (no spill): the
+# cheapest per (q, k) pair by the static report's count, two stages or more where one compiles (one
+# stage cannot prefetch, which the count does not see), of forward 128x128x8, 128x64x8 (3 and 2
+# stages), 64x64x4; dK/dV 64x128x8, 64x64x4, 32x128x8, 32x64x4 (2 stages), 16x64x4 (1 and 2); dQ
+# 128x64x8, 64x64x4, 128x32x8, 64x32x4. Searched on sm_90 on 2026-12-03 (benchmarks/NOTES.md).
+# D=64 keeps FlashAttention-2's tiles above: the static report's headline rows are issue 19's
+# reference figures.
+TILES = {  # head dim: (forward, dK/dV, dQ) as TileConfig fields
+    40: ((128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)),  # the 128 x 128 forward spills 8 B
+    80: ((128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
+    128: ((128, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)),  # 64 x 128 dK/dV spills 88 B, in its loop
+    160: ((128, 64, 8, 3), (16, 64, 4, 1), (128, 64, 8, 2)),  # every two-stage dK/dV candidate spills
+}
+
+
+def default_configs(head_dim: int) -> tuple[TileConfig, BackwardConfig]:
+    """The forward's and the backward's tiles at ``head_dim``: TILES, else the D=64 ones."""
+    if head_dim not in TILES:
+        return ForwardConfig(), BackwardConfig()
+    forward, dkdv, dq = (TileConfig(*t) for t in TILES[head_dim])
+    return forward, BackwardConfig(dkdv=dkdv, dq=dq)
+
+
 # ---------------------------------------------------------------- kernels
+# A head dim runs as a power-of-two block [0, D0) plus a second block [D0, D0 + D1) (D1 = 0:
+# none), the split the SMA kernels use (mild_kernels.sma.triton_common.head_dim_split): 80 is
+# 64 + 16, 160 is 128 + 32, 40 is 32 + 16 with its last 8 columns masked. With D1 = 0 the
+# second block's tensors are unused placeholders, and the code is the single-block kernel's.
 @triton.jit
 def _load_rows(ptrs, offs, n, MASKED: tl.constexpr):
-    """Load a (rows, HEAD_DIM) tile; rows at or past ``n`` read as 0 when MASKED."""
+    """Load a (rows, D0) tile; rows at or past ``n`` read as 0 when MASKED."""
     if MASKED:
         return tl.load(ptrs, mask=offs[:, None] < n, other=0.0)
     return tl.load(ptrs)
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, N_k, qk_scale,
+def _load_rows1(ptrs, offs, n, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """The second head-dim block of a row tile: columns past HEAD_DIM read as 0."""
+    if D0 + D1 > HEAD_DIM:
+        in_cols = (D0 + tl.arange(0, D1))[None, :] < HEAD_DIM
+        if MASKED:
+            return tl.load(ptrs, mask=(offs[:, None] < n) & in_cols, other=0.0)
+        return tl.load(ptrs, mask=in_cols, other=0.0)
+    return _load_rows(ptrs, offs, n, MASKED)
+
+
+@triton.jit
+def _store_rows(ptrs, x, row_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Store a tile's rows where ``row_mask`` holds, columns past HEAD_DIM left alone."""
+    if COL0 + WIDTH > HEAD_DIM:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty),
+                 mask=row_mask & ((COL0 + tl.arange(0, WIDTH))[None, :] < HEAD_DIM))
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, offs_n, N_k, qk_scale,
+              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax; MASKED only for the peeled last tile."""
-    k = _load_rows(k_ptrs, offs_n, N_k, MASKED)
-    v = _load_rows(v_ptrs, offs_n, N_k, MASKED)
+    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED)
+    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED)
     if UPCAST:
-        k = k.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        k0 = k0.to(tl.float32)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    if D1 > 0:
+        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
     if MASKED:
         # The peeled tile holds at least one real key, so the row max below stays finite.
         qk = tl.where(offs_n[None, :] < N_k, qk, float("-inf"))
@@ -89,12 +148,17 @@ def _fwd_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n, N_k, qk_scale,
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # the scale rides in the FFMA
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p_mm = p.to(v.dtype)
+    p_mm = p.to(v0.dtype)
     if UPCAST:
         p_mm = p_mm.to(tl.float32)  # rounded to the input dtype first, as on the GPU
-        v = v.to(tl.float32)
-    acc = tl.dot(p_mm, v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, m_new, l_i
+        v0 = v0.to(tl.float32)
+    acc0 = tl.dot(p_mm, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+    if D1 > 0:
+        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
+        if UPCAST:
+            v1 = v1.to(tl.float32)
+        acc1 = tl.dot(p_mm, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+    return acc0, acc1, m_new, l_i
 
 
 @triton.jit
@@ -104,7 +168,8 @@ def _plain_fwd_kernel(Q, K, V, Out, Lse,
                       stride_vb, stride_vh, stride_vn,
                       stride_ob, stride_oh, stride_on,
                       H, N_q, N_k, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,32 +177,46 @@ def _plain_fwd_kernel(Q, K, V, Out, Lse,
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)  # unused when D1 = 0
     offs_tile = tl.arange(0, BLOCK_N)
 
     # Query rows past N_q read as zeros: finite scores, and their results are never stored.
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, N_q, True)
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    q0 = _load_rows(q_rows + offs_d[None, :], offs_m, N_q, True)
     if UPCAST:
-        q = q.to(tl.float32)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn + offs_d[None, :]
+        q0 = q0.to(tl.float32)
+    q1 = q0
+    if D1 > 0:
+        q1 = _load_rows1(q_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+    k_rows = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn
+    v_rows = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn
+    k_ptrs0, k_ptrs1 = k_rows + offs_d[None, :], k_rows + offs_d1[None, :]
+    v_ptrs0, v_ptrs1 = v_rows + offs_d[None, :], v_rows + offs_d1[None, :]
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
     n_full = (N_k // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                                  start_n + offs_tile, N_k, qk_scale, False, UPCAST, PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0 + start_n * stride_kn,
+                                         k_ptrs1 + start_n * stride_kn, v_ptrs0 + start_n * stride_vn,
+                                         v_ptrs1 + start_n * stride_vn, start_n + offs_tile, N_k, qk_scale,
+                                         HEAD_DIM, D0, D1, False, UPCAST, PRECISION)
     if n_full < N_k:
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
-                                  n_full + offs_tile, N_k, qk_scale, True, UPCAST, PRECISION)
+        acc0, acc1, m_i, l_i = _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0 + n_full * stride_kn,
+                                         k_ptrs1 + n_full * stride_kn, v_ptrs0 + n_full * stride_vn,
+                                         v_ptrs1 + n_full * stride_vn, n_full + offs_tile, N_k, qk_scale,
+                                         HEAD_DIM, D0, D1, True, UPCAST, PRECISION)
 
     in_m = offs_m < N_q
-    out = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=in_m[:, None])
+    out_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on
+    tl.store(out_rows + offs_d[None, :], (acc0 / l_i[:, None]).to(Out.dtype.element_ty), mask=in_m[:, None])
+    if D1 > 0:
+        _store_rows(out_rows + offs_d1[None, :], acc1 / l_i[:, None], in_m[:, None], D0, D1, HEAD_DIM)
     # lse in natural-log units, the convention of torch's flash kernels.
     tl.store(Lse + pid_bh.to(tl.int64) * N_q + offs_m, (m_i + tl.math.log2(l_i)) * _LN2, mask=in_m)
 
@@ -147,19 +226,20 @@ def _plain_bwd_preprocess_kernel(Out, DO, Lse, Delta, Lse2,
                                  stride_ob, stride_oh, stride_on,
                                  stride_dob, stride_doh, stride_don,
                                  H, N_q,
-                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O), and lse in log2 units (the gradient loops then need no multiply for it)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     in_m = offs_m < N_q
+    mask = in_m[:, None] & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                mask=in_m[:, None], other=0.0)
+                mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                 mask=in_m[:, None], other=0.0)
+                 mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = pid_bh.to(tl.int64) * N_q + offs_m
     tl.store(Delta + rows, delta, mask=in_m)
@@ -167,11 +247,12 @@ def _plain_bwd_preprocess_kernel(Out, DO, Lse, Delta, Lse2,
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, offs_m, N_q, qk_scale,
+def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0, q_ptrs1, do_ptrs0, do_ptrs1, lse2_ptrs, delta_ptrs,
+               offs_m, N_q, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile into the held key tile's dK and dV, all in the transposed (key-major) frame."""
-    q = _load_rows(q_ptrs, offs_m, N_q, MASKED)
-    do = _load_rows(do_ptrs, offs_m, N_q, MASKED)
+    q0 = _load_rows(q_ptrs0, offs_m, N_q, MASKED)
+    do0 = _load_rows(do_ptrs0, offs_m, N_q, MASKED)
     if MASKED:
         in_m = offs_m < N_q
         lse2 = tl.load(lse2_ptrs, mask=in_m, other=0.0)
@@ -180,24 +261,36 @@ def _dkdv_step(dk, dv, k, v, q_ptrs, do_ptrs, lse2_ptrs, delta_ptrs, offs_m, N_q
         lse2 = tl.load(lse2_ptrs)
         delta = tl.load(delta_ptrs)
     if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+        q0 = q0.to(tl.float32)
+        do0 = do0.to(tl.float32)
     # p^T = exp(scale * k q^T - lse), in log2 units: one FFMA per score again.
-    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    qk_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+    if D1 > 0:
+        q1 = _load_rows1(q_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED)
+        do1 = _load_rows1(do_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
+        qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=PRECISION)
     p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(offs_m[None, :] < N_q, p_t, 0.0)
-    p_mm = p_t.to(do_ptrs.dtype.element_ty)
+    p_mm = p_t.to(do_ptrs0.dtype.element_ty)
     if UPCAST:
         p_mm = p_mm.to(tl.float32)
-    dv = tl.dot(p_mm, do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv0 = tl.dot(p_mm, do0, dv0, input_precision=PRECISION)
+    dp_t = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+    if D1 > 0:
+        dv1 = tl.dot(p_mm, do1, dv1, input_precision=PRECISION)
+        dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    ds_mm = ds_t.to(q_ptrs.dtype.element_ty)
+    ds_mm = ds_t.to(q_ptrs0.dtype.element_ty)
     if UPCAST:
         ds_mm = ds_mm.to(tl.float32)
-    dk = tl.dot(ds_mm, q, dk, input_precision=PRECISION)
-    return dk, dv
+    dk0 = tl.dot(ds_mm, q0, dk0, input_precision=PRECISION)
+    if D1 > 0:
+        dk1 = tl.dot(ds_mm, q1, dk1, input_precision=PRECISION)
+    return dk0, dk1, dv0, dv1
 
 
 @triton.jit
@@ -209,69 +302,102 @@ def _plain_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
                            stride_dkb, stride_dkh, stride_dkn,
                            stride_dvb, stride_dvh, stride_dvn,
                            H, N_q, N_k, scale, qk_scale,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)  # unused when D1 = 0
     offs_tile = tl.arange(0, BLOCK_M)
 
     # Key rows past N_k read as zeros; their dK, dV rows are computed but never stored.
-    k = _load_rows(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, N_k, True)
-    v = _load_rows(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   offs_n, N_k, True)
+    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
+    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
+    k0 = _load_rows(k_rows + offs_d[None, :], offs_n, N_k, True)
+    v0 = _load_rows(v_rows + offs_d[None, :], offs_n, N_k, True)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_tile[:, None] * stride_qn + offs_d[None, :]
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_tile[:, None] * stride_don + offs_d[None, :]
+        k0 = k0.to(tl.float32)
+        v0 = v0.to(tl.float32)
+    k1 = k0
+    v1 = v0
+    if D1 > 0:
+        k1 = _load_rows1(k_rows + offs_d1[None, :], offs_n, N_k, D0, D1, HEAD_DIM, True)
+        v1 = _load_rows1(v_rows + offs_d1[None, :], offs_n, N_k, D0, D1, HEAD_DIM, True)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+            v1 = v1.to(tl.float32)
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_tile[:, None] * stride_qn
+    do_rows = DO + b * stride_dob + h * stride_doh + offs_tile[:, None] * stride_don
+    q_ptrs0, q_ptrs1 = q_rows + offs_d[None, :], q_rows + offs_d1[None, :]
+    do_ptrs0, do_ptrs1 = do_rows + offs_d[None, :], do_rows + offs_d1[None, :]
     lse2_ptrs = Lse2 + pid_bh.to(tl.int64) * N_q + offs_tile
     delta_ptrs = Delta + pid_bh.to(tl.int64) * N_q + offs_tile
 
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dk0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
+    dv0 = tl.zeros((BLOCK_N, D0), dtype=tl.float32)
+    dk1 = tl.zeros((BLOCK_N, D1 if D1 > 0 else 16), dtype=tl.float32)
+    dv1 = tl.zeros((BLOCK_N, D1 if D1 > 0 else 16), dtype=tl.float32)
     m_full = (N_q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + start_m * stride_qn, do_ptrs + start_m * stride_don,
-                            lse2_ptrs + start_m, delta_ptrs + start_m, start_m + offs_tile, N_q, qk_scale,
-                            False, UPCAST, PRECISION)
+        dk0, dk1, dv0, dv1 = _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0 + start_m * stride_qn,
+                                        q_ptrs1 + start_m * stride_qn, do_ptrs0 + start_m * stride_don,
+                                        do_ptrs1 + start_m * stride_don, lse2_ptrs + start_m, delta_ptrs + start_m,
+                                        start_m + offs_tile, N_q, qk_scale, HEAD_DIM, D0, D1, False, UPCAST,
+                                        PRECISION)
     if m_full < N_q:
-        dk, dv = _dkdv_step(dk, dv, k, v, q_ptrs + m_full * stride_qn, do_ptrs + m_full * stride_don,
-                            lse2_ptrs + m_full, delta_ptrs + m_full, m_full + offs_tile, N_q, qk_scale,
-                            True, UPCAST, PRECISION)
+        dk0, dk1, dv0, dv1 = _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0 + m_full * stride_qn,
+                                        q_ptrs1 + m_full * stride_qn, do_ptrs0 + m_full * stride_don,
+                                        do_ptrs1 + m_full * stride_don, lse2_ptrs + m_full, delta_ptrs + m_full,
+                                        m_full + offs_tile, N_q, qk_scale, HEAD_DIM, D0, D1, True, UPCAST,
+                                        PRECISION)
 
     in_n = offs_n[:, None] < N_k
     # dS was taken with respect to the scaled scores: the scale comes back once, here.
-    dk = dk * scale
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=in_n)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=in_n)
+    dk_rows = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn
+    dv_rows = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(dk_rows + offs_d[None, :], (dk0 * scale).to(DK.dtype.element_ty), mask=in_n)
+    tl.store(dv_rows + offs_d[None, :], dv0.to(DV.dtype.element_ty), mask=in_n)
+    if D1 > 0:
+        _store_rows(dk_rows + offs_d1[None, :], dk1 * scale, in_n, D0, D1, HEAD_DIM)
+        _store_rows(dv_rows + offs_d1[None, :], dv1, in_n, D0, D1, HEAD_DIM)
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_n, N_k, qk_scale,
+def _dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, offs_n, N_k, qk_scale,
+             HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
              MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile into the held query tile's dQ."""
-    k = _load_rows(k_ptrs, offs_n, N_k, MASKED)
-    v = _load_rows(v_ptrs, offs_n, N_k, MASKED)
+    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED)
+    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        k0 = k0.to(tl.float32)
+        v0 = v0.to(tl.float32)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+    if D1 > 0:
+        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
+        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
+        if UPCAST:
+            k1 = k1.to(tl.float32)
+            v1 = v1.to(tl.float32)
+        qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         p = tl.where(offs_n[None, :] < N_k, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = tl.dot(do0, tl.trans(v0), input_precision=PRECISION)
+    if D1 > 0:
+        dp = tl.dot(do1, tl.trans(v1), dp, input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
-    ds_mm = ds.to(k_ptrs.dtype.element_ty)
+    ds_mm = ds.to(k_ptrs0.dtype.element_ty)
     if UPCAST:
         ds_mm = ds_mm.to(tl.float32)
-    return tl.dot(ds_mm, k, dq, input_precision=PRECISION)
+    dq0 = tl.dot(ds_mm, k0, dq0, input_precision=PRECISION)
+    if D1 > 0:
+        dq1 = tl.dot(ds_mm, k1, dq1, input_precision=PRECISION)
+    return dq0, dq1
 
 
 @triton.jit
@@ -282,42 +408,60 @@ def _plain_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta,
                          stride_dob, stride_doh, stride_don,
                          stride_dqb, stride_dqh, stride_dqn,
                          H, N_q, N_k, scale, qk_scale,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D0)
+    offs_d1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)  # unused when D1 = 0
     offs_tile = tl.arange(0, BLOCK_N)
     in_m = offs_m < N_q
 
     # Query rows past N_q read as zeros (lse and delta too): finite, and never stored.
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, N_q, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :],
-                    offs_m, N_q, True)
+    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
+    do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+    q0 = _load_rows(q_rows + offs_d[None, :], offs_m, N_q, True)
+    do0 = _load_rows(do_rows + offs_d[None, :], offs_m, N_q, True)
     lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * N_q + offs_m, mask=in_m, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * N_q + offs_m, mask=in_m, other=0.0)
     if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn + offs_d[None, :]
+        q0 = q0.to(tl.float32)
+        do0 = do0.to(tl.float32)
+    q1 = q0
+    do1 = do0
+    if D1 > 0:
+        q1 = _load_rows1(q_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
+        do1 = _load_rows1(do_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
+        if UPCAST:
+            q1 = q1.to(tl.float32)
+            do1 = do1.to(tl.float32)
+    k_rows = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn
+    v_rows = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn
+    k_ptrs0, k_ptrs1 = k_rows + offs_d[None, :], k_rows + offs_d1[None, :]
+    v_ptrs0, v_ptrs1 = v_rows + offs_d[None, :], v_rows + offs_d1[None, :]
 
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    dq0 = tl.zeros((BLOCK_M, D0), dtype=tl.float32)
+    dq1 = tl.zeros((BLOCK_M, D1 if D1 > 0 else 16), dtype=tl.float32)
     n_full = (N_k // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + start_n * stride_kn, v_ptrs + start_n * stride_vn,
-                      start_n + offs_tile, N_k, qk_scale, False, UPCAST, PRECISION)
+        dq0, dq1 = _dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_ptrs0 + start_n * stride_kn,
+                            k_ptrs1 + start_n * stride_kn, v_ptrs0 + start_n * stride_vn,
+                            v_ptrs1 + start_n * stride_vn, start_n + offs_tile, N_k, qk_scale, HEAD_DIM, D0, D1,
+                            False, UPCAST, PRECISION)
     if n_full < N_k:
-        dq = _dq_step(dq, q, do, lse2, delta, k_ptrs + n_full * stride_kn, v_ptrs + n_full * stride_vn,
-                      n_full + offs_tile, N_k, qk_scale, True, UPCAST, PRECISION)
+        dq0, dq1 = _dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_ptrs0 + n_full * stride_kn,
+                            k_ptrs1 + n_full * stride_kn, v_ptrs0 + n_full * stride_vn,
+                            v_ptrs1 + n_full * stride_vn, n_full + offs_tile, N_k, qk_scale, HEAD_DIM, D0, D1,
+                            True, UPCAST, PRECISION)
 
-    dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=in_m[:, None])
+    dq_rows = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+    tl.store(dq_rows + offs_d[None, :], (dq0 * scale).to(DQ.dtype.element_ty), mask=in_m[:, None])
+    if D1 > 0:
+        _store_rows(dq_rows + offs_d1[None, :], dq1 * scale, in_m[:, None], D0, D1, HEAD_DIM)
 
 
 # ---------------------------------------------------------------- wrappers
@@ -326,7 +470,7 @@ def _check(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for t in tensors:
         assert t.dim() == 4, "expected (B, H, N, D) tensors"
         assert t.dtype == tensors[0].dtype and t.device == tensors[0].device and t.shape[-1] == head_dim
-    assert head_dim in (16, 32, 64, 128, 256), f"head dim {head_dim}: a power of two in 16..256"
+    assert 16 <= head_dim <= 256 and head_dim % 8 == 0, f"head dim {head_dim}: a multiple of 8 in 16..256"
     # The kernels address the head dim with unit stride.
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
@@ -337,6 +481,12 @@ def _constants(dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _head_dim_blocks(head_dim: int) -> dict:
+    """HEAD_DIM and its two blocks D0 + D1 (D1 = 0 for a power of two), as SMA splits it."""
+    d0, d1 = head_dim_split(head_dim)
+    return dict(HEAD_DIM=head_dim, D0=d0, D1=d1)
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -344,7 +494,7 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def plain_flash_forward(q, k, v, scale=None, config: TileConfig | None = None):
     """(out, lse): out = softmax(q k^T * scale) v, lse (B, H, N_q) fp32 in natural log."""
     q, k, v = _check(q, k, v)
-    config = config or ForwardConfig()
+    config = config or default_configs(q.shape[-1])[0]
     B, H, N_q, D = q.shape
     N_k = k.shape[2]
     assert N_k > 0 and k.shape[:2] == v.shape[:2] == (B, H) and v.shape[2] == N_k
@@ -361,14 +511,14 @@ def plain_flash_forward(q, k, v, scale=None, config: TileConfig | None = None):
            stride_vb=svb, stride_vh=svh, stride_vn=svn,
            stride_ob=sob, stride_oh=soh, stride_on=son,
            H=H, N_q=N_q, N_k=N_k, qk_scale=scale * LOG2E,
-           HEAD_DIM=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **_constants(q.dtype))
+           **_head_dim_blocks(D), BLOCK_M=config.block_m, BLOCK_N=config.block_n, **_constants(q.dtype))
     return out, lse
 
 
 def plain_flash_backward(do, q, k, v, out, lse, scale=None, config: BackwardConfig | None = None):
     """(dq, dk, dv) of plain_flash_forward, given its out and lse."""
     do, q, k, v, out = _check(do, q, k, v, out)
-    config = config or BackwardConfig()
+    config = config or default_configs(q.shape[-1])[1]
     B, H, N_q, D = q.shape
     N_k = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -385,21 +535,21 @@ def plain_flash_backward(do, q, k, v, out, lse, scale=None, config: BackwardConf
 
     launch(_plain_bwd_preprocess_kernel, (triton.cdiv(N_q, config.preprocess_block_m), B * H),
            num_warps=4, num_stages=1, Out=out, DO=do, Lse=lse, Delta=delta, Lse2=lse2, **stride_args("o", "do"),
-           H=H, N_q=N_q, HEAD_DIM=D, BLOCK_M=config.preprocess_block_m)
+           H=H, N_q=N_q, HEAD_DIM=D, BLOCK_D=next_power_of_2(D), BLOCK_M=config.preprocess_block_m)
     tiles = config.dkdv
     launch(_plain_bwd_dkdv_kernel, (triton.cdiv(N_k, tiles.block_n), B * H),
            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
            Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, Lse2=lse2, Delta=delta,
            **stride_args("q", "k", "v", "do", "dk", "dv"),
            H=H, N_q=N_q, N_k=N_k, scale=scale, qk_scale=scale * LOG2E,
-           HEAD_DIM=D, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **constants)
+           **_head_dim_blocks(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **constants)
     tiles = config.dq
     launch(_plain_bwd_dq_kernel, (triton.cdiv(N_q, tiles.block_m), B * H),
            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
            Q=q, K=k, V=v, DO=do, DQ=dq, Lse2=lse2, Delta=delta,
            **stride_args("q", "k", "v", "do", "dq"),
            H=H, N_q=N_q, N_k=N_k, scale=scale, qk_scale=scale * LOG2E,
-           HEAD_DIM=D, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **constants)
+           **_head_dim_blocks(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **constants)
     return dq, dk, dv
 
 

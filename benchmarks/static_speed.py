@@ -94,7 +94,7 @@ def _only(launches: list[RecordedLaunch], kernel_name: str | tuple[str, ...]) ->
 
 
 def record_plain_forward(head_dim: int = HEADLINE["head_dim"], tiles=None) -> Callable[[], list[RecordedLaunch]]:
-    """The plain forward at ``head_dim``, with its default tiles or ``tiles`` (a plain_flash.TileConfig)."""
+    """The plain forward at ``head_dim``, with its tiles for that head dim or ``tiles`` (a plain_flash.TileConfig)."""
     def record():
         from benchmarks.plain_flash import plain_flash_forward
 
@@ -106,14 +106,17 @@ def record_plain_forward(head_dim: int = HEADLINE["head_dim"], tiles=None) -> Ca
     return record
 
 
-def record_plain_backward(kernel_name: str, head_dim: int = HEADLINE["head_dim"]) -> Callable[[], list[RecordedLaunch]]:
+def record_plain_backward(kernel_name: str, head_dim: int = HEADLINE["head_dim"],
+                          config=None) -> Callable[[], list[RecordedLaunch]]:
+    """The plain backward's ``kernel_name`` at ``head_dim``, with its tiles for that head dim or
+    ``config`` (a plain_flash.BackwardConfig)."""
     def record():
         from benchmarks.plain_flash import plain_flash_backward
 
         q, k, v, out, do = _headline_tensors(5, head_dim)
         lse = torch.empty(q.shape[:3], dtype=torch.float32)
         with record_launches() as launches:
-            plain_flash_backward(do, q, k, v, out, lse)
+            plain_flash_backward(do, q, k, v, out, lse, config=config)
         return _only(launches, kernel_name)
 
     return record
@@ -184,16 +187,13 @@ def _sma_entries():
                 "plain_bwd_dkdv", 4 * d)
     yield Entry("sma_dq_bnd", record_sma(SMA_DQ, True, "boundary", backward=True), tile_pairs,
                 "plain_bwd_dq", 3 * d)
-    for head_dim in SD_HEAD_DIMS:
-        # Against the plain kernel of the same head dim where it has one (a power of two), else
-        # against SMA's own D=64 rows: ratio_per_flop then says what the head dim costs per useful FLOP.
-        plain = head_dim in PLAIN_HEAD_DIMS
+    for head_dim in SD_HEAD_DIMS:  # each against the plain kernel of the same head dim
         yield Entry(f"sma_fwd_d{head_dim}", record_sma(SMA_FORWARD, True, head_dim=head_dim), tile_pairs,
-                    f"plain_fwd_d{head_dim}" if plain else "sma_fwd_soft", 2 * head_dim)
+                    f"plain_fwd_d{head_dim}", 2 * head_dim)
         yield Entry(f"sma_dkdv_d{head_dim}", record_sma("_sma_bwd_dkdv_kernel", True, backward=True, head_dim=head_dim),
-                    tile_pairs, f"plain_bwd_dkdv_d{head_dim}" if plain else "sma_dkdv_hard", 4 * head_dim)
+                    tile_pairs, f"plain_bwd_dkdv_d{head_dim}", 4 * head_dim)
         yield Entry(f"sma_dq_d{head_dim}", record_sma(SMA_DQ, True, backward=True, head_dim=head_dim),
-                    tile_pairs, f"plain_bwd_dq_d{head_dim}" if plain else "sma_dq_hard", 3 * head_dim)
+                    tile_pairs, f"plain_bwd_dq_d{head_dim}", 3 * head_dim)
     for model, shape in TRANSFORMER_ATTENTION.items():
         # Soft image regions and a text region, against the plain kernel of the model's head dim.
         head_dim, suffix = shape["head_dim"], "" if shape["head_dim"] == d else f"_d{shape['head_dim']}"
@@ -206,20 +206,15 @@ def _sma_entries():
 
 
 SD_HEAD_DIMS = (40, 80, 128, 160)  # beside the headline's 64: every head dim SD 1.5/2/XL and FLUX use
-PLAIN_HEAD_DIMS = (128,)  # the plain kernel's other head dims (powers of two)
-
-
 def _plain_entries():
-    from benchmarks.plain_flash import TileConfig
+    from benchmarks.plain_flash import TILES
 
     d = HEADLINE["head_dim"]
     yield Entry("plain_fwd", record_plain_forward(), tile_pairs, None, 2 * d)
     yield Entry("plain_bwd_dkdv", record_plain_backward("_plain_bwd_dkdv_kernel"), tile_pairs, None, 4 * d)
     yield Entry("plain_bwd_dq", record_plain_backward("_plain_bwd_dq_kernel"), tile_pairs, None, 3 * d)
-    for head_dim in PLAIN_HEAD_DIMS:
-        # D=128's forward in the tiles of Triton's tutorial at its best Hopper config: 128 x 128, 8 warps.
-        yield Entry(f"plain_fwd_d{head_dim}", record_plain_forward(head_dim, TileConfig(128, 128, 8, 2)), tile_pairs,
-                    None, 2 * head_dim)
+    for head_dim in TILES:  # in plain_flash's tiles for each head dim (the strongest that do not spill)
+        yield Entry(f"plain_fwd_d{head_dim}", record_plain_forward(head_dim), tile_pairs, None, 2 * head_dim)
         yield Entry(f"plain_bwd_dkdv_d{head_dim}", record_plain_backward("_plain_bwd_dkdv_kernel", head_dim),
                     tile_pairs, None, 4 * head_dim)
         yield Entry(f"plain_bwd_dq_d{head_dim}", record_plain_backward("_plain_bwd_dq_kernel", head_dim), tile_pairs,

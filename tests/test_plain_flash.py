@@ -51,7 +51,7 @@ def check(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 16])
+@pytest.mark.parametrize("head_dim", [64, 16, 40, 80, 160])  # 40/80/160: two head-dim blocks, 40's masked
 def test_forward_and_backward_at_odd_sizes(device, dtype, head_dim):
     q, k, v, do = inputs(device, dtype, 77, 131, head_dim)
     scale = head_dim ** -0.5

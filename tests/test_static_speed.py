@@ -77,31 +77,40 @@ def test_sma_steady_state_within_budget_of_plain_flash(sm90_rows):
     assert ratio <= BACKWARD_BUDGET, f"backward: {ratio:.2f}x the plain backward per pair"
 
 
-# Every other head dim, per (q, k) pair of the steady-state loop: D=128 against the plain kernel
-# at D=128 (its forward in the 128 x 128 tiles of Triton's tutorial), 40, 80 and 160 against
-# SMA's own D=64 rows (the plain kernel takes powers of two only). The D=128 forward's budget
-# is issue 19's target; the others are today's figures (benchmarks/NOTES.md) plus ~5%, so that a
-# change that makes one slower fails here. The dK/dV figures at 128 and 160 are above the
-# 1.3x of the plain kernel that issue 19 asks for: D=128's 32 x 64 tiles are what compiles
-# without spills today (D=80, a class of its own since 2026-12-03, runs 64 x 64), and D=160's
-# 16 x 64 on one warpgroup (1 stage; 8 warps at 32 x 64 repeated a third of the products).
+# Every other head dim, per (q, k) pair of the steady-state loop, against the plain kernel of the
+# same head dim in its strongest spill-free tiles (plain_flash.TILES; 40, 80 and 160 in the
+# same two head-dim blocks as SMA). The D=128 forward's budget is issue 19's target; the rest are
+# today's figures (benchmarks/NOTES.md) plus ~5%, so that a change that makes one slower fails
+# here. dK/dV at 80, 128 and 160 also stay within issue 19's 1.3x with no repeated product. D=128's
+# dK/dV still runs 32 x 64 tiles: the plain kernel's own 64 x 128 default spills in its loop there.
 HEAD_DIM_BUDGETS = {
-    "sma_fwd_d40": 1.12, "sma_dkdv_d40": 1.12, "sma_dq_d40": 1.13,
-    "sma_fwd_d80": 0.99, "sma_dkdv_d80": 1.20, "sma_dq_d80": 1.22,
-    "sma_fwd_d128": 1.05, "sma_dkdv_d128": 1.58, "sma_dq_d128": 1.18,
-    "sma_fwd_d160": 1.48, "sma_dkdv_d160": 2.83, "sma_dq_d160": 1.45,
+    "sma_fwd_d40": 0.94, "sma_dkdv_d40": 1.08, "sma_dq_d40": 1.04,
+    "sma_fwd_d80": 1.11, "sma_dkdv_d80": 1.25, "sma_dq_d80": 1.22,
+    "sma_fwd_d128": 1.05, "sma_dkdv_d128": 1.17, "sma_dq_d128": 1.18,
+    "sma_fwd_d160": 1.05, "sma_dkdv_d160": 1.24, "sma_dq_d160": 1.16,
 }
 
 
 def test_every_head_dim_within_its_budget(sm90_rows):
     for name, budget in HEAD_DIM_BUDGETS.items():
+        _, role, dim = name.split("_")
         for row in _rows(sm90_rows, name):
+            assert row["baseline"] == {"fwd": "plain_fwd", "dkdv": "plain_bwd_dkdv", "dq": "plain_bwd_dq"}[role] + "_" + dim
             assert row["ratio"] <= budget, f"{name}: {row['ratio']:.2f}x its baseline {row['baseline']} per pair"
-    for row in _rows(sm90_rows, "sma_dkdv_d160"):  # no product repeated across warpgroups
-        assert row["tensor_efficiency"] == 1.0 and row["spill"] == 0, row
+    for head_dim in (80, 128, 160):
+        for row in _rows(sm90_rows, f"sma_dkdv_d{head_dim}"):
+            assert row["ratio"] <= 1.3 and row["tensor_efficiency"] == 1.0 and row["spill"] == 0, row
     (row,) = _rows(sm90_rows, "sma_fwd_d128")
     assert row["baseline"] == "plain_fwd_d128" and (row["block_m"], row["block_n"]) == (128, 128), row
     assert row["spill"] == 0 and row["tensor_efficiency"] == 1.0, row
+
+
+def test_plain_baselines_at_every_head_dim_compile_without_spills(sm90_rows):
+    """A baseline that spills would flatter SMA: the plain rows pass the compile gate's own rule."""
+    for head_dim in (40, 80, 128, 160):
+        for kernel in ("plain_fwd", "plain_bwd_dkdv", "plain_bwd_dq"):
+            rows = _rows(sm90_rows, f"{kernel}_d{head_dim}")
+            assert all(row["spill"] == 0 and row["wgmma"] > 0 and row["mma_sync"] == 0 for row in rows), rows
 
 
 # Region boundaries (the headline's "bnd" entries): their mixed launches and branches carry the
@@ -123,7 +132,7 @@ def test_boundary_launches_within_budget(sm90_rows):
 # steady-state (pure) loop and the mixed one, each today's figure (NOTES.md) plus ~5%. FLUX's
 # dK/dV runs D=128's 32 x 64 tiles (issue 19); SD3's 4429 tokens get no divisibility hint.
 JOINT_BUDGETS = {  # entry: (pure loop, mixed loop)
-    "sma_fwd_flux": (1.05, 1.98), "sma_dkdv_flux": (1.60, 2.42), "sma_dq_flux": (1.19, 3.07),
+    "sma_fwd_flux": (1.05, 1.98), "sma_dkdv_flux": (1.18, 1.78), "sma_dq_flux": (1.19, 3.03),
     "sma_fwd_sd3": (1.06, 1.61), "sma_dkdv_sd3": (1.31, 2.48), "sma_dq_sd3": (1.21, 2.56),
 }
 
