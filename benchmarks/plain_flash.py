@@ -116,6 +116,22 @@ def _load_rows1(ptrs, offs, n, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
+def _load_held(row_ptrs, offs_d, offs_d1, offs, n, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               UPCAST: tl.constexpr):
+    """A tile a program holds through its loop, rows past ``n`` as zeros, in its two head-dim blocks
+    (the second is the first again when D1 = 0)."""
+    x0 = _load_rows(row_ptrs + offs_d[None, :], offs, n, True)
+    if UPCAST:
+        x0 = x0.to(tl.float32)
+    x1 = x0
+    if D1 > 0:
+        x1 = _load_rows1(row_ptrs + offs_d1[None, :], offs, n, D0, D1, HEAD_DIM, True)
+        if UPCAST:
+            x1 = x1.to(tl.float32)
+    return x0, x1
+
+
+@triton.jit
 def _store_rows(ptrs, x, row_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Store a tile's rows where ``row_mask`` holds, columns past HEAD_DIM left alone."""
     if COL0 + WIDTH > HEAD_DIM:
@@ -182,15 +198,8 @@ def _plain_fwd_kernel(Q, K, V, Out, Lse,
     offs_tile = tl.arange(0, BLOCK_N)
 
     # Query rows past N_q read as zeros: finite scores, and their results are never stored.
-    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-    q0 = _load_rows(q_rows + offs_d[None, :], offs_m, N_q, True)
-    if UPCAST:
-        q0 = q0.to(tl.float32)
-    q1 = q0
-    if D1 > 0:
-        q1 = _load_rows1(q_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
-        if UPCAST:
-            q1 = q1.to(tl.float32)
+    q0, q1 = _load_held(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn, offs_d, offs_d1, offs_m,
+                        N_q, HEAD_DIM, D0, D1, UPCAST)
     k_rows = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn
     v_rows = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn
     k_ptrs0, k_ptrs1 = k_rows + offs_d[None, :], k_rows + offs_d1[None, :]
@@ -315,21 +324,10 @@ def _plain_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
     offs_tile = tl.arange(0, BLOCK_M)
 
     # Key rows past N_k read as zeros; their dK, dV rows are computed but never stored.
-    k_rows = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn
-    v_rows = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn
-    k0 = _load_rows(k_rows + offs_d[None, :], offs_n, N_k, True)
-    v0 = _load_rows(v_rows + offs_d[None, :], offs_n, N_k, True)
-    if UPCAST:
-        k0 = k0.to(tl.float32)
-        v0 = v0.to(tl.float32)
-    k1 = k0
-    v1 = v0
-    if D1 > 0:
-        k1 = _load_rows1(k_rows + offs_d1[None, :], offs_n, N_k, D0, D1, HEAD_DIM, True)
-        v1 = _load_rows1(v_rows + offs_d1[None, :], offs_n, N_k, D0, D1, HEAD_DIM, True)
-        if UPCAST:
-            k1 = k1.to(tl.float32)
-            v1 = v1.to(tl.float32)
+    k0, k1 = _load_held(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn, offs_d, offs_d1, offs_n,
+                        N_k, HEAD_DIM, D0, D1, UPCAST)
+    v0, v1 = _load_held(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn, offs_d, offs_d1, offs_n,
+                        N_k, HEAD_DIM, D0, D1, UPCAST)
     q_rows = Q + b * stride_qb + h * stride_qh + offs_tile[:, None] * stride_qn
     do_rows = DO + b * stride_dob + h * stride_doh + offs_tile[:, None] * stride_don
     q_ptrs0, q_ptrs1 = q_rows + offs_d[None, :], q_rows + offs_d1[None, :]
@@ -422,23 +420,12 @@ def _plain_bwd_dq_kernel(Q, K, V, DO, DQ, Lse2, Delta,
     in_m = offs_m < N_q
 
     # Query rows past N_q read as zeros (lse and delta too): finite, and never stored.
-    q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn
-    do_rows = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-    q0 = _load_rows(q_rows + offs_d[None, :], offs_m, N_q, True)
-    do0 = _load_rows(do_rows + offs_d[None, :], offs_m, N_q, True)
+    q0, q1 = _load_held(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn, offs_d, offs_d1, offs_m,
+                        N_q, HEAD_DIM, D0, D1, UPCAST)
+    do0, do1 = _load_held(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don, offs_d, offs_d1,
+                          offs_m, N_q, HEAD_DIM, D0, D1, UPCAST)
     lse2 = tl.load(Lse2 + pid_bh.to(tl.int64) * N_q + offs_m, mask=in_m, other=0.0)
     delta = tl.load(Delta + pid_bh.to(tl.int64) * N_q + offs_m, mask=in_m, other=0.0)
-    if UPCAST:
-        q0 = q0.to(tl.float32)
-        do0 = do0.to(tl.float32)
-    q1 = q0
-    do1 = do0
-    if D1 > 0:
-        q1 = _load_rows1(q_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
-        do1 = _load_rows1(do_rows + offs_d1[None, :], offs_m, N_q, D0, D1, HEAD_DIM, True)
-        if UPCAST:
-            q1 = q1.to(tl.float32)
-            do1 = do1.to(tl.float32)
     k_rows = K + b * stride_kb + h * stride_kh + offs_tile[:, None] * stride_kn
     v_rows = V + b * stride_vb + h * stride_vh + offs_tile[:, None] * stride_vn
     k_ptrs0, k_ptrs1 = k_rows + offs_d[None, :], k_rows + offs_d1[None, :]

@@ -355,6 +355,11 @@ KNOWN_SPILLS: dict = {
     ("sm_90", ("sma_bwd", 256, "fp16", "plain")): 160,
     ("sm_90", ("sma_bwd", 256, "fp16", "many")): 136,  # the same launch with 16 hard-label regions
     ("sm_80", ("sma_bwd", 256, "fp32", "mass")): 8,  # dK/dV: one pointer, outside the loop
+    # dQ's mixed kernel at D=256 on sm_80 since it became a kernel of its own (2026-12-03): already on
+    # the last candidate (16 x 16, one stage), ptxas spills a few values
+    ("sm_80", ("sma_bwd", 256, "fp16", "many")): 8,
+    ("sm_80", ("sma_bwd", 256, "fp32", "many")): 16,
+    ("sm_80", ("sma_bwd", 256, "fp32", "plain")): 24,
     # dK/dV at D=80 with R > 16 regions: every candidate spills. Found when D=80 got a class of its
     # own; class 96 compiled its wide variant at D=96 only, so this spill was never gated before.
     ("sm_90", ("sma_bwd", 80, "fp16", "wide")): 32,
