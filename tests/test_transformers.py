@@ -421,7 +421,11 @@ def test_a_prepared_transformer_call_reads_no_tensor_value(kind, backend, monkey
     with record_launches(), count_host_reads() as reads:
         run(model, inputs, context)
     assert reads == [], f"host reads in a prepared transformer call: {reads}"
-    assert set(context.cag()) == {(0, GRID), (1, GRID)}
+    # CAG accumulates on the device, a (sums, counts) row per layer. Recorded Triton launches leave
+    # their outputs unwritten, so only the torch backend's values can be read back here.
+    assert set(context._cag) == {GRID} and context._cag[GRID].shape == (2, 2)
+    if backend == "torch":
+        assert set(context.cag()) == {(0, GRID), (1, GRID)}
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
