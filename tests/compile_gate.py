@@ -42,7 +42,7 @@ TORCH_TO_TRITON = {
 # ---------------------------------------------------------------- cases
 # Each head-dim class compiled at its widest member, and where the class splits head dims
 # differently (two blocks, one masked: 40 = 32 + 16) at that member too.
-GATE_HEAD_DIMS = {48: (48, 40), 64: (64,), 80: (80,), 96: (96,), 128: (128,), 160: (160, 144), 256: (256, 192)}
+GATE_HEAD_DIMS = {48: (48, 40), 64: (64,), 80: (80,), 96: (96, 88), 128: (128,), 160: (160, 144), 256: (256, 192)}
 GATE_HEAD_DIMS_FP32 = {64: (64, 40), 128: (128, 80), 256: (256, 160)}
 GATE_TOKENS = 1024  # SD's token counts are multiples of 16: the JIT's divisibility hints apply
 # Per variant: (soft, region mass, R, head dims to compile). Regions of uneven sizes, so that

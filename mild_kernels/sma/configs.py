@@ -4,7 +4,8 @@ The tables are chosen by ``tests/tune_configs.py``: for every key (head-dim clas
 inputs, variant) and launch role, the first of its candidates (larger tiles and more stages
 first) that compiles for the architecture with no spill in every case of the compile gate.
 From head-dim class 80 up the forward's pure launch tries a 128 x 128 tile first (a key block
-of two layout tiles): sm_90 takes it at 80 and 128 (plain), sm_80 at 80 and 96 (plain).
+of two layout tiles): sm_90 takes it at 80 and 128 (plain), sm_80 at 80 (plain; at 96 the D=88
+member spilled it).
 ``tests/test_compile_gate.py`` holds every entry to that rule. sm_90 (wgmma) and sm_80
 (mma.sync, which needs more registers for the same tiles) have tables of their own;
 ``TABLE_OF_ARCH`` says which one every other architecture takes.
@@ -165,7 +166,7 @@ FORWARD_CONFIGS_SM80 = {
     (64, True, "wide"): _forward((32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (80, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (80, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
-    (96, False, "plain"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
+    (96, False, "plain"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
     (96, False, "many"): _forward((128, 128, 8, 2), (128, 64, 8, 3)),
     (80, False, "mass"): _forward((128, 64, 8, 3, 128), (128, 64, 8, 3)),
     (96, False, "mass"): _forward((128, 64, 8, 3), (128, 64, 8, 3)),
