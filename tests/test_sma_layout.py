@@ -133,6 +133,23 @@ def test_a_prepared_call_reads_no_tensor_value_and_launches_only_its_kernels(sof
         "_sma_bwd_dbias_kernel"]
 
 
+def test_each_launch_takes_exactly_its_kernels_arguments():
+    """One argument pool feeds an op's kernels: each launch gets the parameters its kernel declares,
+    in that kernel's names, and a missing one is an error that names it (not a silent default)."""
+    from mild_kernels.sma.triton_common import kernel_args
+    from mild_kernels.sma.triton_forward import _sma_fwd_mixed_kernel, _sma_fwd_pure_kernel
+
+    layout, (q, k, v), bias = _prepared_call(soft=True, mass=False, backward=False)
+    with record_launches() as launches:
+        sma_attention(q, k, v, bias=bias, layout=layout, backend="triton")
+    for launch, kernel in zip(launches, (_sma_fwd_mixed_kernel, _sma_fwd_pure_kernel)):
+        assert launch.kernel is kernel and list(launch.kwargs) == kernel.arg_names
+    pool = {name: 0 for name in _sma_fwd_pure_kernel.arg_names if name != "Runs"}
+    with pytest.raises(TypeError, match="Runs"):
+        kernel_args(_sma_fwd_pure_kernel, pool)
+    assert kernel_args(_sma_fwd_pure_kernel, pool, {"Runs": 1, "Unused": 2})["Runs"] == 1
+
+
 def test_a_raw_call_prepares_once_and_reads_two_flags():
     """Raw regions still work: one prepare per call, whose only host read is the tile flags."""
     layout, (q, k, v), bias = _prepared_call(soft=False, mass=False, backward=False)

@@ -183,6 +183,7 @@ def _load_rows(ptrs, in_rows, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM:
         block = tl.load(ptrs, mask=in_rows[:, None], other=0.0)
     return block
 
+
 def kernel_args(kernel, pool: dict, *more: dict, **extra) -> dict:
     """The arguments ``kernel`` declares, taken from ``pool`` updated by ``more`` and ``extra``: one
     pool serves the launches of an op whose kernels read different parts of it."""
