@@ -97,22 +97,32 @@ def default_configs(head_dim: int) -> tuple[TileConfig, BackwardConfig]:
 # 64 + 16, 160 is 128 + 32, 40 is 32 + 16 with its last 8 columns masked. With D1 = 0 the
 # second block's tensors are unused placeholders, and the code is the single-block kernel's.
 @triton.jit
-def _load_rows(ptrs, offs, n, MASKED: tl.constexpr):
-    """Load a (rows, D0) tile; rows at or past ``n`` read as 0 when MASKED."""
+def _load_rows(ptrs, offs, n, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, D0) tile; rows at or past ``n`` read as 0 when MASKED. UPCAST: in fp32 (the
+    interpreter computes 16-bit dots wrongly; on a GPU it is never set)."""
     if MASKED:
-        return tl.load(ptrs, mask=offs[:, None] < n, other=0.0)
-    return tl.load(ptrs)
+        x = tl.load(ptrs, mask=offs[:, None] < n, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
 
 
 @triton.jit
-def _load_rows1(ptrs, offs, n, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+def _load_rows1(ptrs, offs, n, D0: tl.constexpr, D1: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                UPCAST: tl.constexpr):
     """The second head-dim block of a row tile: columns past HEAD_DIM read as 0."""
     if D0 + D1 > HEAD_DIM:
         in_cols = (D0 + tl.arange(0, D1))[None, :] < HEAD_DIM
         if MASKED:
-            return tl.load(ptrs, mask=(offs[:, None] < n) & in_cols, other=0.0)
-        return tl.load(ptrs, mask=in_cols, other=0.0)
-    return _load_rows(ptrs, offs, n, MASKED)
+            x = tl.load(ptrs, mask=(offs[:, None] < n) & in_cols, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=in_cols, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+    return _load_rows(ptrs, offs, n, MASKED, UPCAST)
 
 
 @triton.jit
@@ -120,14 +130,10 @@ def _load_held(row_ptrs, offs_d, offs_d1, offs, n, HEAD_DIM: tl.constexpr, D0: t
                UPCAST: tl.constexpr):
     """A tile a program holds through its loop, rows past ``n`` as zeros, in its two head-dim blocks
     (the second is the first again when D1 = 0)."""
-    x0 = _load_rows(row_ptrs + offs_d[None, :], offs, n, True)
-    if UPCAST:
-        x0 = x0.to(tl.float32)
+    x0 = _load_rows(row_ptrs + offs_d[None, :], offs, n, True, UPCAST)
     x1 = x0
     if D1 > 0:
-        x1 = _load_rows1(row_ptrs + offs_d1[None, :], offs, n, D0, D1, HEAD_DIM, True)
-        if UPCAST:
-            x1 = x1.to(tl.float32)
+        x1 = _load_rows1(row_ptrs + offs_d1[None, :], offs, n, D0, D1, HEAD_DIM, True, UPCAST)
     return x0, x1
 
 
@@ -146,15 +152,11 @@ def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, 
               HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax; MASKED only for the peeled last tile."""
-    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED)
-    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED)
-    if UPCAST:
-        k0 = k0.to(tl.float32)
+    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED, UPCAST)
+    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED, UPCAST)
     qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
     if D1 > 0:
-        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
-        if UPCAST:
-            k1 = k1.to(tl.float32)
+        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED, UPCAST)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
     if MASKED:
         # The peeled tile holds at least one real key, so the row max below stays finite.
@@ -164,15 +166,12 @@ def _fwd_step(acc0, acc1, m_i, l_i, q0, q1, k_ptrs0, k_ptrs1, v_ptrs0, v_ptrs1, 
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # the scale rides in the FFMA
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p_mm = p.to(v0.dtype)
+    p_mm = p.to(v_ptrs0.dtype.element_ty)
     if UPCAST:
         p_mm = p_mm.to(tl.float32)  # rounded to the input dtype first, as on the GPU
-        v0 = v0.to(tl.float32)
     acc0 = tl.dot(p_mm, v0, acc0 * alpha[:, None], input_precision=PRECISION)
     if D1 > 0:
-        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
-        if UPCAST:
-            v1 = v1.to(tl.float32)
+        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED, UPCAST)
         acc1 = tl.dot(p_mm, v1, acc1 * alpha[:, None], input_precision=PRECISION)
     return acc0, acc1, m_new, l_i
 
@@ -260,8 +259,8 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0, q_ptrs1, do_ptrs0, d
                offs_m, N_q, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile into the held key tile's dK and dV, all in the transposed (key-major) frame."""
-    q0 = _load_rows(q_ptrs0, offs_m, N_q, MASKED)
-    do0 = _load_rows(do_ptrs0, offs_m, N_q, MASKED)
+    q0 = _load_rows(q_ptrs0, offs_m, N_q, MASKED, UPCAST)
+    do0 = _load_rows(do_ptrs0, offs_m, N_q, MASKED, UPCAST)
     if MASKED:
         in_m = offs_m < N_q
         lse2 = tl.load(lse2_ptrs, mask=in_m, other=0.0)
@@ -269,17 +268,11 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0, q_ptrs1, do_ptrs0, d
     else:
         lse2 = tl.load(lse2_ptrs)
         delta = tl.load(delta_ptrs)
-    if UPCAST:
-        q0 = q0.to(tl.float32)
-        do0 = do0.to(tl.float32)
     # p^T = exp(scale * k q^T - lse), in log2 units: one FFMA per score again.
     qk_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
     if D1 > 0:
-        q1 = _load_rows1(q_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED)
-        do1 = _load_rows1(do_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED)
-        if UPCAST:
-            q1 = q1.to(tl.float32)
-            do1 = do1.to(tl.float32)
+        q1 = _load_rows1(q_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED, UPCAST)
+        do1 = _load_rows1(do_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED, UPCAST)
         qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=PRECISION)
     p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
     if MASKED:
@@ -369,18 +362,12 @@ def _dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, k_ptrs0, k_ptrs1, v_ptrs0,
              HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
              MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile into the held query tile's dQ."""
-    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED)
-    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED)
-    if UPCAST:
-        k0 = k0.to(tl.float32)
-        v0 = v0.to(tl.float32)
+    k0 = _load_rows(k_ptrs0, offs_n, N_k, MASKED, UPCAST)
+    v0 = _load_rows(v_ptrs0, offs_n, N_k, MASKED, UPCAST)
     qk = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
     if D1 > 0:
-        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
-        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED)
-        if UPCAST:
-            k1 = k1.to(tl.float32)
-            v1 = v1.to(tl.float32)
+        k1 = _load_rows1(k_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED, UPCAST)
+        v1 = _load_rows1(v_ptrs1, offs_n, N_k, D0, D1, HEAD_DIM, MASKED, UPCAST)
         qk = tl.dot(q1, tl.trans(k1), qk, input_precision=PRECISION)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
