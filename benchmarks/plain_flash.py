@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from mild_kernels._runtime import empty, empty_like, interpreting, launch, next_power_of_2
-from mild_kernels.sma.triton_common import head_dim_split
+from mild_kernels.sma.triton_common import _keys_first, _pair_dot, _per_query, head_dim_split
 
 LOG2E = 1.4426950408889634
 # The kernels' copies: a jitted function may read a module global only as a constexpr.
@@ -69,16 +69,18 @@ class BackwardConfig:
 
 
 # Head dims other than 64 in the strongest tiles that pass the compile gate's rule (no spill): the
-# cheapest per (q, k) pair by the static report's count, two stages or more where one compiles (one
-# stage cannot prefetch, which the count does not see), of forward 128x128x8, 128x64x8 (3 and 2
-# stages), 64x64x4; dK/dV 64x128x8, 64x64x4, 32x128x8, 32x64x4 (2 stages), 16x64x4 (1 and 2); dQ
-# 128x64x8, 64x64x4, 128x32x8, 64x32x4. Searched on sm_90 on 2026-12-03 (benchmarks/NOTES.md).
+# cheapest per (q, k) pair by the static report's count, of forward 128x128x8, 128x64x8 (3 and 2
+# stages), 64x64x4; dK/dV 64x128x8, 64x64x4, 32x128x8, 32x64x4 (2 stages), 16x64x4 (1 and 2), and
+# 128x64x8 queries-first (2 and 1); dQ 128x64x8, 64x64x4, 128x32x8, 64x32x4. One stage cannot
+# prefetch, which the count does not see: it is taken only where it costs at least 10% less than
+# every spill-free candidate of two stages or more (D=128's dK/dV: 403.3 against 492.2), or where
+# none compiles (D=160). Searched on sm_90 on 2026-12-03 (benchmarks/NOTES.md).
 # D=64 keeps FlashAttention-2's tiles above: the static report's headline rows are issue 19's
 # reference figures.
 TILES = {  # head dim: (forward, dK/dV, dQ) as TileConfig fields
     40: ((128, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2)),  # the 128 x 128 forward spills 8 B
     80: ((128, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
-    128: ((128, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)),  # 64 x 128 dK/dV spills 88 B, in its loop
+    128: ((128, 128, 8, 2), (128, 64, 8, 1), (128, 64, 8, 2)),  # two stages: 128 x 64 dK/dV spills 64 B
     160: ((128, 64, 8, 3), (16, 64, 4, 1), (128, 64, 8, 2)),  # every two-stage dK/dV candidate spills
 }
 
@@ -257,8 +259,8 @@ def _plain_bwd_preprocess_kernel(Out, DO, Lse, Delta, Lse2,
 @triton.jit
 def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0, q_ptrs1, do_ptrs0, do_ptrs1, lse2_ptrs, delta_ptrs,
                offs_m, N_q, qk_scale, HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One query tile into the held key tile's dK and dV, all in the transposed (key-major) frame."""
+               MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, QUERY_MAJOR: tl.constexpr):
+    """One query tile into the held key tile's dK and dV."""
     q0 = _load_rows(q_ptrs0, offs_m, N_q, MASKED, UPCAST)
     do0 = _load_rows(do_ptrs0, offs_m, N_q, MASKED, UPCAST)
     if MASKED:
@@ -268,27 +270,31 @@ def _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0, q_ptrs1, do_ptrs0, d
     else:
         lse2 = tl.load(lse2_ptrs)
         delta = tl.load(delta_ptrs)
-    # p^T = exp(scale * k q^T - lse), in log2 units: one FFMA per score again.
-    qk_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+    # P = exp(scale * q k^T - lse), in log2 units: one FFMA per score again. In the frame whose
+    # rows are the larger block (mild_kernels.sma.triton_common._pair_dot): keys-first keeps P^T
+    # and dS^T in registers, queries-first stages them through shared memory.
+    qk = _pair_dot(k0, q0, None, QUERY_MAJOR, PRECISION)
     if D1 > 0:
         q1 = _load_rows1(q_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED, UPCAST)
         do1 = _load_rows1(do_ptrs1, offs_m, N_q, D0, D1, HEAD_DIM, MASKED, UPCAST)
-        qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=PRECISION)
-    p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        qk = _pair_dot(k1, q1, qk, QUERY_MAJOR, PRECISION)
+    p = tl.math.exp2(qk * qk_scale - _per_query(lse2, QUERY_MAJOR))
     if MASKED:
-        p_t = tl.where(offs_m[None, :] < N_q, p_t, 0.0)
-    p_mm = p_t.to(do_ptrs0.dtype.element_ty)
+        p = tl.where(_per_query(offs_m < N_q, QUERY_MAJOR), p, 0.0)
+    p_mm = p.to(do_ptrs0.dtype.element_ty)
     if UPCAST:
         p_mm = p_mm.to(tl.float32)
+    p_mm = _keys_first(p_mm, QUERY_MAJOR)
     dv0 = tl.dot(p_mm, do0, dv0, input_precision=PRECISION)
-    dp_t = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+    dp = _pair_dot(v0, do0, None, QUERY_MAJOR, PRECISION)
     if D1 > 0:
         dv1 = tl.dot(p_mm, do1, dv1, input_precision=PRECISION)
-        dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    ds_mm = ds_t.to(q_ptrs0.dtype.element_ty)
+        dp = _pair_dot(v1, do1, dp, QUERY_MAJOR, PRECISION)
+    ds = p * (dp - _per_query(delta, QUERY_MAJOR))
+    ds_mm = ds.to(q_ptrs0.dtype.element_ty)
     if UPCAST:
         ds_mm = ds_mm.to(tl.float32)
+    ds_mm = _keys_first(ds_mm, QUERY_MAJOR)
     dk0 = tl.dot(ds_mm, q0, dk0, input_precision=PRECISION)
     if D1 > 0:
         dk1 = tl.dot(ds_mm, q1, dk1, input_precision=PRECISION)
@@ -306,7 +312,7 @@ def _plain_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
                            H, N_q, N_k, scale, qk_scale,
                            HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr, QUERY_MAJOR: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -338,13 +344,13 @@ def _plain_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse2, Delta,
                                         q_ptrs1 + start_m * stride_qn, do_ptrs0 + start_m * stride_don,
                                         do_ptrs1 + start_m * stride_don, lse2_ptrs + start_m, delta_ptrs + start_m,
                                         start_m + offs_tile, N_q, qk_scale, HEAD_DIM, D0, D1, False, UPCAST,
-                                        PRECISION)
+                                        PRECISION, QUERY_MAJOR)
     if m_full < N_q:
         dk0, dk1, dv0, dv1 = _dkdv_step(dk0, dk1, dv0, dv1, k0, k1, v0, v1, q_ptrs0 + m_full * stride_qn,
                                         q_ptrs1 + m_full * stride_qn, do_ptrs0 + m_full * stride_don,
                                         do_ptrs1 + m_full * stride_don, lse2_ptrs + m_full, delta_ptrs + m_full,
                                         m_full + offs_tile, N_q, qk_scale, HEAD_DIM, D0, D1, True, UPCAST,
-                                        PRECISION)
+                                        PRECISION, QUERY_MAJOR)
 
     in_n = offs_n[:, None] < N_k
     # dS was taken with respect to the scaled scores: the scale comes back once, here.
@@ -516,7 +522,8 @@ def plain_flash_backward(do, q, k, v, out, lse, scale=None, config: BackwardConf
            Q=q, K=k, V=v, DO=do, DK=dk, DV=dv, Lse2=lse2, Delta=delta,
            **stride_args("q", "k", "v", "do", "dk", "dv"),
            H=H, N_q=N_q, N_k=N_k, scale=scale, qk_scale=scale * LOG2E,
-           **_head_dim_blocks(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **constants)
+           **_head_dim_blocks(D), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+           QUERY_MAJOR=tiles.block_m > tiles.block_n, **constants)
     tiles = config.dq
     launch(_plain_bwd_dq_kernel, (triton.cdiv(N_q, tiles.block_m), B * H),
            num_warps=tiles.num_warps, num_stages=tiles.num_stages,

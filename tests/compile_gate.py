@@ -49,11 +49,13 @@ GATE_TOKENS = 1024  # SD's token counts are multiples of 16: the JIT's divisibil
 # key tiles at their boundaries take the mixed path, and a blocked pair: every kernel variant
 # a launch can pick (mixed and pure launches, masks, shift table) is compiled.
 SMA_VARIANT_CASES = {
-    # soft: its mixed tiles' bias operands are the widest at R <= 4. "inference" compiles the
-    # other end of the pure launch's variants (no gradient, nothing blocked, no mixed tiles):
-    # under a register cap, ptxas may spill the lighter variant and not the heavier one.
+    # soft: its mixed tiles' bias operands are the widest at R <= 4. "aligned" compiles the
+    # other end of the pure launch's variants: regions on the tile grid, nothing blocked, so no
+    # mixed tile (the kernels' HAS_MIXED branches compile out), and a forward without gradient.
+    # ptxas may spill the lighter variant and not the heavier one: the backward with no mixed
+    # tile spilled 8 B in sm_80's D=128 dK/dV before it was gated (2026-12-03).
     # hard: labels instead of memberships (their own mixed-tile code and dW kernel).
-    "plain": [(True, False, 4, "both"), (True, False, 4, "inference"), (False, False, 4, "widest")],
+    "plain": [(True, False, 4, "both"), (True, False, 4, "aligned"), (False, False, 4, "widest")],
     # many: 4 < R <= 16 without the mass (configs.config_variant), compiled at R = 16.
     "many": [(True, False, 16, "widest"), (False, False, 16, "widest")],
     "mass": [(True, True, 16, "widest")],
@@ -73,22 +75,23 @@ def _region_labels(R: int, tokens: int) -> torch.Tensor:
     return torch.arange(R).repeat_interleave(sizes)
 
 
-def sma_launch(head_dim, soft, mass, R, dtype, backward=False, inference=False):
-    """A thunk that drives sma_attention into one forward or backward variant: with gradients on,
-    a blocked pair and region boundaries off the tile grid, or (inference) none of them."""
+def sma_launch(head_dim, soft, mass, R, dtype, backward=False, aligned=False):
+    """A thunk that drives sma_attention into one forward or backward variant: a blocked pair and
+    region boundaries off the tile grid, or (aligned) neither, and then a forward without gradient."""
     from mild_kernels import sma_attention
     from mild_kernels._runtime import record_launches
 
     def run():
         # (B, H, N, D) views of (B, N, H * D), as a UNet's attention makes them.
+        inference = aligned and not backward
         q = torch.randn(1, GATE_TOKENS, 2, head_dim).to(dtype).transpose(1, 2).requires_grad_(not inference)
-        if inference:
+        if aligned:
             labels = torch.arange(R).repeat_interleave(GATE_TOKENS // R)
         else:
             labels = _region_labels(R, GATE_TOKENS)
         regions = torch.nn.functional.one_hot(labels, R).float() if soft else labels
         allow = torch.ones(R, R, dtype=torch.bool)
-        if not inference:
+        if not aligned:
             allow[0, R - 1] = False
         bias = torch.randn(2, R, R).requires_grad_(not inference)
         args = (q, q, q, regions, regions, bias, allow)
@@ -109,13 +112,11 @@ def _config_cases(table, prefix, backward):
         dtype = torch.float32 if is_fp32 else torch.float16  # bf16's codegen is fp16's
         widest, *others = (GATE_HEAD_DIMS_FP32 if is_fp32 else GATE_HEAD_DIMS)[block_d]
         for soft, mass, R, dims in SMA_VARIANT_CASES[variant]:
-            inference = dims == "inference"
-            if inference and backward:
-                continue
-            for head_dim in ((widest, *others) if dims in ("both", "inference") else (widest,)):
-                flags = ("soft" if soft else "hard") + (",mass" if mass else "") + (",inference" if inference else "")
+            aligned = dims == "aligned"
+            for head_dim in ((widest, *others) if dims in ("both", "aligned") else (widest,)):
+                flags = ("soft" if soft else "hard") + (",mass" if mass else "") + (",aligned" if aligned else "")
                 name = f"{prefix}[d{block_d},{TORCH_TO_TRITON[dtype]},{variant},D{head_dim},R{R},{flags}]"
-                yield name, sma_launch(head_dim, soft, mass, R, dtype, backward, inference)
+                yield name, sma_launch(head_dim, soft, mass, R, dtype, backward, aligned)
         if variant == "many":
             yield from _joint_cases(block_d, dtype, prefix, backward)
 

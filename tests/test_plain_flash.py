@@ -51,7 +51,8 @@ def check(got, want, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 16, 40, 80, 160])  # 40/80/160: two head-dim blocks, 40's masked
+# 40/80/160: two head-dim blocks, 40's masked; 128: dK/dV queries-first (plain_flash.TILES)
+@pytest.mark.parametrize("head_dim", [64, 16, 40, 80, 128, 160])
 def test_forward_and_backward_at_odd_sizes(device, dtype, head_dim):
     q, k, v, do = inputs(device, dtype, 77, 131, head_dim)
     scale = head_dim ** -0.5
@@ -60,12 +61,18 @@ def test_forward_and_backward_at_odd_sizes(device, dtype, head_dim):
     check((out, lse, dq, dk, dv), reference(q, k, v, do, scale), dtype)
 
 
+# dK/dV with the query block the wider: its scores queries-first
+SMALL_BACKWARD_QUERIES_FIRST = BackwardConfig(dkdv=TileConfig(block_m=32, block_n=16, num_warps=4, num_stages=2),
+                                              dq=SMALL_BACKWARD.dq, preprocess_block_m=32)
+
+
+@pytest.mark.parametrize("backward", [SMALL_BACKWARD, SMALL_BACKWARD_QUERIES_FIRST], ids=["keys-first", "queries-first"])
 @pytest.mark.parametrize("n_q,n_k", [(77, 131), (64, 128), (5, 9)])
-def test_small_tiles_steady_state_and_tails(device, n_q, n_k):
+def test_small_tiles_steady_state_and_tails(device, n_q, n_k, backward):
     """Many loop iterations, no tail at all (multiples of every tile), and a tail only."""
     q, k, v, do = inputs(device, torch.float32, n_q, n_k, 32)
     out, lse = plain_flash_forward(q, k, v, scale=0.3, config=SMALL_FORWARD)
-    dq, dk, dv = plain_flash_backward(do, q, k, v, out, lse, scale=0.3, config=SMALL_BACKWARD)
+    dq, dk, dv = plain_flash_backward(do, q, k, v, out, lse, scale=0.3, config=backward)
     check((out, lse, dq, dk, dv), reference(q, k, v, do, 0.3), torch.float32)
 
 

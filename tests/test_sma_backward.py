@@ -86,6 +86,43 @@ def test_gradients_with_wide_regions_at_sd15_head_dim(backend, soft, device):
     check_grads(case, backend, torch.float16, R=20)
 
 
+@pytest.mark.parametrize("regions", ["sorted-hard", "sorted-one-hot", "wide-soft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dkdv_queries_first(regions, dtype, monkeypatch):
+    """A dK/dV query block wider than its key block computes the scores queries-first (the
+    kernel's QUERY_MAJOR: sm_90's D=128 and D=160 tables). Forced here at D=40 (two head-dim
+    blocks, one masked), which no shipped config runs that way: pure key tiles (region-sorted
+    labels) and mixed ones, blocked pairs, the lse's and region mass's gradients, and wide regions
+    (R > 16: the key operand read per block)."""
+    import dataclasses
+
+    from mild_kernels.sma import configs, triton_backward
+    from mild_kernels.sma.configs import KernelConfig
+
+    R = 20 if regions == "wide-soft" else 3
+    case = make_case(B=1, H=2, Nq=150, Nk=173, D=40, R=R, dtype=dtype, soft=regions == "wide-soft", blocked=0.3)
+    if regions != "wide-soft":  # key tiles: [0, 64) region 0, [64, 128) region 1, [128, 173) mixed with a tail
+        labels = torch.cat([torch.full((n,), r) for r, n in enumerate((64, 74, 35))])
+        q_labels = labels[torch.linspace(0, 172, 150).round().long()]
+        one_hot = regions == "sorted-one-hot"
+        case["k_regions"], case["q_regions"] = ((torch.nn.functional.one_hot(x, R).float() if one_hot else x)[None]
+                                                for x in (labels, q_labels))
+    shipped = configs.backward_config
+    monkeypatch.setattr(configs, "backward_config", lambda *args: dataclasses.replace(
+        shipped(*args), dkdv=KernelConfig(128, 64, 8, 2)))
+    frames = []
+    launch = triton_backward.launch
+
+    def spy(kernel, grid, **kwargs):
+        if "QUERY_MAJOR" in kwargs:
+            frames.append(kwargs["QUERY_MAJOR"])
+        return launch(kernel, grid, **kwargs)
+
+    monkeypatch.setattr(triton_backward, "launch", spy)
+    check_grads(case, "triton", dtype, R=R)
+    assert frames == [True]
+
+
 def test_blocked_rows_get_zero_gradient(backend, device):
     case = make_case(B=1, H=2, Nq=40, Nk=30, D=16, R=3, allow_kind="RR", blocked=0.0, batched_labels=False,
                      device=device)

@@ -71,13 +71,28 @@ CANDIDATES_32 = [(64, 64, 4, 2, None, "tf32x3"), (64, 32, 4, 2, None, "tf32x3"),
 # at either tile, and the wider block halves the per-row softmax work per pair. At 64 and below,
 # 128 x 64 keeps two CTAs a multiprocessor (one's softmax under the other's MMAs).
 WIDE_PURE_FROM = 80
+# dK/dV at head-dim classes from 128 up tries 128-query blocks on 8 warps first (sm_90 takes them at
+# D=128 plain and many, one stage; sm_80 at D=128 plain, two stages): a block wider
+# than the key block computes its scores queries-first (the kernel's QUERY_MAJOR), so both
+# warpgroups split dK and dV without repeating a product, where keys-first must shrink the query
+# block to fit one warpgroup's registers (D=128: 32 x 64, D=160: 16 x 64). Static, sm_90 (at one
+# stage): D=128 544.9 -> 451.2 and D=160 992.2 -> 665.0 warp-instructions per 1k pairs; D=80 would
+# go 420.9 -> 476.6 (the transposes staged through shared memory cost more than a 64 x 64 tile
+# saves), so classes below 128 do not try it. sm_80 (D=128): 845.7 against 32 x 64's 775.4, which
+# spills 8 B with no mixed tile, and 16 x 64's 1312.5 (efficiency 0.67).
+QUERY_MAJOR_FROM = 128
+QUERY_MAJOR_DKDV = [(128, 64, 8, 2), (128, 64, 8, 1)]
 
 
 def candidates(role: str, is_fp32: bool, head_dim_class: int = 64) -> list[KernelConfig]:
     if is_fp32:
         return [KernelConfig(*c) for c in CANDIDATES_32]
-    wide_pure = [(128, 128, 8, 2)] if role == "pure" and head_dim_class >= WIDE_PURE_FROM else []
-    return [KernelConfig(*c) for c in wide_pure + CANDIDATES_16[role]]
+    first = []
+    if role == "pure" and head_dim_class >= WIDE_PURE_FROM:
+        first = [(128, 128, 8, 2)]
+    if role == "dkdv" and head_dim_class >= QUERY_MAJOR_FROM:
+        first = QUERY_MAJOR_DKDV
+    return [KernelConfig(*c) for c in first + CANDIDATES_16[role]]
 
 
 def with_role(config, role: str, kernel_config: KernelConfig):
@@ -118,9 +133,10 @@ def failing_roles(op: str, arch: int, rows) -> dict:
     return starts
 
 
-def tune(op: str, arch: int, keys, workers: int, starts=None):
+def tune(op: str, arch: int, keys, workers: int, starts=None, roles=None):
     """{(key, role): KernelConfig or None} for the first candidate of each that passes."""
-    pending = dict(starts) if starts is not None else {(key, role): 0 for key in keys for role in ROLES[op]}
+    roles = roles or list(ROLES[op])
+    pending = dict(starts) if starts is not None else {(key, role): 0 for key in keys for role in roles}
     pending = {owner: index for owner, index in pending.items() if index < len(candidates(owner[1], owner[0][1], owner[0][0]))}
     chosen = {}
     context = multiprocessing.get_context("fork")
@@ -154,6 +170,7 @@ def main():
     parser.add_argument("--keys", nargs="*", help="config keys as 64,False,plain")
     parser.add_argument("--arch", type=int, choices=(80, 90), default=90)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--roles", nargs="*", help="launch roles to tune (default: all of the op's)")
     parser.add_argument("--retune", metavar="GATE_JSON", help="resume only the (key, role) pairs this gate run failed")
     args = parser.parse_args()
     keys = sorted(TABLES[(args.op, args.arch)])
@@ -166,7 +183,7 @@ def main():
 
         starts = failing_roles(args.op, args.arch, json.loads(Path(args.retune).read_text()))
         starts = {owner: index for owner, index in starts.items() if owner[0] in keys}
-    chosen = tune(args.op, args.arch, keys, args.workers, starts)
+    chosen = tune(args.op, args.arch, keys, args.workers, starts, args.roles)
     print(f"{args.op}, sm_{args.arch}:")
     for key in keys:
         print(f"    {key!r}: " + ", ".join(f"{role}={chosen.get((key, role), 'kept')}" for role in ROLES[args.op]))

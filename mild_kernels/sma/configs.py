@@ -5,7 +5,8 @@ inputs, variant) and launch role, the first of its candidates (larger tiles and 
 first) that compiles for the architecture with no spill in every case of the compile gate.
 From head-dim class 80 up the forward's pure launch tries a 128 x 128 tile first (a key block
 of two layout tiles): sm_90 takes it at 80 and 128 (plain), sm_80 at 80 (plain; at 96 the D=88
-member spilled it).
+member spilled it). From class 128 up, dK/dV tries 128-query blocks on 8 warps first
+(queries-first scores): sm_90 takes it at 128 (plain and many, one stage), sm_80 at 128 (plain).
 ``tests/test_compile_gate.py`` holds every entry to that rule. sm_90 (wgmma) and sm_80
 (mma.sync, which needs more registers for the same tiles) have tables of their own;
 ``TABLE_OF_ARCH`` says which one every other architecture takes.
@@ -57,8 +58,9 @@ def _forward(pure, mixed):
 
 @dataclasses.dataclass(frozen=True)
 class BackwardConfig:
-    """dK/dV (block_m: query block per iteration, block_n: keys per program), and dQ's two
-    launches (block_m: queries per program, block_n: key block per iteration)."""
+    """dK/dV (block_m: query block per iteration, block_n: keys per program; block_m > block_n
+    computes the scores queries-first, see triton_backward), and dQ's two launches (block_m:
+    queries per program, block_n: key block per iteration)."""
 
     dkdv: KernelConfig
     dq: KernelConfig
@@ -218,8 +220,8 @@ BACKWARD_CONFIGS = {
     (96, False, "mass"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 3)),
     (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
-    (128, False, "plain"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
-    (128, False, "many"): _backward((32, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "plain"): _backward((128, 64, 8, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
+    (128, False, "many"): _backward((128, 64, 8, 1), (128, 64, 8, 3), (64, 32, 4, 2)),
     (128, False, "mass"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (64, 64, 4, 3)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (128, True, "plain"): _backward((32, 32, 8, 2), (32, 32, 8, 2), (16, 16, 8, 2)),
@@ -253,8 +255,8 @@ BACKWARD_CONFIGS_SM80 = {
     (64, False, "wide"): _backward((16, 64, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (64, True, "plain"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)),
     (64, True, "many"): _backward((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2, None, 'tf32x3')),
-    (64, True, "mass"): _backward((64, 32, 8, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
-    (64, True, "wide"): _backward((32, 16, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
+    (64, True, "mass"): _backward((16, 32, 4, 2, None, 'tf32x3'), (32, 32, 4, 2, None, 'tf32x3'), (32, 16, 4, 2, None, 'tf32x3')),
+    (64, True, "wide"): _backward((16, 16, 8, 2), (32, 32, 4, 2, None, 'tf32x3'), (16, 32, 4, 2, None, 'tf32x3')),
     (80, False, "plain"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (80, False, "many"): _backward((16, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 2)),
     (96, False, "plain"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
@@ -263,7 +265,7 @@ BACKWARD_CONFIGS_SM80 = {
     (96, False, "mass"): _backward((16, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)),
     (80, False, "wide"): _backward((16, 16, 4, 1), (128, 64, 8, 3), (32, 32, 4, 2)),
     (96, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),
-    (128, False, "plain"): _backward((32, 64, 4, 2), (64, 32, 4, 2), (32, 16, 4, 2)),
+    (128, False, "plain"): _backward((128, 64, 8, 2), (64, 32, 4, 2), (32, 16, 4, 2)),
     (128, False, "many"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)),
     (128, False, "mass"): _backward((32, 32, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
     (128, False, "wide"): _backward((16, 16, 4, 1), (64, 32, 4, 2), (32, 32, 4, 2)),

@@ -18,7 +18,12 @@ In the FlashAttention-2 arrangement, with no atomics (so bitwise repeatable):
   case) recomputes P with the shift table, ``P = exp2(q k^T qk_scale -
   shift[q, c])``: one column gather per query block, no bias, no mask. A mixed key tile
   runs the exact path (bias dot, element mask, key tail). Mixed key tiles come first in
-  the grid, so their slower programs do not form the tail.
+  the grid, so their slower programs do not form the tail. Scores are computed keys-first
+  (S^T = K Q^T, P^T and dS^T straight into the dV and dK dots from registers), or, where the
+  query block is wider than the key block, queries-first (S = Q K^T, P and dS transposed
+  through shared memory): Triton gives a dot that feeds another dot all its warps along its
+  rows, and a 64-key block fills one warpgroup only, so sm_90's 8-warp D=128 tiles put the
+  128 queries there (the FlashAttention-3 arrangement).
 - ``_sma_bwd_dq_mixed_kernel`` then ``_sma_bwd_dq_pure_kernel``: one program per query block,
   walking mixed then pure key tiles like the forward's two kernels, the first handing over
   per-row state. It also
@@ -37,8 +42,9 @@ import triton.language as tl
 from .._runtime import empty, interpreting, launch, next_power_of_2, unit_last_stride
 from .configs import BackwardConfig
 from .layout import REGION_BITS, TILE_N
-from .triton_common import (LOG2E, _as_operand, _bias_key_operand, _load_block, _load_cols, _load_head_blocks,
-                            _load_rows, _query_block, _qw_columns, _region_product, _resume_blocks, _split_operand,
+from .triton_common import (LOG2E, _as_operand, _bias_key_operand, _keys_first, _load_block, _load_cols,
+                            _load_head_blocks, _load_rows, _pair_dot, _per_key, _per_query, _query_block, _qw_columns,
+                            _region_product, _resume_blocks, _split_operand,
                             batch_stride, bias_dot_shape, fp32_memberships, head_dim_split, kernel_args,
                             kernel_precision, pad_head_dim, stride_unit, unit_strides)
 
@@ -93,6 +99,8 @@ def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable, Lse, QW, Shif
                  mask=table_mask)
 
 
+
+
 @triton.jit
 def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, DV,
                          QLabels, KLabels, KOperand, AllowBits,
@@ -108,7 +116,7 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                          SOFT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MIXED: tl.constexpr,
                          ANY_BLOCKED: tl.constexpr, MASS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-                         REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr):
+                         REGION_BITS: tl.constexpr, STRIDE_UNIT: tl.constexpr, QUERY_MAJOR: tl.constexpr):
     """One program per key block (SUB_N per layout key tile), walking runs of query blocks."""
     DOT_PRECISION: tl.constexpr = "tf32" if PRECISION == "split" else PRECISION  # moot for 16-bit operands
     # Strides in units of STRIDE_UNIT elements (see triton_forward.stride_unit).
@@ -164,22 +172,23 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                 offs_m = start_m + offs_block
                 in_m = offs_m < Nq
                 q0 = _as_operand(_load_rows(q_block0 + start_m * stride_qn, in_m, 0, D0, HEAD_DIM), UPCAST)
-                qk_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+                qk = _pair_dot(k0, q0, None, QUERY_MAJOR, DOT_PRECISION)
                 if D1 > 0:
                     q1 = _as_operand(_load_rows(q_block1 + start_m * stride_qn, in_m, D0, D1, HEAD_DIM), UPCAST)
-                    qk_t = tl.dot(k1, tl.trans(q1), qk_t, input_precision=DOT_PRECISION)
+                    qk = _pair_dot(k1, q1, qk, QUERY_MAJOR, DOT_PRECISION)
                 shift = tl.load(shift_base + offs_m, mask=in_m, other=float("inf"))
-                p_t = tl.math.exp2(qk_t * qk_scale - shift[None, :])
-                p_op = _as_operand(p_t.to(DO.dtype.element_ty), UPCAST)
+                p = tl.math.exp2(qk * qk_scale - _per_query(shift, QUERY_MAJOR))
+                p_op = _keys_first(_as_operand(p.to(DO.dtype.element_ty), UPCAST), QUERY_MAJOR)
                 do0 = _as_operand(_load_rows(do_block0 + start_m * stride_don, in_m, 0, D0, HEAD_DIM), UPCAST)
                 dv0 = tl.dot(p_op, do0, dv0, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
+                dp = _pair_dot(v0, do0, None, QUERY_MAJOR, DOT_PRECISION)
                 if D1 > 0:
                     do1 = _as_operand(_load_rows(do_block1 + start_m * stride_don, in_m, D0, D1, HEAD_DIM), UPCAST)
                     dv1 = tl.dot(p_op, do1, dv1, input_precision=DOT_PRECISION)
-                    dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
+                    dp = _pair_dot(v1, do1, dp, QUERY_MAJOR, DOT_PRECISION)
                 delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
-                ds_op = _as_operand((p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty), UPCAST)
+                ds = p * (dp - _per_query(delta, QUERY_MAJOR))
+                ds_op = _keys_first(_as_operand(ds.to(Q.dtype.element_ty), UPCAST), QUERY_MAJOR)
                 dk0 = tl.dot(ds_op, q0, dk0, input_precision=DOT_PRECISION)
                 if D1 > 0:
                     dk1 = tl.dot(ds_op, q1, dk1, input_precision=DOT_PRECISION)
@@ -200,48 +209,49 @@ def _sma_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DTable, DMass, QW, Shift, DK, 
                     in_m = offs_m < Nq
                     lq = tl.load(QLabels + b * stride_qlab_b + offs_m, mask=in_m, other=0)
                     q0 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, 0, D0, HEAD_DIM, True), UPCAST)
-                    s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+                    s = _pair_dot(k0, q0, None, QUERY_MAJOR, DOT_PRECISION)
                     if D1 > 0:
                         q1 = _as_operand(_load_block(q_base, offs_m, stride_qn, Nq, D0, D1, HEAD_DIM, True), UPCAST)
-                        s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=DOT_PRECISION)
-                    s_t = s_t * qk_scale
+                        s = _pair_dot(k1, q1, s, QUERY_MAJOR, DOT_PRECISION)
+                    s = s * qk_scale
                     if HAS_BIAS:
                         if RELOAD_K_OP:
-                            s_t = _region_product(s_t, qw_base, Nq, 1, offs_m, in_m, lk, offs_n, in_n,
-                                                  KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
-                                                  SOFT, UPCAST, PRECISION, True)
+                            s = _region_product(s, qw_base, Nq, 1, offs_m, in_m, lk, offs_n, in_n,
+                                                KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
+                                                SOFT, UPCAST, PRECISION, not QUERY_MAJOR)
                         else:
                             q_op = _split_operand(_qw_columns(qw_base, offs_m, in_m, R, Nq, KR, TERMS_Q * TERMS_K),
                                                   TERMS_Q, UPCAST)
-                            s_t = tl.dot(k_op, tl.trans(q_op), s_t,
-                                         input_precision=PRECISION if TERMS_Q == 1 else "tf32")
-                    allowed = in_n[:, None] & in_m[None, :]
+                            s = _pair_dot(k_op, q_op, s, QUERY_MAJOR, PRECISION if TERMS_Q == 1 else "tf32")
+                    allowed = _per_key(in_n, QUERY_MAJOR) & _per_query(in_m, QUERY_MAJOR)
                     if ANY_BLOCKED:
                         q_bits = tl.load(AllowBits + b * stride_allow_b + lq)
-                        allowed = allowed & (((q_bits[None, :] >> lk[:, None].to(q_bits.dtype)) & 1) != 0)
+                        allowed = allowed & (((_per_query(q_bits, QUERY_MAJOR)
+                                               >> _per_key(lk, QUERY_MAJOR).to(q_bits.dtype)) & 1) != 0)
                     lse = tl.load(Lse + stats_base + offs_m, mask=in_m, other=float("inf"))
                     lse_log2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # P = 0 there
-                    p_t = tl.math.exp2(tl.where(allowed, s_t, float("-inf")) - lse_log2[None, :])
-                    p_op = _as_operand(p_t.to(DO.dtype.element_ty), UPCAST)
+                    p = tl.math.exp2(tl.where(allowed, s, float("-inf")) - _per_query(lse_log2, QUERY_MAJOR))
+                    p_op = _keys_first(_as_operand(p.to(DO.dtype.element_ty), UPCAST), QUERY_MAJOR)
                     do0 = _as_operand(_load_block(do_base, offs_m, stride_don, Nq, 0, D0, HEAD_DIM, True), UPCAST)
                     dv0 = tl.dot(p_op, do0, dv0, input_precision=DOT_PRECISION)
-                    dp_t = tl.dot(v0, tl.trans(do0), input_precision=DOT_PRECISION)
+                    dp = _pair_dot(v0, do0, None, QUERY_MAJOR, DOT_PRECISION)
                     if D1 > 0:
                         do1 = _as_operand(_load_block(do_base, offs_m, stride_don, Nq, D0, D1, HEAD_DIM, True), UPCAST)
                         dv1 = tl.dot(p_op, do1, dv1, input_precision=DOT_PRECISION)
-                        dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=DOT_PRECISION)
+                        dp = _pair_dot(v1, do1, dp, QUERY_MAJOR, DOT_PRECISION)
                     if MASS_GRAD:  # dP += dMass Mk^T, one dot of split operands like the bias
                         if RELOAD_K_OP:
-                            dp_t = _region_product(dp_t, DMass + stats_base * R, 1, R, offs_m, in_m, lk, offs_n, in_n,
-                                                   KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
-                                                   SOFT, UPCAST, PRECISION, True)
+                            dp = _region_product(dp, DMass + stats_base * R, 1, R, offs_m, in_m, lk, offs_n, in_n,
+                                                 KOperand + b * stride_kop_b, stride_kop_n, R, KR, TERMS_Q, TERMS_K,
+                                                 SOFT, UPCAST, PRECISION, not QUERY_MAJOR)
                         else:
                             dmass = tl.load(DMass + (stats_base + offs_m[:, None]) * R + mass_cols[None, :],
                                             mask=in_m[:, None] & (mass_cols[None, :] < R), other=0.0)
-                            dp_t = tl.dot(k_op, tl.trans(_split_operand(dmass, TERMS_Q, UPCAST)), dp_t,
-                                          input_precision=PRECISION if TERMS_Q == 1 else "tf32")
+                            dp = _pair_dot(k_op, _split_operand(dmass, TERMS_Q, UPCAST), dp, QUERY_MAJOR,
+                                           PRECISION if TERMS_Q == 1 else "tf32")
                     delta = tl.load(Delta + stats_base + offs_m, mask=in_m, other=0.0)
-                    ds_op = _as_operand((p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty), UPCAST)
+                    ds = p * (dp - _per_query(delta, QUERY_MAJOR))
+                    ds_op = _keys_first(_as_operand(ds.to(Q.dtype.element_ty), UPCAST), QUERY_MAJOR)
                     dk0 = tl.dot(ds_op, q0, dk0, input_precision=DOT_PRECISION)
                     if D1 > 0:
                         dk1 = tl.dot(ds_op, q1, dk1, input_precision=DOT_PRECISION)
@@ -574,9 +584,13 @@ def sma_backward_triton(grad_out, grad_lse, grad_mass, q, k, v, out, lse, mass, 
     # Wide regions at D=40/48: two head-dim blocks spill even at 16x16 tiles beside the
     # region-wide operands; one 64-column block (its tail masked) does not.
     one_block = dict(D0=64, D1=0) if R > 16 and d1 > 0 and Dp <= 64 else {}
+    # Triton gives a dot whose result feeds another dot all its warps along M (the score tile's
+    # rows), so the larger block goes there: a query block wider than the key block computes the
+    # scores queries-first and stages P^T and dS^T through shared memory for the dV and dK dots.
+    query_major = dkdv.block_m > dkdv.block_n
     launch(_sma_bwd_dkdv_kernel, (key_programs, B * H), **dkdv.launch_options(),
            **kernel_args(_sma_bwd_dkdv_kernel, pool, dkdv.tile_args(), one_block,
-                         PRECISION=kernel_precision(q.dtype, dkdv)))
+                         PRECISION=kernel_precision(q.dtype, dkdv), QUERY_MAJOR=query_major))
     if info.has_mixed:
         mixed = config.dq_mixed
         launch(_sma_bwd_dq_mixed_kernel, (triton.cdiv(Nq, mixed.block_m), B * H), **mixed.launch_options(),

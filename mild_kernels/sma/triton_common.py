@@ -152,6 +152,44 @@ def _region_product(acc, side_base, stride_r, stride_q, offs_m, in_m, lk, offs_n
 
 
 @triton.jit
+def _pair_dot(keys, queries, acc, QUERY_MAJOR: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + the (key, query) products of keys (BLOCK_N, d) and queries (BLOCK_M, d) in a dK/dV
+    kernel's frame: (queries, keys) with QUERY_MAJOR, else (keys, queries). The frame's rows are
+    the dot's M, along which Triton lays all warps of a dot that feeds another dot."""
+    if QUERY_MAJOR:
+        return tl.dot(queries, tl.trans(keys), acc, input_precision=PRECISION)
+    else:
+        return tl.dot(keys, tl.trans(queries), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _per_query(x, QUERY_MAJOR: tl.constexpr):
+    """A per-query vector broadcast along the frame's query axis."""
+    if QUERY_MAJOR:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _per_key(x, QUERY_MAJOR: tl.constexpr):
+    """A per-key vector broadcast along the frame's key axis."""
+    if QUERY_MAJOR:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _keys_first(pairs, QUERY_MAJOR: tl.constexpr):
+    """A frame's (keys, queries) block, the A operand of the dV and dK dots."""
+    if QUERY_MAJOR:
+        return tl.trans(pairs)
+    else:
+        return pairs
+
+
+@triton.jit
 def _resume_blocks(State, rows, resume, cols0, cols1, HEAD_DIM: tl.constexpr, D1: tl.constexpr,
                    BLOCK_M: tl.constexpr):
     """The two head-dim blocks of fp32 rows a mixed launch left in ``State`` (zeros where ``resume`` is off)."""
