@@ -90,7 +90,7 @@ def test_gradients_with_wide_regions_at_sd15_head_dim(backend, soft, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_dkdv_queries_first(regions, dtype, monkeypatch):
     """A dK/dV query block wider than its key block computes the scores queries-first (the
-    kernel's QUERY_MAJOR: sm_90's D=128 and D=160 tables). Forced here at D=40 (two head-dim
+    kernel's QUERY_MAJOR: the D=128 tables). Forced here at D=40 (two head-dim
     blocks, one masked), which no shipped config runs that way: pure key tiles (region-sorted
     labels) and mixed ones, blocked pairs, the lse's and region mass's gradients, and wide regions
     (R > 16: the key operand read per block)."""

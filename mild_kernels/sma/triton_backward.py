@@ -22,8 +22,8 @@ In the FlashAttention-2 arrangement, with no atomics (so bitwise repeatable):
   (S^T = K Q^T, P^T and dS^T straight into the dV and dK dots from registers), or, where the
   query block is wider than the key block, queries-first (S = Q K^T, P and dS transposed
   through shared memory): Triton gives a dot that feeds another dot all its warps along its
-  rows, and a 64-key block fills one warpgroup only, so sm_90's 8-warp D=128 tiles put the
-  128 queries there (the FlashAttention-3 arrangement).
+  rows, and a 64-key block fills one warpgroup only, so the 8-warp D=128 tiles put the 128
+  queries there (the FlashAttention-3 arrangement).
 - ``_sma_bwd_dq_mixed_kernel`` then ``_sma_bwd_dq_pure_kernel``: one program per query block,
   walking mixed then pure key tiles like the forward's two kernels, the first handing over
   per-row state. It also
@@ -97,8 +97,6 @@ def _sma_bwd_preprocess(Out, DO, Mass, DMass, DLse, Delta, DTable, Lse, QW, Shif
             shift -= tl.load(QW + (pid_bh * R + cols[None, :]) * Nq + offs_m[:, None], mask=table_mask, other=0.0)
         tl.store(Shift + (pid_bh * R + cols[None, :]) * Nq + offs_m[:, None], tl.where(usable, shift, float("inf")),
                  mask=table_mask)
-
-
 
 
 @triton.jit
