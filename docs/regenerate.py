@@ -1,6 +1,6 @@
 """Regenerate the README's tiny-model pictures and evaluation table from the shipped weights.
 
-    python docs/regenerate.py [--work DIR] [--count 120] [--steps 20]
+    python docs/regenerate.py [--work DIR] [--count 120] [--steps N]
 
 1. ``mild demo --figure docs/images/demo.png``;
 2. ``mild synth --out WORK/heldout --count 120 --seed 4242 --scene all``: held-out scenes
@@ -35,14 +35,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="regenerate_out", help="where the held-out scenes and eval files go")
     parser.add_argument("--count", type=int, default=120, help="held-out scenes (at least 100 for the README)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps of the diffusion methods")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of the diffusion methods (default: each model's own)")
     args = parser.parse_args(argv)
     work = Path(args.work)
     images = ROOT / "docs" / "images"
     steps = [["demo", "--out", str(work / "demo"), "--figure", str(images / "demo.png")],
              ["synth", "--out", str(work / "heldout"), "--count", str(args.count), "--seed", "4242", "--scene", "all"],
-             ["eval", "--data", str(work / "heldout"), "--tiny", "--out", str(work / "eval"),
-              "--steps", str(args.steps)]]
+             ["eval", "--data", str(work / "heldout"), "--tiny", "--out", str(work / "eval")]
+             + ([] if args.steps is None else ["--steps", str(args.steps)])]
     for command in steps:
         print("mild " + " ".join(command), flush=True)
         if mild(command) != 0:

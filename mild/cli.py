@@ -225,7 +225,8 @@ def parse_args(argv):
     erase.add_argument("--input-dir", help="dataset mode: a folder of sample folders")
     erase.add_argument("--output-dir", help="dataset mode: where results go")
     add_model_arguments(erase)
-    erase.add_argument("--steps", type=int, default=30)
+    erase.add_argument("--steps", type=int, default=None,
+                       help="denoising steps (default: the model's own: 30, or the tiny model's 1)")
     erase.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's; 7.5 for SD)")
     erase.add_argument("--seed", type=int, default=0)
     # Only the chosen command's arguments are built: their builders live in modules that import
@@ -256,7 +257,7 @@ def parse_args(argv):
                         add_help=False)
     demo = commands.add_parser("demo", help="erase a person from a built-in scene with the tiny model")
     demo.add_argument("--out", default="demo_out", help="where the images go")
-    demo.add_argument("--steps", type=int, default=10)
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default: the tiny model's own)")
     demo.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     demo.add_argument("--figure", help="also write one picture of the run (input, truth, result, each layer and "
                                        "its alpha) to this path, as README's docs/images/demo.png")
@@ -321,7 +322,7 @@ def run_demo(args) -> int:
     from .evaluate import masked_psnr
 
     print(f"erased person 2 of 2 with {len(result.plan.layers)} layers in {seconds:.1f} s "
-          f"(tiny trained model, {args.steps} steps); pixels outside the erased region unchanged: {unchanged}")
+          f"(tiny trained model, {args.steps or pipe.default_steps} steps); pixels outside the erased region unchanged: {unchanged}")
     print(f"where person 2 stood, PSNR against the truth: {masked_psnr(result.image, truth, masks[1]):.1f} dB "
           f"(the input there: {masked_psnr(image, truth, masks[1]):.1f} dB)")
     for layer, per_resolution in sorted(result.cag.items()):
@@ -391,7 +392,7 @@ def check_erase_arguments(args) -> None:
     """The numeric flags of `mild erase`, before any model is built or file written."""
     import math
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         raise CLIError(f"--guidance must be a finite number >= 0, got {args.guidance}")

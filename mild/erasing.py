@@ -116,9 +116,14 @@ class LayerInputs:
             kinds=self.kinds[:1], guide=None if self.guide is None else self.guide[:1],
             guide_weights=None if self.guide_weights is None else self.guide_weights[:1])
 
-    def masked_pixels(self) -> torch.Tensor:
-        """(L, 3, H', W') the photo with each layer's region blanked to mid-grey (0 once the VAE
-        maps [0, 1] to [-1, 1]), as SD inpainting models were trained: the UNet's condition."""
+    def masked_pixels(self, fill: str = "grey") -> torch.Tensor:
+        """(L, 3, H', W') the photo with each layer's region blanked: the UNet's condition.
+        ``fill`` "grey": mid-grey (0 once the VAE maps [0, 1] to [-1, 1]), as SD inpainting
+        models were trained; "smooth": the known pixels pulled in smoothly (:func:`smooth_fill`)."""
+        if fill == "smooth":
+            return smooth_fill(self.padded[None].expand(len(self.inpaint), -1, -1, -1), self.inpaint)
+        if fill != "grey":
+            raise ValueError(f"fill: expected 'grey' or 'smooth', got {fill!r}")
         return self.padded[None] * (1 - self.inpaint) + 0.5 * self.inpaint
 
     def context(self, halves: int, alpha, beta, backend: str, device) -> RegionContext:
@@ -128,6 +133,23 @@ class LayerInputs:
                              row_image=torch.arange(L).repeat(halves), alpha=alpha, beta=beta,
                              allow=self.allow.repeat(halves, 1, 1).to(device),
                              domains=[layer.domain for layer in self.plan.layers] * halves, backend=backend)
+
+
+def smooth_fill(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """``pixels`` (N, C, H, W) with the ``hole`` (N, 1, H, W, {0, 1}) filled from the known pixels
+    by push-pull: a pyramid of known-pixel averages is built down to one cell, then each level's
+    holes take the bilinearly upsampled level below. A smooth membrane across the hole, the
+    colours of its border carried inwards (a fully unknown image comes back mid-grey)."""
+    known = 1 - hole.to(pixels.dtype)
+    levels = [(pixels * known, known)]
+    while max(levels[-1][1].shape[-2:]) > 1:
+        values, weights = levels[-1]
+        levels.append((F.avg_pool2d(values, 2, ceil_mode=True), F.avg_pool2d(weights, 2, ceil_mode=True)))
+    values, weights = levels[-1]
+    fill = torch.where(weights > 0, values / weights.clamp(min=1e-12), torch.full_like(values, 0.5))
+    for values, weights in reversed(levels[:-1]):  # values are weight-premultiplied averages
+        fill = values + (1 - weights) * F.interpolate(fill, size=values.shape[-2:], mode="bilinear", align_corners=False)
+    return fill
 
 
 def layer_inputs(pixels: torch.Tensor, masks: torch.Tensor, factor: int, erase=None, occlusion_order=None,

@@ -305,11 +305,12 @@ class EvalReport:
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluate(pipe, samples: list, *, steps: int = 20, guidance: float | None = None, seed: int = 0, methods=METHODS,
+def evaluate(pipe, samples: list, *, steps: int | None = None, guidance: float | None = None, seed: int = 0, methods=METHODS,
              progress: bool = True, baseline=None) -> tuple[EvalReport, dict]:
     """Run every method on every sample and score it against the sample's target.
 
     ``baseline``: the pipeline the single-layer method runs (default ``pipe`` itself: its base UNet).
+    ``steps``: denoising steps of both diffusion methods (None: each pipeline's ``default_steps``).
 
     Returns the report and {sample name: {method: (3, H, W) result in [0, 1]}} for figures.
     Each method gets a fresh generator seeded with ``seed`` on every sample, so a result
@@ -412,7 +413,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="a folder of paired samples (each with a target image)")
     parser.add_argument("--out", default="eval_out", help="where eval.csv, eval.json, eval.md and examples.png go")
     parser.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N samples only")
-    parser.add_argument("--steps", type=_positive_int, default=20, help="denoising steps of the diffusion methods")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="denoising steps of the diffusion methods (default: each model's own)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's; 7.5 for SD)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every method's generator, per sample")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
@@ -450,7 +452,8 @@ def run_eval(args, pipe) -> int:
         writer = csv.DictWriter(file, fieldnames=["sample", "method", *report.metrics, *extra])
         writer.writeheader()
         writer.writerows(report.rows)
-    settings = {"data": str(args.data), "samples": len(samples), "limit": args.limit, "steps": args.steps,
+    steps = pipe.default_steps if args.steps is None else args.steps
+    settings = {"data": str(args.data), "samples": len(samples), "limit": args.limit, "steps": steps,
                 "guidance": guidance, "seed": args.seed, "methods": list(args.methods)}
     (out / "eval.json").write_text(json.dumps(
         {"settings": settings, "summary": _json_rows(report.summary()), "rows": _json_rows(report.rows),

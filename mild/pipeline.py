@@ -42,6 +42,17 @@ def is_inpainting_unet(unet) -> bool:
     return unet.config.in_channels == 2 * unet.config.out_channels + 1
 
 
+def condition_offset(pipe, condition_latents: torch.Tensor | None) -> torch.Tensor | None:
+    """What the pipeline adds to its UNet's output: with ``residual_to_condition``, the condition's
+    latents (the UNet predicts x0 minus them); else None. Only an inpainting UNet predicting x0
+    (prediction_type "sample") can: a ValueError otherwise."""
+    if not pipe.residual_to_condition:
+        return None
+    if condition_latents is None or pipe.scheduler.config.prediction_type != "sample":
+        raise ValueError("residual_to_condition: needs an inpainting UNet that predicts x0 (prediction_type 'sample')")
+    return condition_latents
+
+
 class MILDPipeline(DiffusionPipeline):
     """Multi-layer person erasing. Build with ``from_pretrained(local_dir)`` or ``tiny()``.
 
@@ -74,7 +85,13 @@ class MILDPipeline(DiffusionPipeline):
         self.compile = compile
         self._compiled = None  # (mode, compiled UNet)
         self.default_guidance_scale = 7.5  # what a call without guidance_scale uses (the tiny model's file sets its own)
+        self.default_steps = 30  # what a call without num_inference_steps uses (the tiny model's file sets its own)
         self.working_size = None  # longest side to diffuse at (None: the photo's size); the tiny model's file sets 128
+        self.condition_fill = "grey"  # how the condition's holes are filled (LayerInputs.masked_pixels); SD's is grey
+        # True: the UNet predicts x0 minus the condition's latents (an x0-predicting inpainting UNet
+        # only), so that it need not carry the condition through its narrow first level; the tiny
+        # model's file sets it
+        self.residual_to_condition = False
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         enable_sma(unet)
         if not any(isinstance(m, MultiLoRALinear) for m in unet.modules()):  # a UNet shared by pipelines
@@ -200,7 +217,8 @@ class MILDPipeline(DiffusionPipeline):
     # ------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, image, instance_masks, erase=None, keypoints=None, parsing=None, occlusion_order=None,
-                 num_inference_steps: int = 30, guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", eta: float = 0.0,
                  alpha: float = 1.0, beta: float = 1.0, dilation: int | None = None, prompt_embeds: dict | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None,
@@ -226,6 +244,7 @@ class MILDPipeline(DiffusionPipeline):
                 every pair allowed), no HMG.
         """
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
         check_call_numbers(num_inference_steps, guidance_scale, eta, alpha, beta, dilation)
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
@@ -265,10 +284,11 @@ class MILDPipeline(DiffusionPipeline):
         inpainting_unet = is_inpainting_unet(self.unet)
         with torch.profiler.record_function("mild::vae_encode"):
             if inpainting_unet:
-                masked_latents = self._encode_image(rows.masked_pixels()).to(dtype)
+                masked_latents = self._encode_image(rows.masked_pixels(self.condition_fill)).to(dtype)
             else:
                 known = KnownRegion(self._encode_image(rows.padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
                                     torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype))
+        offset = condition_offset(self, masked_latents if inpainting_unet else None)
 
         context = rows.context(halves=halves, alpha=alpha, beta=beta, backend=self.backend, device=device)
         context.prepare(self.unet, text.shape[1], device)  # every host read of the loop's UNet calls, here
@@ -292,6 +312,8 @@ class MILDPipeline(DiffusionPipeline):
                 noise_pred = unet(model_in, t, text, cross_attention_kwargs={"region_context": context},
                                        added_cond_kwargs=added, down_intrablock_additional_residuals=None
                                        if residuals is None else [r.clone() for r in residuals]).sample
+            if offset is not None:
+                noise_pred = noise_pred + offset.repeat(halves, 1, 1, 1)
             noise_uncond, noise_cond = noise_pred.chunk(2) if halves == 2 else (noise_pred, noise_pred)
             step_noise = torch.randn(latents.shape, generator=generator).to(device, dtype) if eta > 0 else None
             with torch.profiler.record_function("mild::step"):

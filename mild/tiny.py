@@ -173,7 +173,10 @@ def save_tiny_weights(pipe, path) -> None:
     save_file(tensors, str(tmp), metadata={"format": TINY_FORMAT,
                                            "vae_scaling_factor": repr(float(pipe.vae.config.scaling_factor)),
                                            "guidance_scale": repr(float(pipe.default_guidance_scale)),
-                                           "working_size": repr(pipe.working_size)})
+                                           "steps": repr(int(pipe.default_steps)),
+                                           "working_size": repr(pipe.working_size),
+                                           "condition_fill": pipe.condition_fill,
+                                           "residual_to_condition": repr(bool(pipe.residual_to_condition))})
     os.replace(tmp, path)
 
 
@@ -202,6 +205,10 @@ def load_tiny_weights(pipe, path) -> None:
         pipe.vae.register_to_config(scaling_factor=float(metadata["vae_scaling_factor"]))
     if "guidance_scale" in metadata:  # the guidance the model was tuned for (its prompts are fixed)
         pipe.default_guidance_scale = float(metadata["guidance_scale"])
+    if "steps" in metadata:  # the denoising steps it was trained to sample with
+        pipe.default_steps = int(metadata["steps"])
+    pipe.condition_fill = metadata.get("condition_fill", "grey")  # files before these were recorded: grey, no residual
+    pipe.residual_to_condition = metadata.get("residual_to_condition") == "True"
     if metadata.get("working_size", "None") != "None":  # the size it was trained at: larger photos run scaled
         pipe.working_size = int(metadata["working_size"])
 

@@ -109,7 +109,7 @@ def estimated_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, times
 def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, outside_weight: float,
                 uncond_prob: float, latent_cache: dict | None = None, added_cond_kwargs: dict | None = None,
                 hmg_dropout: float = 0.0, plain_rows: float = 0.0, single_layer: bool = False,
-                alpha_weight: float = 1.0) -> torch.Tensor:
+                alpha_weight: float = 1.0, last_timestep: float = 0.0) -> torch.Tensor:
     """The region-weighted noise-prediction loss of one sample, all its layer rows in one UNet call,
     each row against its own target (``layer_targets``), plus the alpha head's silhouette loss.
 
@@ -124,6 +124,9 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     adapter, zero bias and every region pair allowed (which is plain attention). Only for a
     trained base (the tiny model): the base alone then inpaints, as `mild eval`'s
     single-layer baseline runs it.
+    ``last_timestep``: the probability that a row trains at the last timestep (T - 1) instead of
+    a uniform one: the one a one-step sampler runs, where the prediction is the estimate of the
+    mean (uniform timesteps give it 1/T of the training).
     ``single_layer``: train as one plain inpainter (the equal-budget baseline of `mild eval`):
     the background row alone, over the dilated erased union, against the composite target,
     with every row plain and no HMG.
@@ -147,13 +150,16 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     if cached is None:
         targets, amodal = layer_targets(sample, rows)
         with torch.no_grad():
-            cached = (pipe._encode_image(targets).to(dtype), pipe._encode_image(rows.masked_pixels()).to(dtype),
-                      amodal)
+            condition = rows.masked_pixels(pipe.condition_fill)
+            cached = (pipe._encode_image(targets).to(dtype), pipe._encode_image(condition).to(dtype), amodal)
         if latent_cache is not None:
             latent_cache[sample.name] = cached
     x0, condition, amodal = cached
     scheduler = pipe.scheduler
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (L,), generator=generator)
+    if last_timestep > 0:  # drawn only then: runs without it keep their random sequence
+        last = torch.rand(L, generator=generator) < last_timestep
+        timesteps = torch.where(last, scheduler.config.num_train_timesteps - 1, timesteps)
     noise = torch.randn(x0.shape, generator=generator).to(device, dtype)
     drop = torch.rand(L, generator=generator) < uncond_prob  # classifier-free guidance needs the empty prompt too
     without_hmg = bool(torch.rand((), generator=generator) < hmg_dropout)
@@ -161,10 +167,13 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     timesteps = timesteps.to(device)
     noisy = scheduler.add_noise(x0, noise, timesteps)
     model_in = noisy
-    from .pipeline import is_inpainting_unet
+    from .pipeline import condition_offset, is_inpainting_unet
 
-    if is_inpainting_unet(pipe.unet):
+    inpainting = is_inpainting_unet(pipe.unet)
+    if inpainting:
         model_in = torch.cat([noisy, rows.inpaint_latent.to(device, dtype), condition], 1)
+    offset = condition_offset(pipe, condition.to(device) if inpainting else None)  # None, or added to the UNet's x0
+    offset = 0 if offset is None else offset
     text = torch.stack([embeds["" if d else kind] for d, kind in zip(drop.tolist(), rows.kinds)]).to(device, dtype)
     guide, weights = (None, None) if without_hmg else (rows.guide, rows.guide_weights)
     if pipe.hmg is not None and guide is None:  # no HMG inputs: zero residuals, but DDP sees the adapter used
@@ -186,11 +195,11 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     alpha_inputs = None
     if alpha_weight > 0 and pipe.alpha is not None:  # also without person rows, so that DDP sees the head used
         def to_images(predicted):
-            return pipe._decode(estimated_x0(scheduler, noisy, predicted, timesteps)).to(device)
+            return pipe._decode(estimated_x0(scheduler, noisy, predicted + offset, timesteps)).to(device)
 
         alpha_inputs = (to_images, rows.visible().to(device), rows.inpaint.to(device))
     prediction, alpha_logits = model(model_in, timesteps, text, context, guide, weights, added, alpha_inputs)
-    prediction = prediction.float()
+    prediction = (prediction + offset).float()
     kind = scheduler.config.prediction_type
     goal = {"epsilon": noise, "sample": x0}.get(kind)
     if goal is None:
@@ -247,6 +256,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of a sample trained without its HMG inputs (inference may have none)")
     parser.add_argument("--plain-rows", type=float, default=0.0,
                         help="with --train-base: probability of a row trained as plain inpainting (no adapter, no SMA)")
+    parser.add_argument("--last-timestep", type=float, default=0.0,
+                        help="probability that a row trains at the last timestep, the one a one-step sampler runs")
     parser.add_argument("--single-layer", action="store_true",
                         help="with --train-base: train one plain inpainter (one row per sample, the composite "
                              "target, no adapters, SMA, HMG or alpha): the equal-budget baseline")
@@ -270,8 +281,9 @@ def check_arguments(args) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not (args.lr > 0 and args.lr < float("inf")):
         raise TrainError(f"--lr must be a finite number > 0, got {args.lr}")
-    if not all(0 <= value <= 1 for value in (args.outside_weight, args.uncond_prob, args.hmg_dropout, args.plain_rows)):
-        raise TrainError("--outside-weight, --uncond-prob, --hmg-dropout and --plain-rows must lie in [0, 1]")
+    if not all(0 <= value <= 1 for value in (args.outside_weight, args.uncond_prob, args.hmg_dropout, args.plain_rows,
+                                             args.last_timestep)):
+        raise TrainError("--outside-weight, --uncond-prob, --hmg-dropout, --plain-rows and --last-timestep must lie in [0, 1]")
     if not (args.alpha_weight >= 0 and math.isfinite(args.alpha_weight)):
         raise TrainError(f"--alpha-weight must be a finite number >= 0, got {args.alpha_weight}")
     if args.single_layer and not args.train_base:
@@ -411,6 +423,7 @@ def run_train(args) -> int:
                 loss = sample_loss(model, pipe, sample, embeds, step_generator(args.seed, step, rank, micro),
                                    args.outside_weight, args.uncond_prob, latent_cache,
                                    hmg_dropout=args.hmg_dropout, plain_rows=args.plain_rows,
+                                   last_timestep=args.last_timestep,
                                    **loss_options) / args.accumulate
             loss.backward()
             total += loss.item()
@@ -479,10 +492,19 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MILD weights file (default: the package's mild/weights/tiny.safetensors); the "
                              "single-layer baseline goes beside it as tiny_single.safetensors")
     parser.add_argument("--work", default="tiny_train", help="folder for the checkpoints and training logs")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps, for each of the two models")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps, for each of the two models")
+    parser.add_argument("--last-timestep", type=float, default=0.25,
+                        help="probability that a row trains at the last timestep, where the tiny model samples in one step")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--condition-fill", choices=("grey", "smooth"), default="smooth",
+                        help="the condition's holes: mid-grey as SD inpainting, or the known pixels pulled in smoothly")
+    parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                        help="the UNet predicts x0 minus the condition's latents (the filled photo), from a zero start")
     parser.add_argument("--gate-scenes", type=int, default=24,
                         help="held-out scenes of the autoencoder gate (its round trip against Telea)")
+    parser.add_argument("--sample-steps", type=int, default=1,
+                        help="the denoising steps stored as the model's default: one step gives its x0 estimate, the "
+                             "mean that PSNR rewards (more steps sample detail, and score lower)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="the guidance scale stored as the model's default (its prompts are fixed, so ~1)")
     parser.add_argument("--only", choices=("mild", "single-layer"), help="rebuild one of the two models")
@@ -525,6 +547,11 @@ def run_train_tiny(args) -> int:
         latents = pipe.vae.encode(2 * torch.stack([s.target for s in held_out]) - 1).latent_dist.mean
     scaling = float(1 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
+    pipe.condition_fill = args.condition_fill
+    pipe.residual_to_condition = args.residual
+    if args.residual:  # the untrained model's x0 is then the filled condition itself
+        torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+        torch.nn.init.zeros_(pipe.unet.conv_out.bias)
     round_trip, telea_psnr = autoencoder_gate(pipe, held_out)
     verdict = "passes" if round_trip >= telea_psnr + 5 else "FAILS"
     print(f"autoencoder gate: round trip of the truth {round_trip:.1f} dB in the erased region of {len(held_out)} "
@@ -533,7 +560,7 @@ def run_train_tiny(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     save_tiny_weights(pipe, stage)
     common = ["--data", "procedural", "--tiny", "--tiny-weights", str(stage), "--train-base", "--steps", str(args.steps),
-              "--lr", str(args.lr), "--lr-schedule", "cosine", "--outside-weight", "0.5", "--save-every", "500", "--val-every", "500",
+              "--lr", str(args.lr), "--lr-schedule", "cosine", "--outside-weight", "0.5", "--last-timestep", str(args.last_timestep), "--save-every", "500", "--val-every", "500",
               "--seed", str(args.seed), "--backend", "torch"] + ["--no-progress"] * args.no_progress
     for name, flags, path in (("mild", [], out), ("single-layer", ["--single-layer"], single_out)):
         if args.only not in (None, name):
@@ -549,6 +576,7 @@ def run_train_tiny(args) -> int:
             trained.alpha = None
         load_checkpoint(trained, checkpoints)
         trained.default_guidance_scale = args.guidance
+        trained.default_steps = args.sample_steps
         trained.working_size = held_out[0].image.shape[-1]  # the scenes' size: larger photos run scaled to it
         save_tiny_weights(trained, path)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); training log {checkpoints / 'log.csv'}")

@@ -66,6 +66,7 @@ class MILDTransformerPipeline:
         self.transformer = base.transformer
         self.patch = 2 if self.kind == "flux" else self.transformer.config.patch_size  # FLUX packs 2 x 2 latents
         self.default_guidance_scale = 30.0 if self.kind == "flux" else 7.0
+        self.default_steps = 28  # what a call without num_inference_steps uses
         enable_sma(self.transformer)
         if not any(isinstance(m, MultiLoRALinear) for m in self.transformer.modules()):
             apply_multi_lora(self.transformer, NUM_ADAPTERS, lora_rank, backend=backend, mlp=True)
@@ -187,7 +188,7 @@ class MILDTransformerPipeline:
 
     # ------------------------------------------------------------ call
     @torch.no_grad()
-    def __call__(self, image, instance_masks, erase=None, occlusion_order=None, num_inference_steps: int = 28,
+    def __call__(self, image, instance_masks, erase=None, occlusion_order=None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  prompts: dict | None = None, negative_prompt: str = "", alpha: float = 1.0, beta: float = 1.0,
                  dilation: int | None = None, prompt_embeds: dict | None = None,
@@ -205,6 +206,7 @@ class MILDTransformerPipeline:
             raise ValueError(f"{', '.join(given)}: Human Morphology Guidance needs a UNet; "
                              f"{type(self.transformer).__name__} takes masks, erase ids and an occlusion order")
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
         check_call_numbers(num_inference_steps, guidance_scale, 0.0, alpha, beta, dilation)
         pixels, was_pil = to_image_tensor(image)
         masks = to_masks(instance_masks, pixels.shape[1:])

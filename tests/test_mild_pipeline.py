@@ -76,16 +76,20 @@ def test_guidance_scale_one_runs_the_conditional_rows_alone(tiny_pipe, monkeypat
     assert all(abs(one.cag[layer][key] - both.cag[layer][key]) < 1e-4 for layer in one.cag for key in one.cag[layer])
 
 
-@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("steps", [1, 4, None])
 def test_tiny_sampling_starts_from_the_last_trained_timestep(tiny_pipe, monkeypatch, steps):
     """Sampling starts from pure noise, so the UNet's first call must be at the last trained
-    timestep (with "leading" spacing one step ran at t = 1, reading noise as a clean latent)."""
+    timestep (with "leading" spacing one step ran at t = 1, reading noise as a clean latent).
+    Without num_inference_steps a call runs the model's own default (the shipped tiny model's: 1)."""
     image, masks = scene()
     timesteps = []
     forward = type(tiny_pipe.unet).forward
     monkeypatch.setattr(type(tiny_pipe.unet), "forward",
                         lambda self, x, t, *a, **k: timesteps.append(int(t.flatten()[0])) or forward(self, x, t, *a, **k))
     tiny_pipe(image, masks, erase=[2], num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
+    if steps is None:
+        assert tiny_pipe.default_steps == 1
+        steps = 1
     last = tiny_pipe.scheduler.config.num_train_timesteps - 1
     assert len(timesteps) == steps and timesteps[0] == last
     assert timesteps == sorted(timesteps, reverse=True) and timesteps[-1] == last // steps
@@ -206,6 +210,108 @@ def test_plan_layers():
         plan_layers(masks, erase=[3])
     with pytest.raises(ValueError, match="^instance_masks"):
         plan_layers(torch.cat([masks, torch.zeros(1, SIZE, SIZE)]))
+
+
+@pytest.mark.parametrize("size", [(37, 53), (64, 64), (1, 9)])
+def test_smooth_fill_keeps_the_known_pixels_and_fills_within_their_range(size):
+    """push-pull fill: known pixels exact, every filled value a convex mix of known ones (within
+    their range per channel), a constant border fills constant, no known pixel gives mid-grey."""
+    from mild.erasing import smooth_fill
+
+    H, W = size
+    gen = torch.Generator().manual_seed(H * W)
+    pixels = torch.rand(3, 3, H, W, generator=gen, dtype=torch.float64)
+    hole = (torch.rand(3, 1, H, W, generator=gen) < torch.tensor([0.3, 0.9, 1.0])[:, None, None, None]).double()
+    hole[0].view(-1)[0] = 0  # every image but the last keeps a known pixel
+    hole[1].view(-1)[-1] = 0
+    filled = smooth_fill(torch.where(hole > 0, 7.0, pixels), hole)  # what lies in the hole is never read
+    known = hole.expand_as(pixels) == 0
+    assert filled.dtype == torch.float64 and torch.isfinite(filled).all()
+    assert torch.equal(filled[known], pixels[known])
+    for n in range(2):
+        for c in range(3):
+            seen = pixels[n, c][known[n, c]]
+            assert seen.min() - 1e-12 <= filled[n, c].min() and filled[n, c].max() <= seen.max() + 1e-12
+    assert torch.allclose(filled[2], torch.full((3, H, W), 0.5, dtype=torch.float64), rtol=0, atol=1e-12)
+    flat = smooth_fill(torch.full((1, 3, H, W), 0.25) * (1 - hole[:1]), hole[:1])
+    assert torch.allclose(flat, torch.full_like(flat, 0.25), atol=1e-6)
+
+
+def test_condition_fill_reaches_the_unet_and_round_trips_through_the_weights_file(tmp_path):
+    """pipe.condition_fill decides the condition channels the UNet reads (grey: SD's mid-grey hole;
+    smooth: smooth_fill), and the tiny weights file keeps it (a file without it reads grey)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mild.erasing import smooth_fill
+    from mild.tiny import save_tiny_weights
+
+    image, masks = scene()
+    pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
+    seen = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -192:].clone()))
+    for fill in ("grey", "smooth"):
+        pipe.condition_fill = fill
+        out = pipe(image, masks, erase=[2], num_inference_steps=1, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0))
+        rows = pipe.prepare_layers(image, masks, [2])
+        expected = (rows.padded[None] * (1 - rows.inpaint) + 0.5 * rows.inpaint if fill == "grey"
+                    else smooth_fill(rows.padded[None].expand(len(rows.inpaint), -1, -1, -1), rows.inpaint))
+        assert torch.allclose(seen[-1], pipe._encode_image(expected).to(seen[-1].dtype), atol=1e-6)
+        assert len(out.plan.layers) == len(rows.inpaint)
+    assert not torch.allclose(seen[0], seen[1])
+    save_tiny_weights(pipe, tmp_path / "smooth.safetensors")
+    assert MILDPipeline.tiny(weights=tmp_path / "smooth.safetensors").condition_fill == "smooth"
+    with safe_open(str(tmp_path / "smooth.safetensors"), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "condition_fill"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    assert MILDPipeline.tiny(weights=tmp_path / "old.safetensors").condition_fill == "grey"
+    with pytest.raises(ValueError, match="^fill"):
+        rows.masked_pixels("zeros")
+
+
+def test_residual_to_condition_adds_the_filled_condition_to_the_unets_x0():
+    """With residual_to_condition the x0 the scheduler gets is the UNet's output plus the condition's
+    latents: for a UNet whose output is zero, the final latents are diffusers' DDIM step from the
+    initial noise with the condition's latents as x0 (float64), the layer is then the smooth-filled
+    photo to within DDIM's last step (it keeps sqrt(1 - abar_0) ~ 3% of the noise estimate); without
+    it, the x0 is 0 (mid-grey)."""
+    import copy
+
+    from mild.erasing import smooth_fill
+    from mild.synth import procedural_sample
+
+    sample = procedural_sample(5, size=SIZE, kind="textured")
+    pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
+    torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(pipe.unet.conv_out.bias)
+    pipe.condition_fill = "smooth"
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase)
+    condition = pipe._encode_image(rows.masked_pixels("smooth")).double()
+    noise = torch.randn(condition.shape, generator=torch.Generator().manual_seed(0)).double()
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(1)
+    region = rows.inpaint[0, 0] > 0
+    fill = smooth_fill(rows.padded[None], rows.inpaint[:1])[0][:, region]
+    decoded, errors = [], {}
+    decode = pipe._decode
+    pipe._decode = lambda latents: decoded.append(latents.double()) or decode(latents)
+    for residual in (True, False):
+        pipe.residual_to_condition = residual
+        out = pipe(sample.image, sample.masks, erase=sample.erase, num_inference_steps=1, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(0))
+        x0 = condition if residual else torch.zeros_like(condition)
+        expected = scheduler.step(x0, scheduler.timesteps[0], noise).prev_sample
+        assert (decoded[-1] - expected).norm() / expected.norm() < 1e-5
+        errors[residual] = float((out.layers[0][:, region] - fill).norm() / fill.norm())
+    assert errors[True] < 0.05 < 0.3 < errors[False], errors
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    pipe.residual_to_condition = True
+    with pytest.raises(ValueError, match="^residual_to_condition"):
+        pipe(sample.image, sample.masks, erase=sample.erase, num_inference_steps=1)
 
 
 # ---------------------------------------------------------------- CLI

@@ -397,6 +397,62 @@ def test_single_layer_training_is_one_plain_row_on_the_composite_target():
     assert all(p.grad is None or not p.grad.any() for n, p in named.items() if n.endswith(("lora_a", "lora_b")))
 
 
+def test_residual_to_condition_trains_the_sum_of_the_unets_output_and_the_condition():
+    """With residual_to_condition the loss compares the UNet's output plus the condition's latents
+    with x0: a zero-output UNet's loss is the region-weighted error of the filled condition itself."""
+    import torch.nn.functional as F
+
+    pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
+    pipe.alpha = None
+    torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+    torch.nn.init.zeros_(pipe.unet.conv_out.bias)
+    pipe.condition_fill, pipe.residual_to_condition = "smooth", True
+    sample = occluded_sample()
+    loss = sample_loss(TrainingModel(pipe.unet, None), pipe, sample, text_embeddings(pipe), step_generator(0, 0, 0, 0),
+                       0.5, 0.0, single_layer=True)
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase).background_only()
+    x0 = pipe._encode_image(F.pad(sample.target[None], (0, rows.pad[1], 0, rows.pad[0]), mode="replicate")).double()
+    condition = pipe._encode_image(rows.masked_pixels("smooth")).double()
+    region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").double()
+    weight = region + 0.5 * (1 - region)
+    expected = (weight * (condition - x0) ** 2).sum() / (weight.sum() * x0.shape[1])
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item() and expected.item() > 0.01
+    pipe.residual_to_condition = False  # the same UNet without the residual: its x0 is 0
+    plain = sample_loss(TrainingModel(pipe.unet, None), pipe, sample, text_embeddings(pipe), step_generator(0, 0, 0, 0),
+                        0.5, 0.0, single_layer=True)
+    assert abs(plain.item() - ((weight * x0 ** 2).sum() / (weight.sum() * x0.shape[1])).item()) <= 1e-5 * plain.item()
+
+
+def test_last_timestep_trains_rows_where_one_step_sampling_runs():
+    """--last-timestep p puts a row at t = T - 1 with probability p: every row at p = 1, the
+    uniform draw untouched at p = 0 (the same timesteps as a call that never asks)."""
+    pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
+    pipe.alpha = None
+    seen = []
+
+    class Recorder(TrainingModel):
+        def forward(self, model_in, timesteps, *args, **kwargs):
+            seen.append(timesteps.clone())
+            return super().forward(model_in, timesteps, *args, **kwargs)
+
+    sample = occluded_sample()
+    for p in (1.0, 0.0, None):
+        options = {} if p is None else {"last_timestep": p}
+        with torch.no_grad():
+            sample_loss(Recorder(pipe.unet, None), pipe, sample, text_embeddings(pipe), step_generator(0, 3, 0, 0),
+                        0.5, 0.0, **options)
+    last = pipe.scheduler.config.num_train_timesteps - 1
+    assert len(seen[0]) >= 2 and (seen[0] == last).all()
+    assert torch.equal(seen[1], seen[2]) and not (seen[1] == last).any()
+    with pytest.raises(TrainError, match="--last-timestep"):
+        from mild.train import add_train_arguments, check_arguments
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        add_train_arguments(parser)
+        check_arguments(parser.parse_args(["--data", "x", "--tiny", "--out", "y", "--last-timestep", "1.5"]))
+
+
 def test_procedural_stream_is_drawn_on_the_fly_and_occlusion_heavy():
     from mild.synth import ProceduralStream
 
@@ -426,6 +482,26 @@ def test_train_on_procedural_data_and_single_layer_from_the_cli(tmp_path):
     assert not (resolve_checkpoint(single) / "alpha.safetensors").exists()
     rates = [float(row["lr"]) for row in losses(single) if row["lr"]]
     assert rates[0] == pytest.approx(1e-4) and rates[1] < rates[0]
+
+
+@pytest.mark.slow  # ~1 min: CI's `pytest -m slow` runs it
+def test_train_tiny_writes_both_models_with_their_fill_and_residual(tmp_path, capsys):
+    """`mild train-tiny` at two steps: the gate line, both weights files, each recording the smooth
+    condition fill, the residual prediction and one-step sampling; the staged untrained UNet's x0 is
+    the fill (zero conv_out)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "weights" / "tiny.safetensors"
+    assert cli_main(["train-tiny", "--steps", "2", "--gate-scenes", "2", "--out", str(out), "--work", str(tmp_path / "w"),
+                     "--no-progress"]) == 0
+    assert "autoencoder gate: round trip of the truth 99.0 dB" in capsys.readouterr().out
+    for path in (out, out.with_name("tiny_single.safetensors")):
+        pipe = MILDPipeline.tiny(weights=path)
+        assert (pipe.condition_fill, pipe.residual_to_condition, pipe.working_size, pipe.default_steps) == \
+            ("smooth", True, 128, 1)
+    assert (pipe.hmg, pipe.alpha) == (None, None) and MILDPipeline.tiny(weights=out).alpha is not None
+    with safe_open(str(tmp_path / "w" / "untrained.safetensors"), framework="pt") as handle:
+        assert not handle.get_tensor("unet.conv_out.weight").any() and handle.get_tensor("unet.conv_in.weight").any()
 
 
 def test_single_layer_needs_train_base(tmp_path, capsys):
