@@ -331,7 +331,7 @@ def eval_args(argv):
 def test_eval_arguments():
     args = eval_args(["--data", "d"])
     assert (args.out, args.limit, args.steps, args.guidance, args.seed, args.methods) == \
-        ("eval_out", None, 20, None, 0, list(METHODS))  # guidance None: the model's default
+        ("eval_out", None, None, None, 0, list(METHODS))  # steps and guidance None: the model's defaults
     assert eval_args(["--data", "d", "--methods", "telea", "input"]).methods == ["telea", "input"]
     for bad in (["--methods", "magic"], ["--limit", "0"], []):
         with pytest.raises(SystemExit):
