@@ -289,6 +289,7 @@ class MILDPipeline(DiffusionPipeline):
                 known = KnownRegion(self._encode_image(rows.padded[None]).to(dtype).expand(L, -1, -1, -1).contiguous(), inpaint_latent,
                                     torch.randn((L, channels, *latent_size), generator=generator).to(device, dtype))
         offset = condition_offset(self, masked_latents if inpainting_unet else None)
+        offset = None if offset is None else offset.repeat(halves, 1, 1, 1)  # once, not per step
 
         context = rows.context(halves=halves, alpha=alpha, beta=beta, backend=self.backend, device=device)
         context.prepare(self.unet, text.shape[1], device)  # every host read of the loop's UNet calls, here
@@ -313,7 +314,7 @@ class MILDPipeline(DiffusionPipeline):
                                        added_cond_kwargs=added, down_intrablock_additional_residuals=None
                                        if residuals is None else [r.clone() for r in residuals]).sample
             if offset is not None:
-                noise_pred = noise_pred + offset.repeat(halves, 1, 1, 1)
+                noise_pred = noise_pred + offset
             noise_uncond, noise_cond = noise_pred.chunk(2) if halves == 2 else (noise_pred, noise_pred)
             step_noise = torch.randn(latents.shape, generator=generator).to(device, dtype) if eta > 0 else None
             with torch.profiler.record_function("mild::step"):
