@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mild_kernels import composite_layers
 
 from .alpha import LayerAlpha
-from .layers import LayerPlan, default_dilation, plan_layers
+from .layers import LayerPlan, default_dilation, dilate, plan_layers
 from .processors import RegionContext
 
 NUM_ADAPTERS = 2  # 0: background LoRA, 1: foreground LoRA
@@ -84,6 +84,9 @@ def to_masks(instance_masks, size) -> torch.Tensor:
     return masks
 
 
+CONDITION_FILLS = ("grey", "smooth", "copy", "layered")  # LayerInputs.masked_pixels
+
+
 @dataclasses.dataclass
 class LayerInputs:
     """One image's layers as UNet rows (one row per layer; CFG doubles them)."""
@@ -118,13 +121,29 @@ class LayerInputs:
 
     def masked_pixels(self, fill: str = "grey") -> torch.Tensor:
         """(L, 3, H', W') the photo with each layer's region blanked: the UNet's condition.
-        ``fill`` "grey": mid-grey (0 once the VAE maps [0, 1] to [-1, 1]), as SD inpainting
-        models were trained; "smooth": the known pixels pulled in smoothly (:func:`smooth_fill`)."""
+
+        ``fill``: "grey", mid-grey (0 once the VAE maps [0, 1] to [-1, 1]), as SD inpainting
+        models were trained; "smooth", the known pixels pulled in smoothly (:func:`smooth_fill`);
+        "copy", the known pixels copied in at the translations that best continue them
+        (:func:`copy_fill`); "layered", each row from its own layer: the background row's region
+        copied from the known pixels no kept person covers, person i's row's pulled in smoothly
+        from person i's visible pixels, so that every pathway starts from its own layer."""
+        rows = len(self.inpaint)
+        photo = self.padded[None].expand(rows, -1, -1, -1)
+        if fill == "grey":
+            return photo * (1 - self.inpaint) + 0.5 * self.inpaint
         if fill == "smooth":
-            return smooth_fill(self.padded[None].expand(len(self.inpaint), -1, -1, -1), self.inpaint)
-        if fill != "grey":
-            raise ValueError(f"fill: expected 'grey' or 'smooth', got {fill!r}")
-        return self.padded[None] * (1 - self.inpaint) + 0.5 * self.inpaint
+            return smooth_fill(photo, self.inpaint)
+        if fill == "copy":
+            return copy_fill(photo, self.inpaint)
+        if fill != "layered":
+            raise ValueError(f"fill: expected one of {CONDITION_FILLS}, got {fill!r}")
+        kept = self.plan.layers[0].region_masks  # the kept people's visible masks
+        scene = F.pad(1 - kept.amax(0), (0, self.pad[1], 0, self.pad[0])) > 0.5  # nobody's, and not the padding
+        filled = torch.where(self.inpaint > 0, smooth_fill(photo, (self.visible() <= 0.5).to(photo.dtype)), photo)
+        background = [index for index, layer in enumerate(self.plan.layers) if layer.person == 0]
+        filled[background] = copy_fill(photo[background], self.inpaint[background], scene[None, None])
+        return filled
 
     def context(self, halves: int, alpha, beta, backend: str, device) -> RegionContext:
         """The region context of ``halves`` copies of the rows (2 for classifier-free guidance)."""
@@ -150,6 +169,60 @@ def smooth_fill(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     for values, weights in reversed(levels[:-1]):  # values are weight-premultiplied averages
         fill = values + (1 - weights) * F.interpolate(fill, size=values.shape[-2:], mode="bilinear", align_corners=False)
     return fill
+
+
+def _correlate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(2H - 1, 2W - 1): sum over p of a(p) b(p + d), for every translation d of (H, W) maps, index
+    (H - 1, W - 1) holding d = 0 (FFT over a zero-padded grid, so nothing wraps around)."""
+    H, W = a.shape
+    product = torch.fft.rfft2(a, s=(2 * H, 2 * W)).conj() * torch.fft.rfft2(b, s=(2 * H, 2 * W))
+    return torch.fft.irfft2(product, s=(2 * H, 2 * W)).roll((H - 1, W - 1), (0, 1))[:2 * H - 1, :2 * W - 1]
+
+
+def copy_fill(pixels: torch.Tensor, hole: torch.Tensor, source: torch.Tensor | None = None, *,
+              translations: int = 6) -> torch.Tensor:
+    """``pixels`` (N, C, H, W) with the ``hole`` (N, 1, H, W, {0, 1}) filled by copying ``source``
+    pixels (N, 1, H, W, {0, 1}; default: every pixel outside the hole) from elsewhere in the image.
+
+    Every translation d is scored at once (FFT cross-correlations) by how well the source pixels
+    at p + d predict the source pixels p of a ring around the hole (mean squared difference);
+    translations shorter than ~3% of the short side, longer than 45% of it, or that bring too
+    little source into the ring or the hole are not used. Each hole pixel copies the best of the
+    ``translations`` best scored whose source pixel is known; what none covers is filled by
+    :func:`smooth_fill` from the source. A texture that repeats (stripes, checks, bricks, a
+    horizon) comes back continued where a smooth fill blurs it to its mean."""
+    N, C, H, W = pixels.shape
+    hole = hole.to(torch.bool).expand(N, 1, H, W)
+    source = ~hole if source is None else source.to(torch.bool) & ~hole
+    ring_width, shortest, longest = max(2, min(H, W) // 10), max(2, min(H, W) // 32), 0.45 * min(H, W)
+    dy, dx = torch.meshgrid(torch.arange(1 - H, H), torch.arange(1 - W, W), indexing="ij")
+    length = (dy.double().square() + dx.double().square()).sqrt()
+    filled = smooth_fill(pixels, (~source).to(pixels.dtype))
+    out = torch.where(hole, filled, pixels)
+    for n in range(N):
+        gap, known = hole[n, 0], source[n, 0]
+        if not gap.any() or not known.any():
+            continue
+        image, own = pixels[n].double().cpu(), known.double().cpu()
+        ring = (dilate(gap.float(), ring_width) > 0).double().cpu() * own
+        pairs = _correlate(ring, own)  # ring pixels whose translate is known
+        error = sum(_correlate(ring * c.square(), own) - 2 * _correlate(ring * c, own * c) + _correlate(ring, own * c.square())
+                    for c in image)
+        covered = _correlate(gap.double().cpu(), own) / gap.sum()
+        usable = (pairs > 0.5 * ring.sum()) & (covered > 0.3) & (length >= shortest) & (length <= longest)
+        score = torch.where(usable, error / pairs.clamp(min=1) + 1e-9 * length, torch.tensor(math.inf, dtype=torch.float64))
+        todo = gap.clone()
+        for index in torch.argsort(score.flatten(), stable=True)[:translations].tolist():
+            if not math.isfinite(score.flatten()[index]):
+                break
+            ys, xs = torch.nonzero(todo, as_tuple=True)
+            ty, tx = ys + int(dy.flatten()[index]), xs + int(dx.flatten()[index])
+            inside = (ty >= 0) & (ty < H) & (tx >= 0) & (tx < W)
+            ys, xs, ty, tx = ys[inside], xs[inside], ty[inside], tx[inside]
+            take = known[ty, tx]
+            out[n, :, ys[take], xs[take]] = pixels[n, :, ty[take], tx[take]]
+            todo[ys[take], xs[take]] = False
+    return out
 
 
 def layer_inputs(pixels: torch.Tensor, masks: torch.Tensor, factor: int, erase=None, occlusion_order=None,

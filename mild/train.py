@@ -46,7 +46,7 @@ from mild_kernels import set_adapter_ids
 
 from .alpha import logits_of_prediction, silhouette_term
 from .checkpoints import ADAPTER_KEYS, architecture, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .erasing import layer_targets  # noqa: F401  (tests and users import it from here)
+from .erasing import CONDITION_FILLS, layer_targets  # noqa: F401  (tests and users import layer_targets from here)
 
 LOG_FIELDS = ("step", "loss", "val_loss", "lr", "seconds")
 
@@ -496,8 +496,10 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-timestep", type=float, default=0.25,
                         help="probability that a row trains at the last timestep, where the tiny model samples in one step")
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--condition-fill", choices=("grey", "smooth"), default="smooth",
-                        help="the condition's holes: mid-grey as SD inpainting, or the known pixels pulled in smoothly")
+    parser.add_argument("--condition-fill", choices=CONDITION_FILLS, default="layered",
+                        help="the condition's holes (LayerInputs.masked_pixels): mid-grey as SD inpainting, the "
+                             "known pixels pulled in smoothly or copied in, or each layer from its own pixels (the "
+                             "single-layer baseline, a plain inpainter, takes 'copy' for 'layered')")
     parser.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
                         help="the UNet predicts x0 minus the condition's latents (the filled photo), from a zero start")
     parser.add_argument("--gate-scenes", type=int, default=24,
@@ -547,7 +549,6 @@ def run_train_tiny(args) -> int:
         latents = pipe.vae.encode(2 * torch.stack([s.target for s in held_out]) - 1).latent_dist.mean
     scaling = float(1 / latents.std())
     pipe.vae.register_to_config(scaling_factor=scaling)
-    pipe.condition_fill = args.condition_fill
     pipe.residual_to_condition = args.residual
     if args.residual:  # the untrained model's x0 is then the filled condition itself
         torch.nn.init.zeros_(pipe.unet.conv_out.weight)
@@ -556,10 +557,8 @@ def run_train_tiny(args) -> int:
     verdict = "passes" if round_trip >= telea_psnr + 5 else "FAILS"
     print(f"autoencoder gate: round trip of the truth {round_trip:.1f} dB in the erased region of {len(held_out)} "
           f"held-out scenes, Telea {telea_psnr:.1f} dB: {verdict} (needs Telea + 5 dB)")
-    stage = work / "untrained.safetensors"
     work.mkdir(parents=True, exist_ok=True)
-    save_tiny_weights(pipe, stage)
-    common = ["--data", "procedural", "--tiny", "--tiny-weights", str(stage), "--train-base", "--steps", str(args.steps),
+    common = ["--data", "procedural", "--tiny", "--train-base", "--steps", str(args.steps),
               "--lr", str(args.lr), "--lr-schedule", "cosine", "--outside-weight", "0.5", "--last-timestep", str(args.last_timestep), "--save-every", "500", "--val-every", "500",
               "--seed", str(args.seed), "--backend", "torch"] + ["--no-progress"] * args.no_progress
     for name, flags, path in (("mild", [], out), ("single-layer", ["--single-layer"], single_out)):
@@ -567,10 +566,14 @@ def run_train_tiny(args) -> int:
             continue
         checkpoints = work / f"checkpoints-{name}"
         shutil.rmtree(checkpoints, ignore_errors=True)
+        # the untrained model, staged as a weights file: its condition fill and residual travel with it
+        pipe.condition_fill = "copy" if name == "single-layer" and args.condition_fill == "layered" else args.condition_fill
+        stage = work / f"untrained-{name}.safetensors"
+        save_tiny_weights(pipe, stage)
         parser = argparse.ArgumentParser()
         add_train_arguments(parser)
-        print(f"training the {name} model: {args.steps} steps")
-        run_train(parser.parse_args(common + flags + ["--out", str(checkpoints)]))
+        print(f"training the {name} model: {args.steps} steps, condition fill {pipe.condition_fill}")
+        run_train(parser.parse_args(common + flags + ["--tiny-weights", str(stage), "--out", str(checkpoints)]))
         trained = MILDPipeline.tiny(weights=stage, with_hmg=name == "mild")
         if name == "single-layer":
             trained.alpha = None

@@ -237,9 +237,85 @@ def test_smooth_fill_keeps_the_known_pixels_and_fills_within_their_range(size):
     assert torch.allclose(flat, torch.full_like(flat, 0.25), atol=1e-6)
 
 
+def test_correlate_matches_a_direct_sum_over_every_translation():
+    from mild.erasing import _correlate
+
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.rand(7, 5, generator=gen, dtype=torch.float64), torch.rand(7, 5, generator=gen, dtype=torch.float64)
+    got = _correlate(a, b)
+    assert got.shape == (13, 9)
+    for dy in range(-6, 7):
+        for dx in range(-4, 5):
+            direct = sum(a[y, x] * b[y + dy, x + dx] for y in range(7) for x in range(5)
+                         if 0 <= y + dy < 7 and 0 <= x + dx < 5)
+            assert float(got[dy + 6, dx + 4]) == pytest.approx(float(direct), abs=1e-9)
+
+
+@pytest.mark.parametrize("size", [(61, 47), (64, 64)])
+def test_copy_fill_continues_a_repeating_texture_and_reads_only_its_source(size):
+    """A checkerboard (period 10 px) over a vertical gradient repeats exactly under translations
+    by (0, 10): copy_fill restores the hole exactly, where a smooth fill blurs it to its mean.
+    Pixels outside the source are never read; no usable source falls back to smooth_fill."""
+    from mild.erasing import copy_fill, smooth_fill
+
+    H, W = size
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    checks = ((ys // 5 + xs // 5) % 2).double()
+    image = torch.stack([0.2 + 0.5 * checks, 0.1 + 0.6 * ys / H, 0.8 - 0.4 * checks])[None]
+    hole = torch.zeros(1, 1, H, W, dtype=torch.bool)
+    hole[..., H // 3:H // 3 + 17, W // 2 - 6:W // 2 + 7] = True
+    source = torch.ones_like(hole)
+    source[..., :, :3] = False  # a strip of the image the fill may not read
+    poisoned = torch.where(hole | ~source, torch.tensor(9.0, dtype=torch.float64), image)
+    filled = copy_fill(poisoned, hole, source)
+    assert torch.allclose(filled[hole.expand_as(image)], image[hole.expand_as(image)], atol=1e-12)
+    assert torch.equal(filled[~hole.expand_as(image)], poisoned[~hole.expand_as(image)])
+    smooth = smooth_fill(image, hole.double())
+    assert (smooth - image)[hole.expand_as(image)].abs().max() > 0.1  # the smooth fill cannot do it
+    lonely = torch.zeros_like(hole)
+    lonely[..., 0, 0] = True  # one source pixel, no translation reaches the ring: smooth from it
+    assert torch.allclose(copy_fill(image, hole, lonely), torch.where(hole, image[..., :1, :1], image))
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_layered_condition_fill_pulls_each_row_from_its_own_layer(seed):
+    """condition_fill "layered": the background row's region is copied from the known pixels no
+    kept person covers (copy_fill), person i's row's is pulled in from person i's visible pixels
+    only (smooth_fill); no other pixel is read (poisoned, they change nothing) and outside its
+    region every row is the photo."""
+    from mild.erasing import copy_fill, smooth_fill
+    from mild.synth import procedural_sample
+
+    sample = procedural_sample(seed, size=SIZE + 3, kind="occluded")  # 67 px: padded to the latent grid
+    pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase)
+    assert [layer.person for layer in rows.plan.layers][0] == 0 and len(rows.plan.layers) > 1  # a person row too
+    filled = rows.masked_pixels("layered")
+    H, W = sample.image.shape[1:]
+    kept = torch.zeros(rows.padded.shape[1:], dtype=torch.bool)[None].repeat(len(sample.masks), 1, 1)
+    kept[:, :H, :W] = rows.plan.layers[0].region_masks > 0.5  # the kept people's visible masks
+    image = torch.zeros_like(kept[0])
+    image[:H, :W] = True  # the padding is nobody's colour
+    for index, layer in enumerate(rows.plan.layers):
+        hole = rows.inpaint[index, 0] > 0
+        source = kept[layer.person - 1] if layer.person else ~hole & ~kept.any(0) & image
+        poisoned = torch.where(source, rows.padded, torch.tensor(9.0))[None].double()  # read only where the source is
+        expected = (smooth_fill(poisoned, (~source).double()[None, None]) if layer.person
+                    else copy_fill(poisoned, hole[None, None], source[None, None]))[0]
+        got = filled[index].double()
+        assert torch.allclose(got[:, hole], expected[:, hole], atol=1e-5)
+        assert torch.equal(got[:, ~hole], rows.padded.double()[:, ~hole])
+        colours = rows.padded[:, source]
+        inside = got[:, hole]  # within the range of the layer's own colours
+        assert (inside >= colours.amin(1, keepdim=True) - 1e-6).all() and (inside <= colours.amax(1, keepdim=True) + 1e-6).all()
+    assert not torch.allclose(filled, rows.masked_pixels("smooth"))
+    assert torch.equal(rows.masked_pixels("copy"), copy_fill(rows.padded[None].expand_as(filled), rows.inpaint))
+
+
 def test_condition_fill_reaches_the_unet_and_round_trips_through_the_weights_file(tmp_path):
     """pipe.condition_fill decides the condition channels the UNet reads (grey: SD's mid-grey hole;
-    smooth: smooth_fill), and the tiny weights file keeps it (a file without it reads grey)."""
+    smooth: smooth_fill; copy: copy_fill; layered: each row from its own layer), and the weights file keeps it
+    (a file without it reads grey)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -250,18 +326,21 @@ def test_condition_fill_reaches_the_unet_and_round_trips_through_the_weights_fil
     pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
     seen = []
     pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -192:].clone()))
-    for fill in ("grey", "smooth"):
+    for fill in ("grey", "smooth", "copy", "layered"):
         pipe.condition_fill = fill
         out = pipe(image, masks, erase=[2], num_inference_steps=1, guidance_scale=1.0,
                    generator=torch.Generator().manual_seed(0))
         rows = pipe.prepare_layers(image, masks, [2])
-        expected = (rows.padded[None] * (1 - rows.inpaint) + 0.5 * rows.inpaint if fill == "grey"
-                    else smooth_fill(rows.padded[None].expand(len(rows.inpaint), -1, -1, -1), rows.inpaint))
+        expected = {"grey": rows.padded[None] * (1 - rows.inpaint) + 0.5 * rows.inpaint,
+                    "smooth": smooth_fill(rows.padded[None].expand(len(rows.inpaint), -1, -1, -1), rows.inpaint),
+                    "copy": rows.masked_pixels("copy"), "layered": rows.masked_pixels("layered")}[fill]
         assert torch.allclose(seen[-1], pipe._encode_image(expected).to(seen[-1].dtype), atol=1e-6)
         assert len(out.plan.layers) == len(rows.inpaint)
-    assert not torch.allclose(seen[0], seen[1])
+    assert all(not torch.allclose(seen[a], seen[b]) for a in range(4) for b in range(a))
+    save_tiny_weights(pipe, tmp_path / "layered.safetensors")
+    assert MILDPipeline.tiny(weights=tmp_path / "layered.safetensors").condition_fill == "layered"
+    pipe.condition_fill = "smooth"
     save_tiny_weights(pipe, tmp_path / "smooth.safetensors")
-    assert MILDPipeline.tiny(weights=tmp_path / "smooth.safetensors").condition_fill == "smooth"
     with safe_open(str(tmp_path / "smooth.safetensors"), framework="pt") as handle:
         metadata = {k: v for k, v in handle.metadata().items() if k != "condition_fill"}
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}

@@ -486,22 +486,23 @@ def test_train_on_procedural_data_and_single_layer_from_the_cli(tmp_path):
 
 @pytest.mark.slow  # ~1 min: CI's `pytest -m slow` runs it
 def test_train_tiny_writes_both_models_with_their_fill_and_residual(tmp_path, capsys):
-    """`mild train-tiny` at two steps: the gate line, both weights files, each recording the smooth
-    condition fill, the residual prediction and one-step sampling; the staged untrained UNet's x0 is
-    the fill (zero conv_out)."""
+    """`mild train-tiny` at two steps: the gate line, both weights files, each recording its
+    condition fill (MILD layered, the single-layer baseline, a plain inpainter, copy), the residual
+    prediction and one-step sampling; the staged untrained UNets' x0 is the fill (zero conv_out)."""
     from safetensors import safe_open
 
     out = tmp_path / "weights" / "tiny.safetensors"
     assert cli_main(["train-tiny", "--steps", "2", "--gate-scenes", "2", "--out", str(out), "--work", str(tmp_path / "w"),
                      "--no-progress"]) == 0
     assert "autoencoder gate: round trip of the truth 99.0 dB" in capsys.readouterr().out
-    for path in (out, out.with_name("tiny_single.safetensors")):
+    for path, fill in ((out, "layered"), (out.with_name("tiny_single.safetensors"), "copy")):
         pipe = MILDPipeline.tiny(weights=path)
         assert (pipe.condition_fill, pipe.residual_to_condition, pipe.working_size, pipe.default_steps) == \
-            ("smooth", True, 128, 1)
+            (fill, True, 128, 1)
     assert (pipe.hmg, pipe.alpha) == (None, None) and MILDPipeline.tiny(weights=out).alpha is not None
-    with safe_open(str(tmp_path / "w" / "untrained.safetensors"), framework="pt") as handle:
-        assert not handle.get_tensor("unet.conv_out.weight").any() and handle.get_tensor("unet.conv_in.weight").any()
+    for name in ("mild", "single-layer"):
+        with safe_open(str(tmp_path / "w" / f"untrained-{name}.safetensors"), framework="pt") as handle:
+            assert not handle.get_tensor("unet.conv_out.weight").any() and handle.get_tensor("unet.conv_in.weight").any()
 
 
 def test_single_layer_needs_train_base(tmp_path, capsys):
