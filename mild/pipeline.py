@@ -28,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, composite_layers, set_adapter_ids
 
 from .alpha import LayerAlpha
-from .erasing import (DEFAULT_PROMPTS, NUM_ADAPTERS, LayerInputs, MILDOutput, check_call_numbers,  # noqa: F401
+from .erasing import (CONDITION_FILLS, DEFAULT_PROMPTS, NUM_ADAPTERS, LayerInputs, MILDOutput, check_call_numbers,  # noqa: F401
                       composite_output, conditional_cag, layer_alphas, layer_inputs, to_image_tensor, to_masks,
                       to_output)
 from .hmg import HumanMorphologyGuidance, guidance_image
@@ -246,6 +246,8 @@ class MILDPipeline(DiffusionPipeline):
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
         check_call_numbers(num_inference_steps, guidance_scale, eta, alpha, beta, dilation)
+        if self.condition_fill not in CONDITION_FILLS:
+            raise ValueError(f"condition_fill: expected one of {CONDITION_FILLS}, got {self.condition_fill!r}")
         pixels, was_pil = to_image_tensor(image)
         H, W = pixels.shape[1:]
         masks = to_masks(instance_masks, (H, W))

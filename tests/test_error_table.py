@@ -186,6 +186,24 @@ def test_pipeline_row(case, tiny_pipe):
     assert str(error.value).startswith(expected), f"{case}: {error.value!s:.200}"
 
 
+SETTING_CASES = {  # pipeline attributes a call refuses
+    ("MILDPipeline.__call__", 'pipe.condition_fill "zeros"'): lambda pipe: setattr(pipe, "condition_fill", "zeros"),
+    ("MILDPipeline.__call__", "pipe.residual_to_condition with an epsilon scheduler"): lambda pipe: (
+        setattr(pipe, "residual_to_condition", True),
+        setattr(pipe, "scheduler", DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon"))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SETTING_CASES), ids=" / ".join)
+def test_pipeline_setting_row(case):
+    from mild import MILDPipeline
+
+    pipe = MILDPipeline.tiny(seed=0, weights=None)
+    SETTING_CASES[case](pipe)
+    with pytest.raises(ValueError, match=f"^{re.escape(table_rows()[case])}"):
+        pipe(_IMAGE, _MASKS, num_inference_steps=1)
+
+
 def test_from_pretrained_row(tmp_path):
     from mild import MILDPipeline
 
@@ -294,7 +312,7 @@ TRANSFORMER_CASES = {  # keyword arguments of one MILDTransformerPipeline call (
 
 def test_every_row_has_a_case():
     rows = set(table_rows())
-    cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(CLI_CASES) | set(TRANSFORMER_CASES) | {
+    cases = set(FUNCTION_CASES) | set(PIPELINE_CASES) | set(SETTING_CASES) | set(CLI_CASES) | set(TRANSFORMER_CASES) | {
         ("mild erase", "--device cuda without CUDA"), ("MILDPipeline.from_pretrained", "a missing folder"),
         ("enable_sma", "a FLUX transformer with an IP-Adapter processor")}
     assert rows == cases, f"rows without a case: {sorted(rows - cases)}; cases without a row: {sorted(cases - rows)}"
