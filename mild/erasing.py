@@ -172,10 +172,13 @@ def smooth_fill(pixels: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
 
 
 def _correlate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(2H - 1, 2W - 1): sum over p of a(p) b(p + d), for every translation d of (H, W) maps, index
-    (H - 1, W - 1) holding d = 0 (FFT over a zero-padded grid, so nothing wraps around)."""
-    H, W = a.shape
+    """(2H - 1, 2W - 1): the sum over pixels p (and over the leading dimensions of the (..., H, W)
+    maps) of a(p) b(p + d), for every translation d, index (H - 1, W - 1) holding d = 0. By FFT
+    over a zero-padded grid, so nothing wraps around; the leading dimensions are summed before
+    the one inverse transform."""
+    H, W = a.shape[-2:]
     product = torch.fft.rfft2(a, s=(2 * H, 2 * W)).conj() * torch.fft.rfft2(b, s=(2 * H, 2 * W))
+    product = product.reshape(-1, *product.shape[-2:]).sum(0)
     return torch.fft.irfft2(product, s=(2 * H, 2 * W)).roll((H - 1, W - 1), (0, 1))[:2 * H - 1, :2 * W - 1]
 
 
@@ -206,8 +209,10 @@ def copy_fill(pixels: torch.Tensor, hole: torch.Tensor, source: torch.Tensor | N
         image, own = pixels[n].double().cpu(), known.double().cpu()
         ring = (dilate(gap.float(), ring_width) > 0).double().cpu() * own
         pairs = _correlate(ring, own)  # ring pixels whose translate is known
-        error = sum(_correlate(ring * c.square(), own) - 2 * _correlate(ring * c, own * c) + _correlate(ring, own * c.square())
-                    for c in image)
+        # sum over p of ring(p) own(p + d) |I(p) - I(p + d)|^2, expanded into three correlations
+        squares = image.square().sum(0)
+        error = _correlate(torch.cat([(ring * squares)[None], ring * image, ring[None]]),
+                           torch.cat([own[None], -2 * own * image, (own * squares)[None]]))
         covered = _correlate(gap.double().cpu(), own) / gap.sum()
         usable = (pairs > 0.5 * ring.sum()) & (covered > 0.3) & (length >= shortest) & (length <= longest)
         score = torch.where(usable, error / pairs.clamp(min=1) + 1e-9 * length, torch.tensor(math.inf, dtype=torch.float64))
