@@ -335,3 +335,15 @@ def layer_targets(sample, rows) -> tuple[torch.Tensor, torch.Tensor | None]:
     pad = (0, rows.pad[1], 0, rows.pad[0])
     amodal = None if sample.people is None else F.pad(torch.stack(silhouettes), pad)
     return F.pad(torch.stack(images), pad, mode="replicate"), amodal
+
+
+def loss_weights(rows, amodal: torch.Tensor | None, size: tuple, outside_weight: float) -> torch.Tensor:
+    """(L, 1, h, w) each row's loss weight at latent ``size`` (area-averaged from pixels): 1 where
+    the row is answered, ``outside_weight`` outside its inpaint region (the known pixels). The
+    background row is answered over its whole region; a person row, given the rows' amodal
+    silhouettes (``layer_targets``), only where its person is: a layer's appearance is its
+    person's, and its colour elsewhere is covered by alpha 0 (learning it there taught the layer
+    a blend of the person and the background wherever the silhouette is uncertain)."""
+    answered = rows.inpaint if amodal is None else rows.inpaint * amodal
+    region = F.interpolate(rows.inpaint, size=size, mode="area")
+    return F.interpolate(answered, size=size, mode="area") + outside_weight * (1 - region)

@@ -10,8 +10,9 @@ Every optimizer step, each rank takes ``--accumulate`` samples of its shard. Per
    is its x0 noised at a random timestep;
 3. one UNet call runs every layer row of the sample: multi-adapter LoRA ids, the SMA
    region context (learned per-head modulation) and the HMG residuals;
-4. the loss is the noise-prediction error per row, weighted 1 inside the row's inpaint
-   region and ``--outside-weight`` outside it, averaged over rows; plus, for person rows,
+4. the loss is the noise-prediction error per row, weighted 1 where the row is answered (its
+   inpaint region; a person row's only inside its person's amodal silhouette, the layer's
+   appearance) and ``--outside-weight`` outside the region, averaged over rows; plus, for person rows,
    ``--alpha-weight`` times the ``LayerAlpha`` head's silhouette loss, the head reading the
    decoded x0 estimates of the person and background rows (what inference composites).
 
@@ -40,13 +41,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mild_kernels import set_adapter_ids
 
 from .alpha import logits_of_prediction, silhouette_term
 from .checkpoints import ADAPTER_KEYS, architecture, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .erasing import CONDITION_FILLS, layer_targets  # noqa: F401  (tests and users import layer_targets from here)
+from .erasing import CONDITION_FILLS, layer_targets, loss_weights  # noqa: F401  (tests and users import layer_targets from here)
 
 LOG_FIELDS = ("step", "loss", "val_loss", "lr", "seconds")
 
@@ -204,8 +204,7 @@ def sample_loss(model, pipe, sample, embeds: dict, generator: torch.Generator, o
     goal = {"epsilon": noise, "sample": x0}.get(kind)
     if goal is None:
         goal = scheduler.get_velocity(x0, noise, timesteps)
-    region = F.interpolate(rows.inpaint, size=rows.latent_size, mode="area").to(device)
-    weight = region + outside_weight * (1 - region)
+    weight = loss_weights(rows, amodal, rows.latent_size, outside_weight).to(device)
     per_row = (weight * (prediction - goal.float()) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * goal.shape[1])
     return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)
 

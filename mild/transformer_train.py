@@ -6,7 +6,8 @@ the latent of its own target (``layer_targets``), and one transformer call runs 
 (multi-adapter LoRA ids, the SMA region context on the token grid with learned per-head
 modulation). The noisy input at noise level sigma is ``(1 - sigma) x0 + sigma noise``
 (sigma drawn logit-normal, as SD3 and FLUX train), and the transformer learns the velocity
-``noise - x0``, weighted 1 inside the row's inpaint region and ``outside_weight`` outside it.
+``noise - x0``, weighted as a UNet's (``loss_weights``: 1 where the row is answered, its inpaint
+region, for a person row only inside its person's silhouette; ``outside_weight`` outside it).
 The ``LayerAlpha`` head learns the person rows' silhouettes from the decoded x0 estimates
 ``noisy - sigma * prediction``, as for a UNet.
 """
@@ -53,7 +54,7 @@ def transformer_sample_loss(model, pipe, sample, embeds: dict, generator: torch.
     transformer call, each row against its own target, plus the alpha head's silhouette loss.
     ``embeds``: :func:`prompt_embeddings`. Options of the UNet recipe that have no transformer
     counterpart (HMG dropout, plain rows, single-layer: ``mild train`` refuses them) are ignored."""
-    from .erasing import layer_inputs, layer_targets
+    from .erasing import layer_inputs, layer_targets, loss_weights
 
     transformer = pipe.transformer
     device, dtype = transformer.device, transformer.dtype
@@ -107,7 +108,6 @@ def transformer_sample_loss(model, pipe, sample, embeds: dict, generator: torch.
     prediction, alpha_logits = model(call, alpha_inputs)
     prediction = unpacked(prediction).float()
     goal = (noise - x0).float()
-    region = F.interpolate(rows.inpaint, size=(latent_h, latent_w), mode="area").to(device)
-    weight = region + outside_weight * (1 - region)
+    weight = loss_weights(rows, amodal, (latent_h, latent_w), outside_weight).to(device)
     per_row = (weight * (prediction - goal) ** 2).sum((1, 2, 3)) / (weight.sum((1, 2, 3)) * channels)
     return per_row.mean() + silhouette_term(alpha_logits, amodal, people, rows.inpaint, alpha_weight)

@@ -320,10 +320,14 @@ def test_layer_targets_are_the_plate_and_each_person_whole():
     assert none is None and all(torch.equal(row, sample.target) for row in fallback)
 
 
-def row_gradients(sample, seed=0):
-    """d loss / d prediction per row, for one sample (the UNet's output is the leaf)."""
+def row_gradients(sample, seed=0, zero_output=False):
+    """d loss / d prediction per row, for one sample (the UNet's output is the leaf).
+    ``zero_output``: a UNet whose output is 0 whatever its input (zero conv_out)."""
     pipe = MILDPipeline.tiny(weights=None, with_hmg=False)
     pipe.alpha = None
+    if zero_output:
+        torch.nn.init.zeros_(pipe.unet.conv_out.weight)
+        torch.nn.init.zeros_(pipe.unet.conv_out.bias)
     seen = {}
 
     class Recorder(TrainingModel):
@@ -360,6 +364,44 @@ def test_a_row_gradient_comes_only_from_its_own_target():
     moved = row_gradients(other)
     changed = [not torch.equal(moved[r], base[r]) for r in range(base.shape[0])]
     assert changed[0] and not any(changed[1:])
+
+
+def test_a_person_row_learns_its_appearance_only_where_its_person_is():
+    """loss_weights (float64): the background row is weighted 1 over its region, a person row
+    only over its amodal silhouette inside its region, outside_weight outside the region. So a
+    person row's gradient ignores its target where its person is not (latent cells the
+    silhouette does not reach), and moves where the person is."""
+    import torch.nn.functional as F
+
+    from mild.erasing import layer_targets, loss_weights
+
+    sample = occluded_sample(20)  # a person row with a latent cell its silhouette does not reach
+    pipe = MILDPipeline.tiny(weights=None)
+    rows = pipe.prepare_layers(sample.image, sample.masks, sample.erase, occlusion_order=sample.occlusion_order)
+    _, amodal = layer_targets(sample, rows)
+    weights = loss_weights(rows, amodal, rows.latent_size, 0.25).double()
+    cell = rows.padded.shape[-1] // rows.latent_size[-1]
+    for row, layer in enumerate(rows.plan.layers):
+        region = rows.inpaint[row, 0].double()
+        answered = region * (amodal[row, 0].double() if layer.person else 1)
+        expected = F.avg_pool2d((answered + 0.25 * (1 - region))[None, None], cell)[0, 0]
+        assert torch.allclose(weights[row, 0], expected, atol=1e-6)
+    row = next(r for r, layer in enumerate(rows.plan.layers) if layer.person)
+    assert torch.equal(loss_weights(rows, None, rows.latent_size, 0.25)[row],  # no silhouettes: the whole region
+                       F.interpolate(rows.inpaint, size=rows.latent_size, mode="area")[row] * 0.75 + 0.25)
+    person = rows.plan.layers[row].person
+    # latent cells wholly inside the row's region that the silhouette does not reach: weight 0
+    empty = (F.max_pool2d(amodal[row:row + 1, :, :SIZE, :SIZE], cell) == 0) & \
+        (F.avg_pool2d(rows.inpaint[row:row + 1, :, :SIZE, :SIZE], cell) == 1)
+    elsewhere = F.interpolate(empty.float(), scale_factor=cell).bool()
+    assert elsewhere.any() and (weights[row, 0][empty[0, 0]] == 0).all()
+    base = row_gradients(sample, zero_output=True)  # a prediction that the changed inputs cannot move
+    moved = occluded_sample(20)
+    moved.target = torch.where(elsewhere[0], 1 - moved.target, moved.target)  # the row's target where its person is not
+    assert torch.equal(row_gradients(moved, zero_output=True)[row], base[row])
+    moved.people = moved.people.clone()
+    moved.people[person - 1, :3] = 1 - moved.people[person - 1, :3]
+    assert not torch.equal(row_gradients(moved, zero_output=True)[row], base[row])
 
 
 def test_the_alpha_head_learns_from_person_rows_and_never_sees_the_amodal_silhouette():
