@@ -140,8 +140,11 @@ class LayerInputs:
             raise ValueError(f"fill: expected one of {CONDITION_FILLS}, got {fill!r}")
         kept = self.plan.layers[0].region_masks  # the kept people's visible masks
         scene = F.pad(1 - kept.amax(0), (0, self.pad[1], 0, self.pad[0])) > 0.5  # nobody's, and not the padding
-        filled = torch.where(self.inpaint > 0, smooth_fill(photo, (self.visible() <= 0.5).to(photo.dtype)), photo)
+        people = [index for index, layer in enumerate(self.plan.layers) if layer.person > 0]
         background = [index for index, layer in enumerate(self.plan.layers) if layer.person == 0]
+        filled = photo.clone()
+        filled[people] = torch.where(self.inpaint[people] > 0,
+                                     smooth_fill(photo[people], (self.visible()[people] <= 0.5).to(photo.dtype)), photo[people])
         filled[background] = copy_fill(photo[background], self.inpaint[background], scene[None, None])
         return filled
 

@@ -46,7 +46,7 @@ from mild_kernels import set_adapter_ids
 
 from .alpha import logits_of_prediction, silhouette_term
 from .checkpoints import ADAPTER_KEYS, architecture, load_checkpoint, resolve_checkpoint, save_checkpoint
-from .erasing import CONDITION_FILLS, layer_targets, loss_weights  # noqa: F401  (tests and users import layer_targets from here)
+from .erasing import CONDITION_FILLS, layer_targets, loss_weights  # noqa: F401  (layer_targets: imported from here too)
 
 LOG_FIELDS = ("step", "loss", "val_loss", "lr", "seconds")
 
