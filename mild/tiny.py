@@ -126,11 +126,21 @@ def tiny_components(inpainting: bool = True, seed: int = 0) -> dict:
     # timestep (999). "Leading" spacing starts at 951 for 20 steps and at t = 1 for one step, where
     # the model reads pure noise as a nearly clean latent (erased-region PSNR on 40 held-out scenes,
     # 2026-12-03: 20 steps 14.91 -> 15.09 dB, one step 11.81 -> 15.31 dB).
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
-                              prediction_type="sample")
     return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
-                scheduler=scheduler)
+                scheduler=tiny_scheduler())
+
+
+def tiny_scheduler(zero_terminal_snr: bool = True) -> DDIMScheduler:
+    """The tiny model's DDIM scheduler. ``zero_terminal_snr`` rescales the betas so that the last
+    timestep holds no signal (diffusers' ``rescale_betas_zero_snr``; Lin et al. 2023). Without it
+    the training input at t = 999 keeps sqrt(alpha_bar) = 0.068 of the clean latent, and the pixel
+    patches' 192 channels repeat one colour, so a model learns to read that leak; sampling starts
+    from pure noise, which has none. Measured on 20 outside occlusion scenes, 2026-12-03: the
+    shipped model's person layer scored 16.8 dB on hidden parts from pure noise and 18.3 dB when
+    its start held the leak of its condition (the background layer: 25.7 and 27.1 dB)."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing",
+                         prediction_type="sample", rescale_betas_zero_snr=zero_terminal_snr)
 
 
 def tiny_sd_components(seed: int = 0) -> dict:
@@ -176,7 +186,8 @@ def save_tiny_weights(pipe, path) -> None:
                                            "steps": repr(int(pipe.default_steps)),
                                            "working_size": repr(pipe.working_size),
                                            "condition_fill": pipe.condition_fill,
-                                           "residual_to_condition": repr(bool(pipe.residual_to_condition))})
+                                           "residual_to_condition": repr(bool(pipe.residual_to_condition)),
+                                           "zero_terminal_snr": repr(bool(pipe.scheduler.config.rescale_betas_zero_snr))})
     os.replace(tmp, path)
 
 
@@ -209,6 +220,9 @@ def load_tiny_weights(pipe, path) -> None:
         pipe.default_steps = int(metadata["steps"])
     pipe.condition_fill = metadata.get("condition_fill", "grey")  # files before these were recorded: grey, no residual
     pipe.residual_to_condition = metadata.get("residual_to_condition") == "True"
+    zero_terminal_snr = metadata.get("zero_terminal_snr") == "True"  # files before it was recorded: trained without
+    if bool(pipe.scheduler.config.rescale_betas_zero_snr) != zero_terminal_snr:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=zero_terminal_snr)
     if metadata.get("working_size", "None") != "None":  # the size it was trained at: larger photos run scaled
         pipe.working_size = int(metadata["working_size"])
 

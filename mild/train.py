@@ -508,9 +508,77 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean that PSNR rewards (more steps sample detail, and score lower)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="the guidance scale stored as the model's default (its prompts are fixed, so ~1)")
+    parser.add_argument("--alpha-scenes", type=int, default=1200,
+                        help="after training, fit the alpha head on the MILD model's own one-step layers of this many "
+                             "scenes (fit_alpha_head; 0: keep the jointly trained head)")
     parser.add_argument("--only", choices=("mild", "single-layer"), help="rebuild one of the two models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+
+
+def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_fraction: float = 0.5, seed: int = 0,
+                   progress: bool = True) -> list[float]:
+    """Fit the pipeline's ``LayerAlpha`` head, the UNet frozen, on the layers the pipeline itself
+    decodes for ``samples`` (PairedSamples with people), with its default steps and guidance: the
+    inputs the head reads at inference. Joint training shows it the x0 estimates of random
+    timesteps, which at low noise reveal the silhouette; a one-step sampler gives it the estimate
+    from pure noise, which does not. A fraction ``hmg_fraction`` of the samples runs with their
+    HMG inputs, the rest with masks only. Binary cross-entropy against the amodal silhouettes
+    (``alpha_loss``), Adam with a cosine rate over ``epochs`` passes. Returns each pass's mean loss."""
+    from tqdm import tqdm
+
+    from .alpha import alpha_loss
+
+    head = pipe.alpha
+    if head is None:
+        raise ValueError("fit_alpha_head: the pipeline has no alpha head")
+    generator = torch.Generator().manual_seed(seed)
+    inputs, seen = [], {}
+    decode_alphas, bar_config = pipe.layer_alphas, dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.layer_alphas = lambda rows, decoded: seen.update(rows=rows, decoded=decoded) or decode_alphas(rows, decoded)
+    pipe.set_progress_bar_config(disable=True)  # one bar for the samples, not one per call
+    try:
+        for index, sample in enumerate(tqdm(samples, desc="alpha head: decoding layers", disable=not progress)):
+            with_hmg = bool(torch.rand((), generator=generator) < hmg_fraction)
+            guide = dict(keypoints=sample.keypoints, parsing=sample.parsing,
+                         occlusion_order=sample.occlusion_order) if with_hmg else {}
+            with torch.no_grad():
+                pipe(sample.image, sample.masks, erase=sample.erase, generator=torch.Generator().manual_seed(seed + index),
+                     **guide)
+            rows, decoded = seen["rows"], seen["decoded"].float().cpu()
+            _, amodal = layer_targets(sample, rows)
+            if amodal is None or len(rows.plan.layers) < 2:
+                continue
+            people = slice(1, None)  # row 0 is the background, every person row's background
+            inputs.append((decoded[people], decoded[:1].expand_as(decoded[people]), rows.visible()[people],
+                           rows.inpaint[people], amodal[people]))
+    finally:
+        del pipe.layer_alphas
+        pipe._progress_bar_config = bar_config
+    if not inputs:
+        raise ValueError("fit_alpha_head: no sample has a person layer with an amodal silhouette")
+    device = next(head.parameters()).device
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    total, losses = epochs * len(inputs), []
+    head.train()
+    with tqdm(total=total, desc="alpha head: fitting", unit="sample", disable=not progress) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(inputs), generator=generator).tolist()
+            running = 0.0
+            for index in order:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * bar.n / total))
+                person, background, visible, region, amodal = (x.to(device) for x in inputs[index])
+                loss = alpha_loss(head.logits(person, background, visible, region), amodal, region)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                running += float(loss)
+                bar.update()
+            losses.append(running / len(inputs))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    head.eval()
+    return losses
 
 
 def autoencoder_gate(pipe, samples) -> tuple[float, float]:
@@ -580,6 +648,11 @@ def run_train_tiny(args) -> int:
         trained.default_guidance_scale = args.guidance
         trained.default_steps = args.sample_steps
         trained.working_size = held_out[0].image.shape[-1]  # the scenes' size: larger photos run scaled to it
+        if trained.alpha is not None and args.alpha_scenes:
+            losses = fit_alpha_head(trained, ProceduralStream(args.alpha_scenes, seed=args.seed + 31_337),
+                                    seed=args.seed, progress=not args.no_progress)
+            print(f"alpha head fitted on the model's own layers of {args.alpha_scenes} scenes: loss "
+                  + " -> ".join(f"{loss:.4f}" for loss in losses))
         save_tiny_weights(trained, path)
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); training log {checkpoints / 'log.csv'}")
     print(f"mild train-tiny: {(time.perf_counter() - began) / 60:.1f} min")

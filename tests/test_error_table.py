@@ -66,11 +66,17 @@ def _ddim(steps=10):
     return scheduler
 
 
-def _step(timestep=None, guidance=7.5, eta=None, known=None, **change):
+def _zero_snr_ddim():
+    scheduler = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    scheduler.set_timesteps(10)  # its first timestep, 999, holds no signal
+    return scheduler
+
+
+def _step(timestep=None, guidance=7.5, eta=None, known=None, scheduler=None, **change):
     x = torch.randn(2, 4, 3, 3)
     call = dict(noise_uncond=torch.randn_like(x), noise_cond=torch.randn_like(x), latents=x)
     call.update(change)
-    scheduler = _ddim()
+    scheduler = _ddim() if scheduler is None else scheduler
 
     def run():
         fused = FusedStep(scheduler)
@@ -151,6 +157,7 @@ FUNCTION_CASES = {
     ("FusedStep.step", "a timestep of two elements"): _step(timestep=torch.tensor([1, 2])),
     ("FusedStep.step", "DDIM eta > 0 without noise"): _step(eta=0.5),
     ("FusedStep.step", "a blend at an off-grid timestep"): _off_grid_blend(),
+    ("FusedStep.step", "epsilon at a zero-SNR timestep"): _step(scheduler=_zero_snr_ddim()),
 }
 
 

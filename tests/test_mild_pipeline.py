@@ -350,6 +350,37 @@ def test_condition_fill_reaches_the_unet_and_round_trips_through_the_weights_fil
         rows.masked_pixels("zeros")
 
 
+def test_tiny_schedule_leaves_no_signal_where_sampling_starts_and_the_weights_file_keeps_it(tmp_path):
+    """The tiny model trains on a zero-terminal-SNR schedule: at the timestep one-step sampling starts
+    from, the training input is the noise alone, as sampling's start is (the old schedule leaked
+    0.068 of the clean latent there, which the model learned to read). The weights file records the
+    schedule; a file without the record was trained on the old one and loads it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mild.tiny import save_tiny_weights, tiny_scheduler
+
+    pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
+    pipe.scheduler.set_timesteps(1)
+    start = pipe.scheduler.timesteps[:1]
+    assert int(start) == pipe.scheduler.config.num_train_timesteps - 1
+    x0 = 3 * torch.randn(2, 192, 5, 3) + 1
+    noise = torch.randn_like(x0)
+    assert torch.equal(pipe.scheduler.add_noise(x0, noise, start), noise)
+    leaky = tiny_scheduler(zero_terminal_snr=False).add_noise(x0, noise, start) - noise
+    assert 0.05 < float(leaky.norm() / x0.norm()) < 0.1
+    assert pipe.scheduler.alphas_cumprod[:-1].gt(0).all()  # every earlier timestep keeps some signal
+    save_tiny_weights(pipe, tmp_path / "zero.safetensors")
+    assert MILDPipeline.tiny(weights=tmp_path / "zero.safetensors").scheduler.alphas_cumprod[-1] == 0
+    with safe_open(str(tmp_path / "zero.safetensors"), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != "zero_terminal_snr"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
+    old = MILDPipeline.tiny(weights=tmp_path / "old.safetensors").scheduler
+    assert torch.allclose(old.alphas_cumprod, tiny_scheduler(zero_terminal_snr=False).alphas_cumprod)
+    assert old.alphas_cumprod[-1] > 0
+
+
 def test_residual_to_condition_adds_the_filled_condition_to_the_unets_x0():
     """With residual_to_condition the x0 the scheduler gets is the UNet's output plus the condition's
     latents: for a UNet whose output is zero, the final latents are diffusers' DDIM step from the

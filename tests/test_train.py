@@ -2,6 +2,7 @@
 the loss sequence, a kill while saving leaves the previous checkpoint, bad input is one line."""
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -465,6 +466,30 @@ def test_residual_to_condition_trains_the_sum_of_the_unets_output_and_the_condit
     assert abs(plain.item() - ((weight * x0 ** 2).sum() / (weight.sum() * x0.shape[1])).item()) <= 1e-5 * plain.item()
 
 
+def test_fit_alpha_head_learns_from_the_layers_the_pipeline_decodes():
+    """fit_alpha_head shows the head exactly the inputs inference gives it (the pipeline's own decoded
+    layers), lowers its silhouette loss on them, leaves the UNet untouched and the pipeline as it was."""
+    from mild.synth import ProceduralStream
+    from mild.train import fit_alpha_head
+
+    pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
+    samples = ProceduralStream(3, seed=5, size=64, mix={"occluded": 1.0})[:]
+    seen = []
+    pipe.alpha.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    for index, sample in enumerate(samples):  # inference, masks only, as the fit runs with hmg_fraction 0
+        pipe(sample.image, sample.masks, erase=sample.erase, generator=torch.Generator().manual_seed(7 + index))
+    at_inference, seen[:] = list(seen), []
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    losses = fit_alpha_head(pipe, samples, epochs=20, lr=3e-3, hmg_fraction=0.0, seed=7, progress=False)
+    assert len(losses) == 20 and losses[-1] < 0.8 * losses[0], losses
+    assert len(seen) == 3 + 20 * 3  # three inference calls while decoding, then 20 passes over three samples
+    assert all(any(torch.equal(x, y) for y in at_inference) for x in seen)
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
+    assert "layer_alphas" not in vars(pipe) and not pipe.alpha.training
+    with pytest.raises(ValueError, match="^fit_alpha_head: no sample"):
+        fit_alpha_head(pipe, [dataclasses.replace(s, plate=None, people=None) for s in samples], progress=False)
+
+
 def test_last_timestep_trains_rows_where_one_step_sampling_runs():
     """--last-timestep p puts a row at t = T - 1 with probability p: every row at p = 1, the
     uniform draw untouched at p = 0 (the same timesteps as a call that never asks)."""
@@ -528,19 +553,23 @@ def test_train_on_procedural_data_and_single_layer_from_the_cli(tmp_path):
 
 @pytest.mark.slow  # ~1 min: CI's `pytest -m slow` runs it
 def test_train_tiny_writes_both_models_with_their_fill_and_residual(tmp_path, capsys):
-    """`mild train-tiny` at two steps: the gate line, both weights files, each recording its
-    condition fill (MILD layered, the single-layer baseline, a plain inpainter, copy), the residual
-    prediction and one-step sampling; the staged untrained UNets' x0 is the fill (zero conv_out)."""
+    """`mild train-tiny` at two steps: the gate line, the alpha head's fit on the MILD model's own
+    layers, both weights files, each recording its condition fill (MILD layered, the single-layer
+    baseline, a plain inpainter, copy), the residual prediction, the zero-terminal-SNR schedule and
+    one-step sampling; the staged untrained UNets' x0 is the fill (zero conv_out)."""
     from safetensors import safe_open
 
     out = tmp_path / "weights" / "tiny.safetensors"
-    assert cli_main(["train-tiny", "--steps", "2", "--gate-scenes", "2", "--out", str(out), "--work", str(tmp_path / "w"),
-                     "--no-progress"]) == 0
-    assert "autoencoder gate: round trip of the truth 99.0 dB" in capsys.readouterr().out
+    assert cli_main(["train-tiny", "--steps", "2", "--gate-scenes", "2", "--alpha-scenes", "3", "--out", str(out),
+                     "--work", str(tmp_path / "w"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "autoencoder gate: round trip of the truth 99.0 dB" in printed
+    assert "alpha head fitted on the model's own layers of 3 scenes: loss " in printed
     for path, fill in ((out, "layered"), (out.with_name("tiny_single.safetensors"), "copy")):
         pipe = MILDPipeline.tiny(weights=path)
         assert (pipe.condition_fill, pipe.residual_to_condition, pipe.working_size, pipe.default_steps) == \
             (fill, True, 128, 1)
+        assert pipe.scheduler.alphas_cumprod[-1] == 0
     assert (pipe.hmg, pipe.alpha) == (None, None) and MILDPipeline.tiny(weights=out).alpha is not None
     for name in ("mild", "single-layer"):
         with safe_open(str(tmp_path / "w" / f"untrained-{name}.safetensors"), framework="pt") as handle:

@@ -251,6 +251,9 @@ class DDIMPlanner(Planner):
 
         # The same float32 tensor arithmetic as DDIMScheduler.step and _get_variance.
         alpha_prod_t = alphas_cumprod[t]
+        require(alpha_prod_t > 0 or config.prediction_type != "epsilon",
+                f"timestep: {t} holds no signal (alphas_cumprod 0, rescale_betas_zero_snr), where an epsilon "
+                f"prediction gives no x0; use prediction_type 'v_prediction' or 'sample'")
         alpha_prod_t_prev = alphas_cumprod[prev_t] if prev_t >= 0 else final
         beta_prod_t = 1 - alpha_prod_t
         beta_prod_t_prev = 1 - alpha_prod_t_prev
