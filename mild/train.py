@@ -573,7 +573,7 @@ def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_frac
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                running += float(loss)
+                running += float(loss.detach())
                 bar.update()
             losses.append(running / len(inputs))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
