@@ -535,6 +535,7 @@ def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_frac
     generator = torch.Generator().manual_seed(seed)
     inputs, seen = [], {}
     decode_alphas, bar_config = pipe.layer_alphas, dict(getattr(pipe, "_progress_bar_config", {}))
+    # intercepted where the pipeline hands its decoded layers to the head: the inputs exactly as inference has them
     pipe.layer_alphas = lambda rows, decoded: seen.update(rows=rows, decoded=decoded) or decode_alphas(rows, decoded)
     pipe.set_progress_bar_config(disable=True)  # one bar for the samples, not one per call
     try:
