@@ -18,22 +18,71 @@ INPUT_CHANNELS = 3 + 3 + 1 + 1  # person layer, background layer, visible mask, 
 
 
 class LayerAlpha(torch.nn.Module):
-    """A small dilated convolutional network (receptive field ~60 px) over the layer images."""
+    """A small U-Net over the layer images: two full-resolution convolutions, then ``depth``
+    stride-2 levels and their way back up with skips (220k parameters at the defaults; receptive
+    field ~73 px). The silhouette's hidden part is a shape judgement, made better from features
+    at four scales than from the one scale of the dilated stack it replaced (``kind="dilated"``,
+    23k parameters, ~65 px): on held-out occlusion scenes its composite over the hidden part
+    scores +0.6 dB (README, The tiny model). A file with the dilated head still loads as it
+    (:meth:`from_state_dict`)."""
 
-    def __init__(self, width: int = 24):
+    def __init__(self, width: int = 24, depth: int = 3, kind: str = "unet"):
         super().__init__()
-        layers, channels = [], INPUT_CHANNELS
-        for dilation in (1, 2, 4, 8, 16):
-            layers += [torch.nn.Conv2d(channels, width, 3, padding=dilation, dilation=dilation), torch.nn.SiLU()]
-            channels = width
-        layers.append(torch.nn.Conv2d(width, 1, 3, padding=1))
-        self.net = torch.nn.Sequential(*layers)
+        if kind not in ("unet", "dilated"):
+            raise ValueError(f"kind: {kind!r} is not 'unet' or 'dilated'")
+        self.kind = kind
+        conv = lambda c_in, c_out, **kw: [torch.nn.Conv2d(c_in, c_out, 3, padding=kw.get("dilation", 1), **kw),
+                                          torch.nn.SiLU()]
+        if kind == "dilated":
+            layers, channels = [], INPUT_CHANNELS
+            for dilation in (1, 2, 4, 8, 16):
+                layers += conv(channels, width, dilation=dilation)
+                channels = width
+            self.net = torch.nn.Sequential(*layers, torch.nn.Conv2d(width, 1, 3, padding=1))
+            return
+        self.stem = torch.nn.Sequential(*conv(INPUT_CHANNELS, width), *conv(width, width, dilation=2))
+        widths = [width] + [2 * width] * depth
+        self.down = torch.nn.ModuleList(torch.nn.Sequential(*conv(widths[i], widths[i + 1], stride=2),
+                                                            *conv(widths[i + 1], widths[i + 1]))
+                                        for i in range(depth))
+        self.up = torch.nn.ModuleList(torch.nn.Sequential(*conv(widths[i + 1] + widths[i], widths[i]))
+                                      for i in reversed(range(depth)))
+        self.out = torch.nn.Conv2d(width, 1, 3, padding=1)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LayerAlpha":
+        """The head whose shape ``state`` has, random weights: a dilated one for files written
+        before the U-Net (their tensors are ``net.*``), else a U-Net of the stored width and depth."""
+        if any(k.startswith("net.") for k in state):
+            return cls(width=state["net.0.weight"].shape[0], kind="dilated")
+        return cls(width=state["stem.0.weight"].shape[0], depth=len({k.split(".")[1] for k in state if k.startswith("down.")}))
+
+    @classmethod
+    def from_file(cls, path) -> "LayerAlpha":
+        """The head stored in a safetensors file (``mild train``'s alpha.safetensors)."""
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        head = cls.from_state_dict(state)
+        head.load_state_dict(state)
+        return head
 
     def logits(self, person: torch.Tensor, background: torch.Tensor, visible: torch.Tensor,
                region: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) silhouette logits; images (N, 3, H, W) in [0, 1], masks (N, 1, H, W)."""
-        inputs = torch.cat([2 * person - 1, 2 * background - 1, visible, region], 1)
-        return self.net(inputs.to(self.net[0].weight.dtype)).float()
+        dtype = next(self.parameters()).dtype
+        inputs = torch.cat([2 * person - 1, 2 * background - 1, visible, region], 1).to(dtype)
+        if self.kind == "dilated":
+            return self.net(inputs).float()
+        skips = [self.stem(inputs)]
+        for level in self.down:
+            skips.append(level(skips[-1]))
+        features = skips.pop()
+        for level in self.up:  # any size: each level upsamples to its skip's own size
+            skip = skips.pop()
+            features = level(torch.cat([F.interpolate(features, size=skip.shape[-2:], mode="bilinear",
+                                                      align_corners=False), skip], 1))
+        return self.out(features).float()
 
     def forward(self, person: torch.Tensor, background: torch.Tensor, visible: torch.Tensor,
                 region: torch.Tensor) -> torch.Tensor:
@@ -41,9 +90,15 @@ class LayerAlpha(torch.nn.Module):
         return combine(visible.float(), region.float(), torch.sigmoid(self.logits(person, background, visible, region)))
 
     def load(self, path) -> "LayerAlpha":
+        """Load a file into this head in place (resuming training keeps its optimizer's tensors);
+        a file with another shape of head raises (see :meth:`from_file` to build the matching one)."""
         from safetensors.torch import load_file
 
-        self.load_state_dict(load_file(str(path)))
+        state = load_file(str(path))
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{path}: holds another shape of alpha head than this one ({error.args[0].splitlines()[0]})") from None
         return self
 
     def save(self, path) -> None:

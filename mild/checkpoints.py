@@ -80,7 +80,8 @@ def load_checkpoint(pipe, path) -> dict:
     if (folder / "alpha.safetensors").is_file():  # a layered checkpoint brings its alpha head
         from .alpha import LayerAlpha
 
-        pipe.alpha = (pipe.alpha or LayerAlpha().to(pipe.denoiser.device)).load(folder / "alpha.safetensors")
+        pipe.alpha = (pipe.alpha.load(folder / "alpha.safetensors") if pipe.alpha is not None
+                      else LayerAlpha.from_file(folder / "alpha.safetensors").to(pipe.denoiser.device))
     return meta
 
 

@@ -121,7 +121,7 @@ class MILDPipeline(DiffusionPipeline):
             pipe = MILDTransformerPipeline.from_pretrained(path, torch_dtype=torch_dtype, lora_weights=lora_weights,
                                                            lora_rank=lora_rank, backend=backend, compile=compile)
             if alpha_weights is not None:
-                pipe.alpha = LayerAlpha().load(alpha_weights)
+                pipe.alpha = LayerAlpha.from_file(alpha_weights)
             return pipe
         load = dict(local_files_only=True, **({"torch_dtype": torch_dtype} if torch_dtype else {}))
         vae_class = AutoencoderKL
@@ -142,7 +142,7 @@ class MILDPipeline(DiffusionPipeline):
         if hmg_weights is not None:
             pipe.hmg = HumanMorphologyGuidance.for_unet(pipe.unet, pipe.vae_scale_factor).load(hmg_weights)
         if alpha_weights is not None:
-            pipe.alpha = LayerAlpha().load(alpha_weights)
+            pipe.alpha = LayerAlpha.from_file(alpha_weights)
         return pipe
 
     @classmethod

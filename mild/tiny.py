@@ -26,6 +26,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .alpha import LayerAlpha
+
 TEXT_DIM = 32
 TINY_WEIGHTS = Path(__file__).with_name("weights") / "tiny.safetensors"
 TINY_SINGLE_WEIGHTS = TINY_WEIGHTS.with_name("tiny_single.safetensors")
@@ -208,6 +210,9 @@ def load_tiny_weights(pipe, path) -> None:
         if not part and prefix != "unet":  # a file without this part (the single-layer model): the pipeline has none
             setattr(pipe, prefix, None)
             continue
+        if prefix == "alpha":  # the head the file holds: files before the U-Net hold the dilated one
+            device = next(module.parameters()).device
+            module = pipe.alpha = LayerAlpha.from_state_dict(part).to(device)
         own = module.state_dict()
         wrong = [k for k, v in part.items() if k not in own or own[k].shape != v.shape]
         if wrong:

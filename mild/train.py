@@ -508,7 +508,7 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean that PSNR rewards (more steps sample detail, and score lower)")
     parser.add_argument("--guidance", type=float, default=1.0,
                         help="the guidance scale stored as the model's default (its prompts are fixed, so ~1)")
-    parser.add_argument("--alpha-scenes", type=int, default=1200,
+    parser.add_argument("--alpha-scenes", type=int, default=2400,
                         help="after training, fit the alpha head on the MILD model's own one-step layers of this many "
                              "scenes (fit_alpha_head; 0: keep the jointly trained head)")
     parser.add_argument("--only", choices=("mild", "single-layer"), help="rebuild one of the two models")

@@ -151,7 +151,7 @@ def test_layers_composite_back_to_front_by_their_own_alpha():
     sample = procedural_sample(21, size=SIZE, kind="occluded")
     pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")
     with torch.no_grad():  # a head that predicts something other than 0 or 1 everywhere
-        pipe.alpha.net[-1].bias.fill_(0.3)
+        pipe.alpha.out.bias.fill_(0.3)
     out = pipe(sample.image, sample.masks, erase=sample.erase, occlusion_order=sample.occlusion_order,
                num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     layers, alphas = out.layers.double(), out.alphas.double()

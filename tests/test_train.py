@@ -475,7 +475,7 @@ def test_fit_alpha_head_learns_from_the_layers_the_pipeline_decodes():
     pipe = MILDPipeline.tiny(seed=0, weights=None, backend="torch")
     samples = ProceduralStream(3, seed=5, size=64, mix={"occluded": 1.0})[:]
     seen = []
-    pipe.alpha.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    pipe.alpha.stem.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     for index, sample in enumerate(samples):  # inference, masks only, as the fit runs with hmg_fraction 0
         pipe(sample.image, sample.masks, erase=sample.erase, generator=torch.Generator().manual_seed(7 + index))
     at_inference, seen[:] = list(seen), []
