@@ -7,6 +7,9 @@ person's visible mask and the layer's inpaint region. The amodal silhouette is n
 
 The alpha is 1 on the visible mask, 0 outside the visible mask and the inpaint region, and
 predicted inside the region: a person layer never covers what it was not asked to complete.
+
+A head built with ``colour=True`` decodes the layer as LayerDiffuse's transparency decoder does:
+its alpha and a correction of the layer's colour, added to the decoded person layer.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ class LayerAlpha(torch.nn.Module):
     against 16.30 (README, The tiny model); on cached layers the U-Net's fit scored up to 0.6 dB
     more. A file with the dilated head still loads as it (:meth:`from_state_dict`)."""
 
-    def __init__(self, width: int = 24, depth: int = 3, kind: str = "unet"):
+    def __init__(self, width: int = 24, depth: int = 3, kind: str = "unet", colour: bool | None = None):
         super().__init__()
         if kind not in ("unet", "dilated"):
             raise ValueError(f"kind: {kind!r} is not 'unet' or 'dilated'")
-        self.kind = kind
+        if colour and kind != "unet":
+            raise ValueError("colour: only the U-Net head corrects the layer's colour")
+        self.kind, self.colour = kind, kind == "unet" if colour is None else colour
         conv = lambda c_in, c_out, **kw: [torch.nn.Conv2d(c_in, c_out, 3, padding=kw.get("dilation", 1), **kw),
                                           torch.nn.SiLU()]
         if kind == "dilated":
@@ -48,15 +53,23 @@ class LayerAlpha(torch.nn.Module):
                                         for i in range(depth))
         self.up = torch.nn.ModuleList(torch.nn.Sequential(*conv(widths[i + 1] + widths[i], widths[i]))
                                       for i in reversed(range(depth)))
-        self.out = torch.nn.Conv2d(width, 1, 3, padding=1)
+        # channel 0: the silhouette's logits; with colour, 1-3: the correction added to the person layer,
+        # from zero, so that a head fitted for its alpha alone leaves the layer as decoded
+        self.out = torch.nn.Conv2d(width, 4 if self.colour else 1, 3, padding=1)
+        if self.colour:
+            with torch.no_grad():
+                self.out.weight[1:].zero_()
+                self.out.bias[1:].zero_()
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "LayerAlpha":
         """The head whose shape ``state`` has, random weights: a dilated one for files written
-        before the U-Net (their tensors are ``net.*``), else a U-Net of the stored width and depth."""
+        before the U-Net (their tensors are ``net.*``), else a U-Net of the stored width and depth,
+        with the colour correction if the file has its channels."""
         if any(k.startswith("net.") for k in state):
             return cls(width=state["net.0.weight"].shape[0], kind="dilated")
-        return cls(width=state["stem.0.weight"].shape[0], depth=len({k.split(".")[1] for k in state if k.startswith("down.")}))
+        return cls(width=state["stem.0.weight"].shape[0], depth=len({k.split(".")[1] for k in state if k.startswith("down.")}),
+                   colour=state["out.weight"].shape[0] == 4)
 
     @classmethod
     def from_file(cls, path) -> "LayerAlpha":
@@ -71,6 +84,11 @@ class LayerAlpha(torch.nn.Module):
     def logits(self, person: torch.Tensor, background: torch.Tensor, visible: torch.Tensor,
                region: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) silhouette logits; images (N, 3, H, W) in [0, 1], masks (N, 1, H, W)."""
+        return self.outputs(person, background, visible, region)[:, :1]
+
+    def outputs(self, person: torch.Tensor, background: torch.Tensor, visible: torch.Tensor,
+                region: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float32: the silhouette logits, then, with ``colour``, the colour correction."""
         dtype = next(self.parameters()).dtype
         inputs = torch.cat([2 * person - 1, 2 * background - 1, visible, region], 1).to(dtype)
         if self.kind == "dilated":
@@ -89,6 +107,19 @@ class LayerAlpha(torch.nn.Module):
                 region: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) alpha in [0, 1]: the visible mask, plus the predicted silhouette inside the region."""
         return combine(visible.float(), region.float(), torch.sigmoid(self.logits(person, background, visible, region)))
+
+    def decode(self, person: torch.Tensor, background: torch.Tensor, visible: torch.Tensor,
+               region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha (N, 1, H, W), person layer (N, 3, H, W)) in one pass: the alpha of ``forward``,
+        and the person layer plus the colour correction (clamped to [0, 1]), or as given without
+        ``colour``."""
+        out = self.outputs(person, background, visible, region)
+        return combine(visible.float(), region.float(), torch.sigmoid(out[:, :1])), self.corrected(person, out)
+
+    def corrected(self, person: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """The person layer plus the colour correction in ``outputs`` (of :meth:`outputs`), clamped
+        to [0, 1]; the layer as given without ``colour``."""
+        return (person.float() + outputs[:, 1:]).clamp(0, 1) if self.colour else person
 
     def load(self, path) -> "LayerAlpha":
         """Load a file into this head in place (resuming training keeps its optimizer's tensors);
@@ -119,6 +150,26 @@ def alpha_loss(logits: torch.Tensor, amodal: torch.Tensor, region: torch.Tensor)
     row's inpaint region (where the alpha is predicted), averaged per row then over rows."""
     per_pixel = F.binary_cross_entropy_with_logits(logits, amodal.float(), reduction="none")
     return ((per_pixel * region).sum((1, 2, 3)) / region.sum((1, 2, 3)).clamp(min=1)).mean()
+
+
+def colour_loss(person: torch.Tensor, target: torch.Tensor, amodal: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the corrected person layers (N, 3, H, W) against their targets (the
+    person over the scene, ``layer_targets``), over the person's own pixels inside each row's
+    inpaint region (where the alpha shows the layer), averaged per row then over rows."""
+    weight = region * amodal.float()
+    per_pixel = ((person - target) ** 2).mean(1, keepdim=True)
+    return ((per_pixel * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)).mean()
+
+
+def composite_loss(alpha: torch.Tensor, person: torch.Tensor, background: torch.Tensor, target: torch.Tensor,
+                   visible: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each person row composited over the background row by its alpha,
+    ``alpha * person + (1 - alpha) * background``, against the target photo, over the row's
+    inpaint region less the visible mask (the pixels the alpha decides), averaged per row then
+    over rows: SPEC 6's composite-consistency term."""
+    weight = region * (1 - visible)
+    per_pixel = ((alpha * person + (1 - alpha) * background - target) ** 2).mean(1, keepdim=True)
+    return ((per_pixel * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)).mean()
 
 
 def logits_of_prediction(head: "LayerAlpha | None", prediction: torch.Tensor, alpha_inputs) -> torch.Tensor | None:

@@ -80,8 +80,12 @@ def load_checkpoint(pipe, path) -> dict:
     if (folder / "alpha.safetensors").is_file():  # a layered checkpoint brings its alpha head
         from .alpha import LayerAlpha
 
-        pipe.alpha = (pipe.alpha.load(folder / "alpha.safetensors") if pipe.alpha is not None
-                      else LayerAlpha.from_file(folder / "alpha.safetensors").to(pipe.denoiser.device))
+        try:  # in place where the shapes agree; else the head the file holds (one written before the colour channels)
+            pipe.alpha = pipe.alpha.load(folder / "alpha.safetensors") if pipe.alpha is not None else None
+        except ValueError:
+            pipe.alpha = None
+        if pipe.alpha is None:
+            pipe.alpha = LayerAlpha.from_file(folder / "alpha.safetensors").to(pipe.denoiser.device)
     return meta
 
 

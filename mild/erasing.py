@@ -285,20 +285,21 @@ def conditional_cag(context: RegionContext, layers: int) -> dict:
     return cag
 
 
-def layer_alphas(head: LayerAlpha | None, rows: LayerInputs, decoded: torch.Tensor) -> torch.Tensor:
-    """(L, 1, H', W') each layer's alpha: 1 for the background; for a person layer, its
-    silhouette predicted by the ``head`` from the decoded layers (or, without a head, the
-    plan's fixed feathered band over its inpaint region)."""
+def decode_layers(head: LayerAlpha | None, rows: LayerInputs, decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alphas (L, 1, H', W'), layers (L, 3, H', W')): each layer's alpha, 1 for the background;
+    for a person layer, its silhouette predicted by the ``head`` from the decoded layers (or,
+    without a head, the plan's fixed feathered band over its inpaint region). The layers are the
+    decoded ones, the person layers' colour corrected by a ``colour`` head."""
     device = decoded.device
     fixed = torch.stack([F.pad(layer.alpha, (0, rows.pad[1], 0, rows.pad[0])) for layer in rows.plan.layers])
     alphas = fixed[:, None].float().to(device)
     if head is None or len(rows.plan.layers) == 1:
-        return alphas
+        return alphas, decoded
     people = slice(1, None)  # layer 0 is the background; the others are people
     on = next(head.parameters()).device
-    predicted = head(decoded[people].to(on), decoded[:1].expand_as(decoded[people]).to(on),
-                     rows.visible()[people].to(on), rows.inpaint[people].to(on)).to(device)
-    return torch.cat([alphas[:1], predicted])
+    predicted, persons = head.decode(decoded[people].to(on), decoded[:1].expand_as(decoded[people]).to(on),
+                                     rows.visible()[people].to(on), rows.inpaint[people].to(on))
+    return torch.cat([alphas[:1], predicted.to(device)]), torch.cat([decoded[:1], persons.to(device, decoded.dtype)])
 
 
 def to_output(result: torch.Tensor, as_pil: bool):

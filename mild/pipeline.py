@@ -29,7 +29,7 @@ from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lo
 
 from .alpha import LayerAlpha
 from .erasing import (CONDITION_FILLS, DEFAULT_PROMPTS, NUM_ADAPTERS, LayerInputs, MILDOutput, check_call_numbers,  # noqa: F401
-                      composite_output, conditional_cag, layer_alphas, layer_inputs, to_image_tensor, to_masks,
+                      composite_output, conditional_cag, decode_layers, layer_inputs, to_image_tensor, to_masks,
                       to_output)
 from .hmg import HumanMorphologyGuidance, guidance_image
 from .layers import default_dilation, plan_layers
@@ -328,7 +328,8 @@ class MILDPipeline(DiffusionPipeline):
             decoded = self._decode(latents).float()  # (L, 3, H', W')
         with torch.profiler.record_function("mild::layer_alpha"):
             # the head reads the layers as decoded, as it saw them in training
-            alphas = self.layer_alphas(rows, decoded)[..., :H, :W]
+            alphas, decoded = self.decode_layers(rows, decoded)
+        alphas = alphas[..., :H, :W]
         result, layers = composite_output(rows, decoded, pixels, alphas, self.backend)
         return MILDOutput(self._to_output(result, was_pil), layers, alphas.cpu(), conditional_cag(context, L), plan)
 
@@ -378,9 +379,9 @@ class MILDPipeline(DiffusionPipeline):
         """The model that denoises: this pipeline's UNet (MILDTransformerPipeline's is a transformer)."""
         return self.unet
 
-    def layer_alphas(self, rows: LayerInputs, decoded: torch.Tensor) -> torch.Tensor:
-        """(L, 1, H', W') each layer's alpha (see :func:`layer_alphas`)."""
-        return layer_alphas(self.alpha, rows, decoded)
+    def decode_layers(self, rows: LayerInputs, decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alphas (L, 1, H', W'), layers (L, 3, H', W')) by the alpha head (see :func:`decode_layers`)."""
+        return decode_layers(self.alpha, rows, decoded)
 
     def _denoising_unet(self):
         """The UNet as the denoising loop calls it: compiled once per ``compile`` setting."""

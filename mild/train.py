@@ -517,26 +517,30 @@ def add_train_tiny_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_fraction: float = 0.5, seed: int = 0,
-                   progress: bool = True) -> list[float]:
+                   colour_weight: float = 10.0, composite_weight: float = 10.0, progress: bool = True) -> list[float]:
     """Fit the pipeline's ``LayerAlpha`` head, the UNet frozen, on the layers the pipeline itself
     decodes for ``samples`` (PairedSamples with people), with its default steps and guidance: the
     inputs the head reads at inference. Joint training shows it the x0 estimates of random
     timesteps, which at low noise reveal the silhouette; a one-step sampler gives it the estimate
     from pure noise, which does not. A fraction ``hmg_fraction`` of the samples runs with their
     HMG inputs, the rest with masks only. Binary cross-entropy against the amodal silhouettes
-    (``alpha_loss``), Adam with a cosine rate over ``epochs`` passes. Returns each pass's mean loss."""
+    (``alpha_loss``), plus, for a ``colour`` head, ``colour_weight`` times the corrected person
+    layers' squared error against their targets (``colour_loss``), plus ``composite_weight``
+    times the error of each person layer composited over the background layer against the
+    target (``composite_loss``); Adam with a cosine rate over ``epochs`` passes. Returns each
+    pass's mean loss."""
     from tqdm import tqdm
 
-    from .alpha import alpha_loss
+    from .alpha import alpha_loss, colour_loss, combine, composite_loss
 
     head = pipe.alpha
     if head is None:
         raise ValueError("fit_alpha_head: the pipeline has no alpha head")
     generator = torch.Generator().manual_seed(seed)
     inputs, seen = [], {}
-    decode_alphas, bar_config = pipe.layer_alphas, dict(getattr(pipe, "_progress_bar_config", {}))
+    decode, bar_config = pipe.decode_layers, dict(getattr(pipe, "_progress_bar_config", {}))
     # intercepted where the pipeline hands its decoded layers to the head: the inputs exactly as inference has them
-    pipe.layer_alphas = lambda rows, decoded: seen.update(rows=rows, decoded=decoded) or decode_alphas(rows, decoded)
+    pipe.decode_layers = lambda rows, decoded: seen.update(rows=rows, decoded=decoded) or decode(rows, decoded)
     pipe.set_progress_bar_config(disable=True)  # one bar for the samples, not one per call
     try:
         for index, sample in enumerate(tqdm(samples, desc="alpha head: decoding layers", disable=not progress)):
@@ -547,14 +551,15 @@ def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_frac
                 pipe(sample.image, sample.masks, erase=sample.erase, generator=torch.Generator().manual_seed(seed + index),
                      **guide)
             rows, decoded = seen["rows"], seen["decoded"].float().cpu()
-            _, amodal = layer_targets(sample, rows)
+            targets, amodal = layer_targets(sample, rows)
             if amodal is None or len(rows.plan.layers) < 2:
                 continue
             people = slice(1, None)  # row 0 is the background, every person row's background
+            photo = torch.nn.functional.pad(sample.target.float(), (0, rows.pad[1], 0, rows.pad[0]), mode="replicate")
             inputs.append((decoded[people], decoded[:1].expand_as(decoded[people]), rows.visible()[people],
-                           rows.inpaint[people], amodal[people]))
+                           rows.inpaint[people], amodal[people], targets[people], photo.expand_as(decoded[people])))
     finally:
-        del pipe.layer_alphas
+        del pipe.decode_layers
         pipe._progress_bar_config = bar_config
     if not inputs:
         raise ValueError("fit_alpha_head: no sample has a person layer with an amodal silhouette")
@@ -569,8 +574,15 @@ def fit_alpha_head(pipe, samples, *, epochs: int = 3, lr: float = 1e-3, hmg_frac
             for index in order:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * bar.n / total))
-                person, background, visible, region, amodal = (x.to(device) for x in inputs[index])
-                loss = alpha_loss(head.logits(person, background, visible, region), amodal, region)
+                person, background, visible, region, amodal, target, photo = (x.to(device) for x in inputs[index])
+                out = head.outputs(person, background, visible, region)
+                corrected = head.corrected(person, out)
+                loss = alpha_loss(out[:, :1], amodal, region)
+                if head.colour:
+                    loss = loss + colour_weight * colour_loss(corrected, target, amodal, region)
+                if composite_weight:
+                    alpha = combine(visible, region, torch.sigmoid(out[:, :1]))
+                    loss = loss + composite_weight * composite_loss(alpha, corrected, background, photo, visible, region)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from mild_kernels import FusedStep, KnownRegion, MultiLoRALinear, apply_multi_lora, set_adapter_ids
 
 from .erasing import (DEFAULT_PROMPTS, NUM_ADAPTERS, MILDOutput, check_call_numbers, composite_output,
-                      conditional_cag, layer_alphas, layer_inputs, to_image_tensor, to_masks, to_output)
+                      conditional_cag, decode_layers, layer_inputs, to_image_tensor, to_masks, to_output)
 from .processors import enable_sma
 
 TRANSFORMER_PIPELINES = {"FluxFillPipeline": "flux", "StableDiffusion3InpaintPipeline": "sd3",
@@ -279,7 +279,8 @@ class MILDTransformerPipeline:
         with torch.profiler.record_function("mild::vae_decode"):
             decoded = self._decode(latents)
         H, W = pixels.shape[1:]
-        alphas = layer_alphas(self.alpha, rows, decoded)[..., :H, :W]
+        alphas, decoded = decode_layers(self.alpha, rows, decoded)
+        alphas = alphas[..., :H, :W]
         result, layers = composite_output(rows, decoded, pixels, alphas, self.backend)
         return MILDOutput(to_output(result, was_pil), layers, alphas.cpu(), conditional_cag(context, L), plan)
 

@@ -76,3 +76,75 @@ def test_files_with_either_head_load_as_the_head_they_hold(tmp_path):
     loaded = MILDPipeline.tiny(weights=tmp_path / "dilated.safetensors", backend="torch").alpha
     assert loaded.kind == "dilated"
     assert all(torch.equal(v.half().float(), loaded.state_dict()[k]) for k, v in pipe.alpha.state_dict().items())
+
+
+def test_colour_head_decodes_the_alpha_and_the_corrected_layer_in_one_pass(tmp_path):
+    """A colour head's ``decode`` gives ``forward``'s alpha and the person layer plus its colour
+    correction, clamped to [0, 1] (float64 formula); a fresh head corrects nothing, so a head
+    fitted for its alpha alone leaves the layer as decoded. Files keep the colour channels; the
+    dilated head has none."""
+    torch.manual_seed(0)
+    person, background, visible, region = inputs(2, 37, 53, seed=4)
+    head = LayerAlpha().eval()
+    assert head.colour and not LayerAlpha(kind="dilated").colour and not LayerAlpha(colour=False).colour
+    with torch.no_grad():
+        alpha, corrected = head.decode(person, background, visible, region)
+        assert torch.equal(corrected, person)
+        head.out.weight.normal_(0, 0.05)
+        head.out.bias.normal_(0, 0.3)
+        outputs = head.outputs(person, background, visible, region)
+        alpha, corrected = head.decode(person, background, visible, region)
+        assert torch.equal(alpha, head(person, background, visible, region))
+    assert outputs.shape == (2, 4, 37, 53) and outputs[:, 1:].abs().min() > 0
+    expected = (person.double() + outputs[:, 1:].double()).clamp(0, 1)
+    assert (corrected.double() - expected).abs().max() < 1e-6 and (corrected != person).float().mean() > 0.9
+    assert ((corrected == 0) | (corrected == 1)).any()  # the clamp is reached
+    head.save(tmp_path / "colour.safetensors")
+    again = LayerAlpha.from_file(tmp_path / "colour.safetensors")
+    with torch.no_grad():
+        assert again.colour and all(torch.equal(x, y) for x, y in zip(again.decode(person, background, visible, region),
+                                                                         (alpha, corrected)))
+    with pytest.raises(ValueError, match="another shape"):
+        LayerAlpha(colour=False).load(tmp_path / "colour.safetensors")
+    with pytest.raises(ValueError, match="^colour: only the U-Net"):
+        LayerAlpha(kind="dilated", colour=True)
+
+
+def test_colour_loss_is_the_squared_error_over_the_persons_pixels_in_the_region():
+    """Per row: the mean over the person's amodal pixels inside the inpaint region of the squared
+    error averaged over channels; then the mean over rows (float64 formula). Pixels outside
+    either mask do not count; a row with no such pixel counts 0."""
+    from mild.alpha import colour_loss
+
+    person, target, _, region = inputs(3, 19, 23, seed=5)
+    amodal = (torch.rand(3, 1, 19, 23, generator=torch.Generator().manual_seed(6)) > 0.5).float()
+    amodal[2] = 0
+    expected = []
+    for p, t, a, r in zip(person.double(), target.double(), amodal.double(), region.double()):
+        weight = (a * r)[0]
+        expected.append(0.0 if weight.sum() == 0 else float((((p - t) ** 2).mean(0) * weight).sum() / weight.sum()))
+    loss = colour_loss(person, target, amodal, region)
+    assert abs(float(loss) - sum(expected) / 3) < 1e-6 and expected[0] > 0
+    moved = target.clone()
+    moved[(amodal * region).expand_as(moved) == 0] = 5.0  # outside the counted pixels: no effect
+    assert abs(float(colour_loss(person, moved, amodal, region)) - float(loss)) < 1e-6
+
+
+def test_composite_loss_is_the_over_composite_error_where_the_alpha_decides():
+    """Per row: the squared error of alpha * person + (1 - alpha) * background against the target,
+    averaged over channels and over the region less the visible mask; then the mean over rows
+    (float64 formula). The visible pixels and those outside the region do not count."""
+    from mild.alpha import composite_loss
+
+    person, background, visible, region = inputs(2, 21, 17, seed=7)
+    target = torch.rand(2, 3, 21, 17, generator=torch.Generator().manual_seed(8))
+    alpha = combine(visible, region, torch.rand(2, 1, 21, 17, generator=torch.Generator().manual_seed(9)))
+    expected = []
+    for a, p, b, t, v, r in zip(*(x.double() for x in (alpha, person, background, target, visible, region))):
+        weight = (r * (1 - v))[0]
+        expected.append(float((((a * p + (1 - a) * b - t) ** 2).mean(0) * weight).sum() / weight.sum()))
+    loss = composite_loss(alpha, person, background, target, visible, region)
+    assert abs(float(loss) - sum(expected) / 2) < 1e-6 and min(expected) > 0
+    moved = target.clone()
+    moved[(region * (1 - visible)).expand_as(moved) == 0] = 5.0
+    assert abs(float(composite_loss(alpha, person, background, moved, visible, region)) - float(loss)) < 1e-6

@@ -173,13 +173,17 @@ def test_layers_composite_back_to_front_by_their_own_alpha():
 def test_alpha_head_reads_the_layers_as_decoded_as_in_training():
     """Training feeds the head the decoded x0 estimate of every row (mild/train.py); inference
     must feed it the decoded layers too, not the layers with the photo pasted outside their
-    inpaint region (which the head never saw). The pasted layers are what is composited."""
+    inpaint region (which the head never saw). The pasted layers, colour-corrected by the head
+    inside their region, are what is composited."""
     from mild.synth import procedural_sample
 
     sample = procedural_sample(21, size=SIZE, kind="occluded")
     pipe = MILDPipeline.tiny(seed=1, weights=None, backend="torch")
     seen, decoded = [], []
-    pipe.alpha.register_forward_hook(lambda module, inputs, output: seen.append([t.detach().clone() for t in inputs]))
+    with torch.no_grad():  # a colour correction to find in the composited layer
+        pipe.alpha.out.bias[1:].fill_(0.1)
+    head_decode = pipe.alpha.decode
+    pipe.alpha.decode = lambda *inputs: seen.append([t.detach().clone() for t in inputs]) or head_decode(*inputs)
     decode = pipe._decode
     pipe._decode = lambda latents: decoded.append(decode(latents)) or decoded[-1]
     out = pipe(sample.image, sample.masks, erase=sample.erase, occlusion_order=sample.occlusion_order,
@@ -190,6 +194,12 @@ def test_alpha_head_reads_the_layers_as_decoded_as_in_training():
     outside = region[0, 0] == 0
     assert outside.any() and not torch.allclose(person[0][:, outside], sample.image[:, outside])
     assert torch.equal(out.layers[1][:, outside], sample.image[:, outside].to(out.layers.dtype))
+    # inside its region the composited person layer is the head's colour-corrected one
+    with torch.no_grad():
+        _, corrected = head_decode(person, background, visible, region)
+    inside = region[0, 0] > 0
+    assert not torch.equal(corrected, person)
+    assert torch.equal(out.layers[1][:, inside], corrected[0][:, inside].to(out.layers.dtype))
 
 
 def test_plan_layers():

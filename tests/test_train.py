@@ -131,6 +131,28 @@ def small_checkpoint(tmp_path, step):
                                             include_base=False)
 
 
+def test_checkpoint_with_an_alpha_head_of_another_shape_loads_the_head_it_holds(tmp_path):
+    """A checkpoint written with a head without the colour channels (or the dilated one) loads
+    into a pipeline whose head has them: the pipeline takes the file's head, tensors equal. One
+    of the same shape loads in place (a resumed run keeps its head object)."""
+    from mild.alpha import LayerAlpha
+    from mild.checkpoints import load_checkpoint
+
+    for saved in (LayerAlpha(colour=False), LayerAlpha(kind="dilated"), LayerAlpha()):
+        pipe = MILDPipeline.tiny(weights=None)
+        pipe.alpha = saved
+        optimizer = torch.optim.AdamW(saved.parameters())
+        folder = save_checkpoint(tmp_path / f"{saved.kind}-{saved.colour}", 1, pipe, optimizer,
+                                 {"architecture": architecture(pipe)}, include_base=False)
+        fresh = MILDPipeline.tiny(weights=None)
+        head = fresh.alpha
+        assert head.colour
+        load_checkpoint(fresh, folder)
+        assert (fresh.alpha.kind, fresh.alpha.colour) == (saved.kind, saved.colour)
+        assert (fresh.alpha is head) == saved.colour  # in place exactly when the shapes agree
+        assert all(torch.equal(v, fresh.alpha.state_dict()[k]) for k, v in saved.state_dict().items())
+
+
 def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     pipe, optimizer, first = small_checkpoint(tmp_path, 10)
     for p in pipe.unet.parameters():
@@ -485,7 +507,8 @@ def test_fit_alpha_head_learns_from_the_layers_the_pipeline_decodes():
     assert len(seen) == 3 + 20 * 3  # three inference calls while decoding, then 20 passes over three samples
     assert all(any(torch.equal(x, y) for y in at_inference) for x in seen)
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet.items())
-    assert "layer_alphas" not in vars(pipe) and not pipe.alpha.training
+    assert "decode_layers" not in vars(pipe) and not pipe.alpha.training
+    assert pipe.alpha.colour and pipe.alpha.out.weight[1:].abs().sum() > 0  # the colour correction was fitted too
     with pytest.raises(ValueError, match="^fit_alpha_head: no sample"):
         fit_alpha_head(pipe, [dataclasses.replace(s, plate=None, people=None) for s in samples], progress=False)
 
