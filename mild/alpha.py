@@ -150,11 +150,17 @@ def combine(visible: torch.Tensor, region: torch.Tensor, predicted: torch.Tensor
     return torch.maximum(visible, region * (1 - visible) * predicted)
 
 
+def _row_mean(per_pixel: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The ``weight``-weighted mean of (N, 1, H, W) ``per_pixel`` over each row, then the mean over
+    rows (a row with no weight counts 0): the reduction of every loss here."""
+    return ((per_pixel * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)).mean()
+
+
 def alpha_loss(logits: torch.Tensor, amodal: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of the silhouette logits against the amodal silhouette, over each
     row's inpaint region (where the alpha is predicted), averaged per row then over rows."""
     per_pixel = F.binary_cross_entropy_with_logits(logits, amodal.float(), reduction="none")
-    return ((per_pixel * region).sum((1, 2, 3)) / region.sum((1, 2, 3)).clamp(min=1)).mean()
+    return _row_mean(per_pixel, region)
 
 
 def colour_loss(person: torch.Tensor, target: torch.Tensor, amodal: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -163,7 +169,7 @@ def colour_loss(person: torch.Tensor, target: torch.Tensor, amodal: torch.Tensor
     inpaint region (where the alpha shows the layer), averaged per row then over rows."""
     weight = region * amodal.float()
     per_pixel = ((person - target) ** 2).mean(1, keepdim=True)
-    return ((per_pixel * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)).mean()
+    return _row_mean(per_pixel, weight)
 
 
 def composite_loss(alpha: torch.Tensor, person: torch.Tensor, background: torch.Tensor, target: torch.Tensor,
@@ -174,7 +180,7 @@ def composite_loss(alpha: torch.Tensor, person: torch.Tensor, background: torch.
     over rows: SPEC 6's composite-consistency term."""
     weight = region * (1 - visible)
     per_pixel = ((alpha * person + (1 - alpha) * background - target) ** 2).mean(1, keepdim=True)
-    return ((per_pixel * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp(min=1)).mean()
+    return _row_mean(per_pixel, weight)
 
 
 def logits_of_prediction(head: "LayerAlpha | None", prediction: torch.Tensor, alpha_inputs) -> torch.Tensor | None:
